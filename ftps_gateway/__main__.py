@@ -1,0 +1,5 @@
+"""Allow ``python -m ftps_gateway``."""
+
+from ftps_gateway.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""Command line: ``serve``, ``check-config``, ``hash-password``, ``gen-cert``.
+
+Only this module turns exceptions into exit codes. Expected errors print one line per
+problem and no traceback (``--debug`` adds it), as aiosmtpd's ``main`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from ftps_gateway import __version__, certs, config, demo, passwords
+from ftps_gateway.audit import AUDIT_LOGGER_NAME
+from ftps_gateway.errors import ConfigError, GatewayError, StartupError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the server died, or a self-test failed
+EXIT_USAGE = 2  # argparse's own code for bad arguments
+EXIT_CONFIG = 3  # configuration or certificate unusable: restarting will not help
+
+logger = logging.getLogger("ftps_gateway")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="ftps-gateway", description="Secure explicit-FTPS partner file exchange."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    serve = verbs.add_parser("serve", help="run the server")
+    serve.add_argument("--config", type=Path, help="gateway.toml; without it: built-in demo")
+    serve.add_argument("--demo-dir", type=Path, help="demo state directory")
+    serve.add_argument("--listen", default=demo.DEFAULT_LISTEN, help="demo listener")
+    serve.add_argument("--passive-ports", default=demo.DEFAULT_PASSIVE_PORTS,
+                       help="demo passive port range")  # fmt: skip
+
+    check = verbs.add_parser("check-config", help="validate a config and summarize it")
+    check.add_argument("--config", type=Path, required=True)
+
+    verbs.add_parser("hash-password", help="read a password (terminal or stdin), print its hash")
+
+    gen = verbs.add_parser("gen-cert", help="write a self-signed development certificate")
+    gen.add_argument("--hostname", required=True)
+    gen.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ftps-gateway`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.verb == "serve":
+            return _serve(args)
+        if args.verb == "check-config":
+            return _check_config(args.config)
+        if args.verb == "hash-password":
+            return _hash_password()
+        return _gen_cert(args.hostname, args.out)
+    except ConfigError as err:
+        for problem in err.problems:
+            print(problem, file=sys.stderr)
+        count = len(err.problems)
+        print(f"{count} configuration problem{'s' if count != 1 else ''}; "
+              "fix them and run `ftps-gateway check-config` again.", file=sys.stderr)  # fmt: skip
+        _traceback_if(args.debug)
+        return EXIT_CONFIG
+    except StartupError as err:
+        print(f"cannot start: {err}", file=sys.stderr)
+        _traceback_if(args.debug)
+        return EXIT_FAILURE
+    except GatewayError as err:
+        print(f"error: {err}", file=sys.stderr)
+        _traceback_if(args.debug)
+        return EXIT_FAILURE
+
+
+def _traceback_if(debug: bool) -> None:
+    if debug:
+        logging.getLogger("ftps_gateway").exception("details")
+
+
+def configure_logging(level: str, debug: bool) -> None:
+    """Diagnostics to stderr; the audit trail as bare JSON lines to stdout."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.getLogger("ftps_gateway").setLevel(logging.DEBUG if debug else level.upper())
+    logging.getLogger("pyftpdlib").setLevel(logging.DEBUG if debug else logging.WARNING)
+    audit = logging.getLogger(AUDIT_LOGGER_NAME)
+    if not audit.handlers:
+        stream = logging.StreamHandler(sys.stdout)
+        stream.setFormatter(logging.Formatter("%(message)s"))
+        audit.addHandler(stream)
+    audit.setLevel(logging.INFO)
+    audit.propagate = False
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ftps_gateway.server import GatewayServer  # noqa: PLC0415 - keep other verbs light
+
+    prepared: demo.Demo | None = None
+    if args.config is None:
+        prepared = demo.prepare(args.demo_dir or demo.default_state_dir(),
+                                args.listen, args.passive_ports)  # fmt: skip
+        cfg = prepared.config
+    else:
+        cfg = config.load(args.config)
+    configure_logging(cfg.log_level, args.debug)
+    server = GatewayServer(cfg)
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        logger.info("received %s, stopping", signal.Signals(signum).name)
+        server.gateway.waker.request_stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    if prepared is not None:
+        host, port = server.addresses[0]
+        print(f"ftps-gateway demo ready on {host}:{port} (user {demo.DEMO_USER!r}, "
+              f"state in {cfg.source.parent if cfg.source else '?'})", flush=True)  # fmt: skip
+        print(f"try it: {demo.try_it_line(prepared, host, port)}", flush=True)
+    server.serve_forever()
+    return EXIT_OK
+
+
+def _check_config(path: Path) -> int:
+    cfg = config.load(path)
+    print(config.summary(cfg))
+    for warning in certs.certificate_warnings(cfg.tls.certificate, cfg.tls.private_key):
+        print(f"warning: {warning}")
+    return EXIT_OK
+
+
+def _hash_password() -> int:
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("passwords differ; nothing printed", file=sys.stderr)
+            return EXIT_FAILURE
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("empty password refused", file=sys.stderr)
+        return EXIT_FAILURE
+    print(passwords.hash_password(password))
+    return EXIT_OK
+
+
+def _gen_cert(hostname: str, out: Path) -> int:
+    cert_path, key_path = certs.generate_development_certificate(hostname, out)
+    print(f"certificate: {cert_path}\nprivate key: {key_path} (mode 0600)")
+    print("This certificate is self-signed: for development and tests only.")
+    return EXIT_OK

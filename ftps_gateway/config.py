@@ -1,0 +1,689 @@
+"""The gateway's configuration: TOML in, frozen validated dataclasses out.
+
+Nothing else in the package reads TOML. ``load`` reports every problem it finds in
+one pass (``ConfigError``), so an operator never fixes one typo per restart, and a
+config that loads is complete: no later code re-checks or defaults anything.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Generic, TypeGuard, TypeVar
+
+import argon2
+
+from ftps_gateway.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """One control-port listener (explicit TLS: AUTH TLS on a plain TCP port)."""
+
+    host: str  # literal IP address ("0.0.0.0", "::", "127.0.0.1")
+    port: int  # 0-65535; 0 = a free port the OS picks (tests, throw-away instances)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """``[server]``: listeners, timeouts, limits."""
+
+    listen: tuple[ListenAddress, ...]
+    banner: str = "Partner file exchange"  # 220 text; never the software version
+    idle_timeout_seconds: int = 300  # logged-in session with no command
+    login_timeout_seconds: int = 30  # unauthenticated session closed after this
+    max_sessions: int = 512  # control connections in total
+    allow_active_mode: bool = False  # PORT/EPRT; off: cannot work behind NAT
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """``[tls]``: certificate chain, key, protocol floor."""
+
+    certificate: Path  # PEM, leaf first then intermediates
+    private_key: Path  # PEM, unencrypted, readable by the server only
+    min_version: str = "1.2"  # "1.2" or "1.3"
+
+
+@dataclass(frozen=True)
+class PassiveOverride:
+    """``[[passive.overrides]]``: the address advertised to some client networks."""
+
+    networks: tuple[IPNetwork, ...]
+    address: str  # IP or DNS name; "" = the server's own local address
+
+
+@dataclass(frozen=True)
+class PassiveSettings:
+    """``[passive]``: the data-port range and the address that 227 replies advertise."""
+
+    port_min: int
+    port_max: int  # inclusive
+    address: str = ""  # IP or DNS name; "" = local address of the control connection
+    overrides: tuple[PassiveOverride, ...] = ()  # first match wins
+    connect_timeout_seconds: int = 30  # how long a PASV port waits for the client
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """``[storage]``: where homes live (``<root>/home/<user>``)."""
+
+    root: Path
+
+
+@dataclass(frozen=True)
+class UserSettings:
+    """``[[users]]``: one partner account."""
+
+    name: str
+    password_hash: str = field(repr=False)  # argon2id PHC string; never logged
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The whole, validated configuration."""
+
+    source: Path | None  # the file it came from (None for the built-in demo)
+    server: ServerSettings
+    tls: TLSSettings
+    passive: PassiveSettings
+    storage: StorageSettings
+    users: tuple[UserSettings, ...]
+    log_level: str = "info"  # [logging] level: debug, info, warning, error
+
+    def user(self, name: str) -> UserSettings | None:
+        """Return the user called ``name``, or None."""
+        for candidate in self.users:
+            if candidate.name == name:
+                return candidate
+        return None
+
+
+# --- loading -----------------------------------------------------------------------
+
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+MAX_BANNER_CHARS: Final = 200
+MAX_USER_NAME_CHARS: Final = 64
+MAX_HOSTNAME_CHARS: Final = 253
+PORT_MAX: Final = 65535
+PASSIVE_PORT_MIN: Final = 1024  # below this are privileged ports other services own
+MAX_PASSIVE_PORTS: Final = 10_000  # each one is a firewall/NAT rule somewhere
+
+NOT_ARGON2ID: Final = "not an argon2id hash (make one with: ftps-gateway hash-password)"
+
+_PORT = re.compile(r"[0-9]{1,5}")
+_PORT_RANGE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})")
+_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # RFC 1123
+
+_T = TypeVar("_T")
+
+# TOML types as an operator names them; bool comes apart since Python's bool is an int.
+_KIND_NAMES: Final[dict[type, str]] = {
+    bool: "true or false",
+    int: "an integer",
+    str: "a string",
+    list: "an array",
+    dict: "a table",
+}
+
+
+def load(path: Path) -> GatewayConfig:
+    """Read and validate the TOML file at ``path``.
+
+    Raises:
+        ConfigError: with every problem found, each prefixed by ``path`` as given.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        detail = f"not UTF-8 text ({error.reason} at byte {error.start})"
+        raise ConfigError([f"{path}: cannot read: {detail}"]) from error
+    except OSError as error:
+        detail = error.strerror or str(error)
+        raise ConfigError([f"{path}: cannot read: {detail}"]) from error
+    return load_text(text, path)
+
+
+def load_text(text: str, source: Path) -> GatewayConfig:
+    """Validate TOML ``text`` as if it had been read from the file ``source``.
+
+    ``source`` prefixes every message and anchors relative paths (its directory).
+
+    Raises:
+        ConfigError: with every problem found in one pass.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError([f"{source}: TOML syntax error: {error}"]) from error
+    problems = _Problems(source)
+    # Sections build their dataclasses even around a bad value (a placeholder takes
+    # its place) so that one pass finds everything; placeholders never escape,
+    # because any recorded problem raises here.
+    config = _gateway(_Table(data, "", problems), source)
+    if problems.lines:
+        raise ConfigError(problems.lines)
+    return config
+
+
+def summary(cfg: GatewayConfig) -> str:
+    """Describe ``cfg`` for ``check-config``: effective values, no secrets.
+
+    Users appear by name only; password hashes never leave ``UserSettings``.
+    """
+    server, passive = cfg.server, cfg.passive
+    active = "allowed" if server.allow_active_mode else "refused"
+    port_count = passive.port_max - passive.port_min + 1
+    names = ", ".join(user.name for user in cfg.users) or "none (nobody can log in)"
+    lines = [
+        f"Configuration: {cfg.source if cfg.source is not None else 'built-in demo'}",
+        f"Listeners: {', '.join(endpoint(address) for address in server.listen)}",
+        f"Banner: {server.banner}",
+        (
+            f"Sessions: at most {server.max_sessions}, "
+            f"login timeout {server.login_timeout_seconds} s, "
+            f"idle timeout {server.idle_timeout_seconds} s"
+        ),
+        f"Active mode (PORT/EPRT): {active}",
+        (
+            f"TLS: certificate {cfg.tls.certificate}, "
+            f"private key {cfg.tls.private_key}, "
+            f"minimum version TLS {cfg.tls.min_version}"
+        ),
+        (
+            f"Passive ports: {passive.port_min}-{passive.port_max} "
+            f"({_count(port_count, 'port')}), "
+            f"connect timeout {passive.connect_timeout_seconds} s"
+        ),
+        f"Passive address: {_advertised(passive.address)}",
+        *(
+            f"Passive override: {', '.join(str(net) for net in override.networks)}"
+            f" -> {_advertised(override.address)}"
+            for override in passive.overrides
+        ),
+        f"Storage root: {cfg.storage.root}",
+        f"Users ({len(cfg.users)}): {names}",
+        f"Log level: {cfg.log_level}",
+    ]
+    return "\n".join(lines)
+
+
+def endpoint(address: ListenAddress) -> str:
+    """Write a listener the way the config does: ``IP:port``, ``[IPv6]:port``."""
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"{host}:{address.port}"
+
+
+def _advertised(address: str) -> str:
+    return address or "local address of the control connection"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+# --- the reader ----------------------------------------------------------------------
+
+
+class _BadValueError(ValueError):
+    """A value parser's complaint; the reader adds file, key path and value."""
+
+
+_HIDDEN: Final = object()  # "no (got ...)": the value is secret, absent or meaningless
+
+
+class _Problems:
+    """Every problem found so far, formatted ``FILE: key.path: problem (got VALUE)``."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.lines: list[str] = []
+
+    def add(self, key: str, problem: str, value: object = _HIDDEN) -> None:
+        got = "" if value is _HIDDEN else f" (got {value!r})"
+        self.lines.append(f"{self.source}: {key}: {problem}{got}")
+
+
+@dataclass(frozen=True)
+class _Entry(Generic[_T]):
+    """One array element that parsed: where it was, what it said, what it means."""
+
+    key: str
+    text: str
+    value: _T
+
+
+def _is_kind(value: object, kind: type[_T]) -> TypeGuard[_T]:
+    # TOML true is a Python int too; for an integer key it is still a type error.
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+class _Table:
+    """One TOML table being read.
+
+    Getters type-check and parse a key, record any problem under the table's key path
+    and return a usable value; the table remembers which keys were asked for, so
+    ``close`` can report every other key as unknown (a typo must not be silently
+    ignored and leave a default in force).
+    """
+
+    def __init__(self, data: dict[str, object], path: str, problems: _Problems) -> None:
+        self.path = path
+        self.problems = problems
+        self._data = data
+        self._seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        """The full key path of ``name`` in this table, as messages show it."""
+        return f"{self.path}.{name}" if self.path else name
+
+    def raw(
+        self, name: str, kind: type[_T], *, required: bool, secret: bool = False
+    ) -> _T | None:
+        """Return the value of ``name`` if present and of ``kind``, else None."""
+        self._seen.add(name)
+        if name not in self._data:
+            if required:
+                self.problems.add(self.key(name), "required key is missing")
+            return None
+        value = self._data[name]
+        if not _is_kind(value, kind):
+            shown = _HIDDEN if secret else value
+            self.problems.add(self.key(name), f"must be {_KIND_NAMES[kind]}", shown)
+            return None
+        return value
+
+    def required(
+        self, name: str, parse: Callable[[str], _T], *, secret: bool = False
+    ) -> _T | None:
+        """Parse the required string ``name``; None if missing or invalid."""
+        text = self.raw(name, str, required=True, secret=secret)
+        if text is None:
+            return None
+        return self._parse(self.key(name), text, parse, secret=secret)
+
+    def optional(self, name: str, parse: Callable[[str], _T], default: _T) -> _T:
+        """Parse the optional string ``name``; ``default`` if absent or invalid."""
+        text = self.raw(name, str, required=False)
+        if text is None:
+            return default
+        value = self._parse(self.key(name), text, parse)
+        return default if value is None else value
+
+    def integer(self, name: str, low: int, high: int, default: int) -> int:
+        """Read the optional integer ``name`` in ``low..high``."""
+        value = self.raw(name, int, required=False)
+        if value is None:
+            return default
+        if not low <= value <= high:
+            self.problems.add(self.key(name), f"must be {low} to {high}", value)
+            return default
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        """Read the optional boolean ``name``."""
+        value = self.raw(name, bool, required=False)
+        return default if value is None else value
+
+    def strings(self, name: str, parse: Callable[[str], _T]) -> list[_Entry[_T]]:
+        """Read the required, non-empty array of strings ``name``.
+
+        Returns the entries that parsed, with their key paths for follow-up checks
+        (duplicates) by the caller.
+        """
+        items = self.raw(name, list, required=True)
+        if items is None:
+            return []
+        if not items:
+            self.problems.add(self.key(name), "must not be empty", items)
+        entries: list[_Entry[_T]] = []
+        for index, item in enumerate(items):
+            key = f"{self.key(name)}[{index}]"
+            if not isinstance(item, str):
+                self.problems.add(key, "must be a string", item)
+                continue
+            value = self._parse(key, item, parse)
+            if value is not None:
+                entries.append(_Entry(key, item, value))
+        return entries
+
+    def table(self, name: str) -> _Table:
+        """The sub-table ``name``; an absent one reads as empty."""
+        data = self.raw(name, dict, required=False)
+        return _Table(data or {}, self.key(name), self.problems)
+
+    def tables(self, name: str, *, secret: bool = False) -> list[_Table]:
+        """The array of tables ``name`` (``[[name]]`` sections); absent means none.
+
+        ``secret``: the entries hold secrets, so no message shows their values.
+        """
+        self._seen.add(name)
+        items = self._data.get(name, [])
+        if not isinstance(items, list):
+            shown = _HIDDEN if secret else items
+            problem = f"must be an array of tables ([[{self.key(name)}]] sections)"
+            self.problems.add(self.key(name), problem, shown)
+            return []
+        readers: list[_Table] = []
+        for index, item in enumerate(items):
+            key = f"{self.key(name)}[{index}]"
+            if isinstance(item, dict):
+                readers.append(_Table(item, key, self.problems))
+            else:
+                self.problems.add(key, "must be a table", _HIDDEN if secret else item)
+        return readers
+
+    def close(self) -> None:
+        """Report every key that no getter asked for."""
+        for name in self._data:
+            if name not in self._seen:
+                self.problems.add(self.key(name), "unknown key")
+
+    def _parse(
+        self, key: str, text: str, parse: Callable[[str], _T], *, secret: bool = False
+    ) -> _T | None:
+        try:
+            return parse(text)
+        except _BadValueError as error:
+            self.problems.add(key, str(error), _HIDDEN if secret else text)
+            return None
+
+
+# --- sections ------------------------------------------------------------------------
+
+
+def _gateway(root: _Table, source: Path) -> GatewayConfig:
+    base = source.parent.absolute()
+    server = _server(root.table("server"))
+    tls = _tls(root.table("tls"), base)
+    passive = _passive(root.table("passive"), server.listen)
+    storage = _storage(root.table("storage"), base)
+    log_level = _logging(root.table("logging"))
+    users = _users(root)
+    root.close()
+    return GatewayConfig(source, server, tls, passive, storage, users, log_level)
+
+
+def _server(table: _Table) -> ServerSettings:
+    listen = _listeners(table)
+    settings = ServerSettings(
+        listen=listen,
+        banner=table.optional("banner", _parse_banner, ServerSettings.banner),
+        idle_timeout_seconds=table.integer(
+            "idle_timeout_seconds", 1, 86_400, ServerSettings.idle_timeout_seconds
+        ),
+        login_timeout_seconds=table.integer(
+            "login_timeout_seconds", 1, 3_600, ServerSettings.login_timeout_seconds
+        ),
+        max_sessions=table.integer(
+            "max_sessions", 1, 100_000, ServerSettings.max_sessions
+        ),
+        allow_active_mode=table.flag(
+            "allow_active_mode", ServerSettings.allow_active_mode
+        ),
+    )
+    table.close()
+    return settings
+
+
+def _listeners(table: _Table) -> tuple[ListenAddress, ...]:
+    first: dict[ListenAddress, str] = {}
+    for entry in table.strings("listen", _parse_listen):
+        if entry.value in first:
+            problem = f"duplicate listener, same as {first[entry.value]}"
+            table.problems.add(entry.key, problem, entry.text)
+        else:
+            first[entry.value] = entry.key
+    return tuple(first)
+
+
+def _tls(table: _Table, base: Path) -> TLSSettings:
+    certificate = table.required("certificate", _path_under(base))
+    private_key = table.required("private_key", _path_under(base))
+    min_version = table.optional(
+        "min_version", _one_of(TLS_VERSIONS), TLSSettings.min_version
+    )
+    table.close()
+    if certificate is not None and private_key is not None:
+        _check_certificate_files(table.problems, certificate, private_key)
+    return TLSSettings(certificate or Path(), private_key or Path(), min_version)
+
+
+def _check_certificate_files(
+    problems: _Problems, certificate: Path, private_key: Path
+) -> None:
+    """Add the certificate module's findings (missing file, key mismatch, expiry)."""
+    # Imported here: certs pulls in cryptography, which nothing else in loading needs,
+    # and a late import cannot become an import cycle if certs ever uses this module.
+    from ftps_gateway import certs  # noqa: PLC0415
+
+    for key, problem in certs.certificate_problems(certificate, private_key):
+        problems.add(key, problem)
+
+
+def _passive(table: _Table, listeners: Sequence[ListenAddress]) -> PassiveSettings:
+    ports = table.required("ports", _parse_port_range)
+    address = table.optional("address", _parse_advertised, PassiveSettings.address)
+    connect_timeout = table.integer(
+        "connect_timeout_seconds", 1, 600, PassiveSettings.connect_timeout_seconds
+    )
+    overrides = _overrides(table)
+    table.close()
+    if ports is not None:
+        _check_listener_overlap(table, ports, listeners)
+    port_min, port_max = ports or (0, 0)
+    return PassiveSettings(port_min, port_max, address, overrides, connect_timeout)
+
+
+def _check_listener_overlap(
+    table: _Table, ports: tuple[int, int], listeners: Sequence[ListenAddress]
+) -> None:
+    # A data connection landing on the control port would be taken for a new session.
+    for listener in listeners:
+        if ports[0] <= listener.port <= ports[1]:
+            problem = f"overlaps the control listener {endpoint(listener)}"
+            table.problems.add(table.key("ports"), problem)
+
+
+def _overrides(passive: _Table) -> tuple[PassiveOverride, ...]:
+    # Overlapping networks are fine (first match wins, so a /24 can carve an exception
+    # out of a /8 listed later); the very same network twice is a copy-paste slip.
+    first: dict[IPNetwork, str] = {}
+    overrides: list[PassiveOverride] = []
+    for table in passive.tables("overrides"):
+        networks: list[IPNetwork] = []
+        for entry in table.strings("networks", _parse_network):
+            if entry.value in first:
+                problem = f"network listed twice, first at {first[entry.value]}"
+                table.problems.add(entry.key, problem, entry.text)
+            else:
+                first[entry.value] = entry.key
+                networks.append(entry.value)
+        address = table.required("address", _parse_advertised)
+        table.close()
+        overrides.append(PassiveOverride(tuple(networks), address or ""))
+    return tuple(overrides)
+
+
+def _storage(table: _Table, base: Path) -> StorageSettings:
+    root = table.required("root", _path_under(base))
+    table.close()
+    return StorageSettings(root or Path())
+
+
+def _logging(table: _Table) -> str:
+    level = table.optional("level", _one_of(LOG_LEVELS), GatewayConfig.log_level)
+    table.close()
+    return level
+
+
+def _users(root: _Table) -> tuple[UserSettings, ...]:
+    first: dict[str, str] = {}  # lower-cased name -> name as first written
+    users: list[UserSettings] = []
+    for table in root.tables("users", secret=True):
+        name = table.required("name", _parse_user_name)
+        password_hash = table.required("password", _parse_password_hash, secret=True)
+        table.close()
+        if name is not None:
+            _check_unique_user(table, name, first)
+        users.append(UserSettings(name or "", password_hash or ""))
+    return tuple(users)
+
+
+def _check_unique_user(table: _Table, name: str, first: dict[str, str]) -> None:
+    # Case-only twins are refused too: FTP clients and operators treat names loosely,
+    # and "Acme" next to "acme" is a mistake, never two partners.
+    existing = first.get(name.lower())
+    if existing is None:
+        first[name.lower()] = name
+        return
+    problem = "duplicate user name"
+    if existing != name:
+        problem += f", differs only in case from {existing!r}"
+    table.problems.add(table.key("name"), problem, name)
+
+
+# --- value parsers: str in, value out, or _BadValueError(problem) --------------------
+
+
+def _parse_listen(text: str) -> ListenAddress:
+    if text.startswith("["):
+        host, separator, port = text[1:].partition("]:")
+    else:
+        host, separator, port = text.rpartition(":")
+    if not separator or not host:
+        raise _BadValueError("not IP:PORT or [IPv6]:PORT")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise _BadValueError(
+            "host is not an IP address (names are not resolved)"
+        ) from None
+    if (ip.version == 6) != text.startswith("["):  # noqa: PLR2004
+        raise _BadValueError("an IPv6 address needs brackets, IPv4 must not have them")
+    if not _PORT.fullmatch(port) or not 0 <= int(port) <= PORT_MAX:
+        raise _BadValueError(f"port must be 0 to {PORT_MAX} (0: any free port)")
+    return ListenAddress(str(ip), int(port))
+
+
+def _parse_port_range(text: str) -> tuple[int, int]:
+    match = _PORT_RANGE.fullmatch(text)
+    if match is None:
+        raise _BadValueError("not a START-END port range")
+    start, end = int(match[1]), int(match[2])
+    if start < PASSIVE_PORT_MIN or end > PORT_MAX:
+        raise _BadValueError(f"ports must be {PASSIVE_PORT_MIN} to {PORT_MAX}")
+    if start > end:
+        raise _BadValueError("inverted range, start above end")
+    if end - start + 1 > MAX_PASSIVE_PORTS:
+        raise _BadValueError(f"more than {MAX_PASSIVE_PORTS} ports")
+    return start, end
+
+
+def _parse_advertised(text: str) -> str:
+    """An address for 227 replies: IPv4, a DNS name, or "" for the local address."""
+    if not text or _is_hostname(text):
+        return text
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise _BadValueError("not an IPv4 address or DNS hostname") from None
+    # PASV's 227 reply has room for four octets only (RFC 959); EPSV sends no address.
+    if ip.version == 6:  # noqa: PLR2004
+        raise _BadValueError("a PASV reply can only advertise an IPv4 address")
+    if ip.is_unspecified:
+        raise _BadValueError(
+            'not an address a client can reach; "" means the local address'
+        )
+    return text
+
+
+def _is_hostname(text: str) -> bool:
+    name = text.removesuffix(".")
+    labels = name.split(".")
+    return (
+        len(name) <= MAX_HOSTNAME_CHARS
+        and all(_DNS_LABEL.fullmatch(label) for label in labels)
+        # An all-digit last label is a mistyped IPv4 address (10.0.0.300), never a
+        # name: no top-level domain is numeric (RFC 3696 section 2).
+        and not labels[-1].isdigit()
+    )
+
+
+def _parse_network(text: str) -> IPNetwork:
+    if "%" in text:  # ipaddress accepts fe80::%eth0/64, but a network has no zone
+        raise _BadValueError("a network cannot carry a zone id (%...)")
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise _BadValueError(
+            "not an IP network (CIDR like 10.0.0.0/8, or one IP)"
+        ) from None
+    # strict=False would quietly turn 10.0.0.1/8 into 10.0.0.0/8; say so instead,
+    # since the operator may have meant 10.0.0.1/32.
+    if ipaddress.ip_interface(text).ip != network.network_address:
+        raise _BadValueError(f"host bits set; the network would be {network}")
+    return network
+
+
+def _parse_user_name(text: str) -> str:
+    # The name becomes a directory under storage.root: no dot-files, no option-like
+    # leading dash, nothing a shell or path would interpret.
+    if len(text) > MAX_USER_NAME_CHARS or not _USER_NAME.fullmatch(text):
+        raise _BadValueError(
+            f"must be 1 to {MAX_USER_NAME_CHARS} of A-Z a-z 0-9 . _ -,"
+            " not starting with '.' or '-'"
+        )
+    return text
+
+
+def _parse_password_hash(text: str) -> str:
+    try:
+        parameters = argon2.extract_parameters(text)
+    except argon2.exceptions.InvalidHashError:
+        raise _BadValueError(NOT_ARGON2ID) from None
+    # extract_parameters checks the layout only: an empty salt or digest (a truncated
+    # paste) would load fine and then never verify.
+    empty = parameters.salt_len == 0 or parameters.hash_len == 0
+    if parameters.type is not argon2.Type.ID or empty:
+        raise _BadValueError(NOT_ARGON2ID)
+    return text
+
+
+def _parse_banner(text: str) -> str:
+    if not 1 <= len(text) <= MAX_BANNER_CHARS:
+        raise _BadValueError(f"must be 1 to {MAX_BANNER_CHARS} characters")
+    if "\r" in text or "\n" in text:
+        raise _BadValueError("must be one line (a line break would end the 220 reply)")
+    return text
+
+
+def _path_under(base: Path) -> Callable[[str], Path]:
+    """A parser for a path; relative ones are taken from the config file's directory."""
+
+    def parse(text: str) -> Path:
+        if not text:
+            raise _BadValueError("must not be empty")
+        return base / text
+
+    return parse
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise _BadValueError(f"must be one of {', '.join(choices)}")
+        return text
+
+    return parse

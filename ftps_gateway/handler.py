@@ -1,0 +1,624 @@
+"""The FTPS control and data channels: pyftpdlib's state machines, our TLS and policy.
+
+What a partner's session gets here that stock pyftpdlib does not give (the measured
+gaps are listed in ARCHITECTURE.md):
+
+- Nothing but AUTH, FEAT, SYST, NOOP and QUIT before TLS; no clear-text login.
+- PROT P before any data connection; PROT C and CCC refused, so the downgrade
+  ``PROT P, PASV, PROT C, LIST`` cannot send a listing in clear text.
+- Passive ports from the range only (425 when it is exhausted), the 227 address chosen
+  by the client's network, data connections from a foreign IP dropped silently.
+- A data connection is handed to the transfer only after its TLS handshake completed
+  (the send gate in ``tlsmixin``); its session resumption is recorded.
+- argon2id verification off the IO loop; input pipelined behind PASS waits for it, so
+  replies never get out of order.
+- A login grace timer that NOOP does not reset.
+- Uploads land atomically, and only when the client's close_notify arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import ssl
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pyftpdlib.exceptions import _FileReadWriteError, _RetryError
+from pyftpdlib.handlers import DTPHandler, FTPHandler
+from pyftpdlib.ioloop import AsyncChat
+
+from ftps_gateway import tls, vfs
+from ftps_gateway.filesystem import AtomicUpload, GatewayFS
+from ftps_gateway.netpolicy import PassiveAddressError
+from ftps_gateway.passive import (
+    PassiveListener,
+    PassivePortsExhausted,
+    epsv_reply,
+    pasv_reply,
+    strip_mapped,
+)
+from ftps_gateway.tlsmixin import READ, WRITE, TLSChannelMixin, TLSState
+
+if TYPE_CHECKING:
+    from ftps_gateway.server import Gateway
+
+logger = logging.getLogger("ftps_gateway")
+
+# Commands a client may send before AUTH TLS (RFC 4217 section 4, plus harmless ones
+# clients probe with). PBSZ, PROT and CCC pass too, to get their RFC 4217 503/534.
+PRE_TLS_COMMANDS = frozenset({"AUTH", "FEAT", "SYST", "NOOP", "QUIT", "PBSZ", "PROT", "CCC"})
+TRANSFER_COMMANDS = frozenset({"LIST", "NLST", "MLSD", "RETR", "STOR"})
+PASSIVE_COMMANDS = frozenset({"PASV", "EPSV"})
+ACTIVE_COMMANDS = frozenset({"PORT", "EPRT"})
+
+# Upload reads are looped up to this many bytes per readiness event: one SSL_read
+# returns one record (16 KiB at most), and returning to the poller for each one
+# would cost a system call per record.
+UPLOAD_READ_BUDGET = 1 << 20
+
+
+class DataHandler(TLSChannelMixin, DTPHandler):
+    """A data connection: TLS first, then the transfer pyftpdlib queued for it."""
+
+    ac_in_buffer_size = 256 * 1024
+    ac_out_buffer_size = 256 * 1024
+
+    def __init__(self, sock: Any, cmd_channel: ControlHandler) -> None:
+        self.approved = False
+        self.resumed: bool | None = None
+        self._handshake_timer: Any = None
+        super().__init__(sock, cmd_channel)
+        if not self.connected or self._closed:
+            return
+        self._handshake_timer = self.ioloop.call_later(
+            cmd_channel.gateway.config.passive.connect_timeout_seconds,
+            self._on_handshake_timeout,
+        )
+        context = cmd_channel.tls_context
+        if context is not None:
+            self.start_tls(context)
+
+    # --- TLS hooks
+
+    def handle_tls_established(self) -> None:
+        """Record the outcome and hand the channel to its control session."""
+        self._cancel_handshake_timer()
+        self.resumed = bool(self.socket.session_reused)
+        self.approved = True
+        self._set_io_events(READ)
+        self.cmd_channel.on_data_channel_ready(self)
+
+    def handle_tls_failed(self, reason: str) -> None:
+        """The client could not (or would not) negotiate TLS on the data connection."""
+        self._cancel_handshake_timer()
+        self.close()
+        self.cmd_channel.on_data_channel_failed(self, f"tls-handshake: {reason}")
+
+    def _on_handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        self.close()
+        self.cmd_channel.on_data_channel_failed(self, "tls-handshake: timeout")
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_timer is not None and not self._handshake_timer.cancelled:
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+
+    # --- I/O
+
+    def send(self, data: bytes) -> int:
+        """Count what TLS accepted (pyftpdlib's own ``send`` is bypassed)."""
+        sent = self.tls_send(data)
+        self.tot_bytes_sent += sent
+        return sent
+
+    def handle_read(self) -> None:
+        """Receive upload data, a few records per readiness event."""
+        budget = UPLOAD_READ_BUDGET
+        while budget > 0 and not self._closed:
+            try:
+                chunk = self.tls_recv(self.ac_in_buffer_size)
+            except _RetryError:
+                return
+            if not chunk:
+                return  # tls_recv already closed the channel
+            self.tot_bytes_received += len(chunk)
+            budget -= len(chunk)
+            if self._data_wrapper is not None:
+                chunk = self._data_wrapper(chunk)
+            try:
+                self.file_obj.write(chunk)
+            except OSError as err:
+                raise _FileReadWriteError(err) from err
+
+    def handle_close(self) -> None:
+        """An upload counts as complete only if the client's close_notify arrived."""
+        if not self._closed and self.receive and not self.tls_peer_closed:
+            self.transfer_finished = False
+            self._resp = ("426 Connection closed; transfer aborted.", logger.info)
+            self.close()
+            return
+        super().handle_close()
+
+    def close(self) -> None:
+        """Finish or discard the upload before pyftpdlib sends the final reply."""
+        if self._closed:
+            return
+        self._cancel_handshake_timer()
+        if not self.approved:
+            # Never handed to the control session: close quietly, without the
+            # transfer bookkeeping (and replies) of DTPHandler.close.
+            self.tls_state = TLSState.FAILED
+            if self._idler is not None and not self._idler.cancelled:
+                self._idler.cancel()
+            AsyncChat.close(self)
+            return
+        upload = self.file_obj if isinstance(self.file_obj, AtomicUpload) else None
+        if upload is not None:
+            self._settle_upload(upload)
+        self.tls_close()
+        super().close()
+
+    def _settle_upload(self, upload: AtomicUpload) -> None:
+        if self.receive and self.transfer_finished and not self.tls_truncated:
+            try:
+                upload.commit()
+            except OSError:
+                logger.exception("could not move upload into place: %s", upload.final)
+                self.transfer_finished = False
+                self._resp = ("451 Local error: upload not stored.", logger.error)
+            return
+        upload.discard()
+        self.transfer_finished = False
+        if not self._resp or self._resp[0].startswith("226"):
+            self._resp = ("426 Transfer aborted.", logger.info)
+
+
+class ControlHandler(TLSChannelMixin, FTPHandler):
+    """One partner session on the control port."""
+
+    gateway: ClassVar[Gateway]  # set per server by server.build_handler_class
+
+    dtp_handler = DataHandler
+    abstracted_fs = GatewayFS
+    use_sendfile = False  # sendfile bypasses TLS
+    permit_foreign_addresses = False
+    auth_failed_timeout = 3  # RFC 2577: slow down password guessing
+    max_login_attempts = 3
+
+    proto_cmds = FTPHandler.proto_cmds.copy()
+    proto_cmds.update(
+        {
+            "AUTH": {"perm": None, "auth": False, "arg": True,
+                     "help": "Syntax: AUTH <SP> TLS (secure the control channel)."},
+            "PBSZ": {"perm": None, "auth": False, "arg": True,
+                     "help": "Syntax: PBSZ <SP> 0 (protection buffer size)."},
+            "PROT": {"perm": None, "auth": False, "arg": True,
+                     "help": "Syntax: PROT <SP> P (protect the data channel)."},
+            "CCC": {"perm": None, "auth": False, "arg": False,
+                    "help": "Syntax: CCC (refused: the control channel stays encrypted)."},
+        }
+    )  # fmt: skip
+    for _removed in ("SITE CHMOD", "REIN"):
+        proto_cmds.pop(_removed, None)
+
+    def __init__(self, conn: Any, server: Any, ioloop: Any = None) -> None:
+        self.session_id = secrets.token_hex(6)
+        self.tls_context: ssl.SSLContext | None = None
+        self._pbsz = False
+        self._prot = False
+        self._pending_data: DataHandler | None = None
+        self._login_timer: Any = None
+        self._auth_pending = False
+        self._stashed_input = b""
+        super().__init__(conn, server, ioloop)
+        self._extra_feats = ["AUTH TLS", "PBSZ", "PROT"]
+        # Unix owner/mode facts would describe the server, not the partner's files.
+        for fact in ("unix.mode", "unix.uid", "unix.gid"):
+            if fact in self._available_facts:
+                self._available_facts.remove(fact)
+
+    @property
+    def client_ip(self) -> str:
+        """The partner's address (IPv4-mapped IPv6 unwrapped)."""
+        return strip_mapped(str(self.remote_ip))
+
+    def audit(self, event: str, **fields: Any) -> None:
+        """Write an audit event for this session."""
+        self.gateway.audit.event(
+            event, session=self.session_id, client_ip=self.client_ip,
+            user=self.username or None, **fields,
+        )  # fmt: skip
+
+    # --- session life
+
+    def handle(self) -> None:
+        """Send the banner and start the login grace timer."""
+        self.audit("connect")
+        self._login_timer = self.call_later(
+            self.gateway.config.server.login_timeout_seconds, self._on_login_timeout
+        )
+        super().handle()
+
+    def _on_login_timeout(self) -> None:
+        if self.authenticated or self._closed:
+            return
+        self.audit("login_timeout")
+        if self.tls_state in (TLSState.PLAIN, TLSState.ESTABLISHED):
+            self.respond("421 Login timed out; closing control connection.")
+            self.close_when_done()
+        else:
+            self.close()
+
+    def close(self) -> None:
+        """Close the session and anything still attached to it."""
+        if self._closed:
+            return
+        if self._login_timer is not None and not self._login_timer.cancelled:
+            self._login_timer.cancel()
+        self._close_pending_data()
+        if self.remote_ip:
+            self.audit("disconnect")
+        self.tls_close()
+        super().close()
+
+    # --- TLS on the control channel
+
+    def ftp_AUTH(self, line: str) -> None:
+        """RFC 4217 AUTH TLS: switch the control channel to TLS."""
+        if self.tls_state is not TLSState.PLAIN:
+            self.respond("503 Already using TLS.")
+            return
+        if line.upper() not in ("TLS", "TLS-C", "SSL"):
+            self.respond("504 Unsupported security mechanism; use AUTH TLS.")
+            return
+        if self.ac_in_buffer:
+            # Bytes pipelined behind AUTH TLS were sent in clear text and must never
+            # be read as if they came through TLS (the STARTTLS injection class of
+            # CVE-2011-0411). A real client waits for the 234 reply.
+            self.audit("tls_refused", reason="data-pipelined-after-auth")
+            self.ac_in_buffer = b""
+            self.close()
+            return
+        self.respond("234 AUTH TLS successful.")
+        if self.producer_fifo:  # the 234 must leave in clear text, whole
+            self.close()
+            return
+        context = self.gateway.tls.session_context()
+        self.tls_context = context
+        if self.start_tls(context):
+            tls.seal_for_data_connections(context)
+
+    def handle_tls_established(self) -> None:
+        """Control channel is encrypted."""
+        self.audit(
+            "tls_established", channel="control",
+            version=self.socket.version(), cipher=self.socket.cipher()[0],
+        )  # fmt: skip
+        self._set_io_events(READ | (WRITE if self.producer_fifo else 0))
+
+    def handle_tls_failed(self, reason: str) -> None:
+        """No reply is possible on a channel whose handshake failed."""
+        self.audit("tls_failed", channel="control", reason=reason)
+        self.close()
+
+    def ftp_PBSZ(self, line: str) -> None:
+        """RFC 4217: only 0 is meaningful for TLS."""
+        if self.tls_state is not TLSState.ESTABLISHED:
+            self.respond("503 PBSZ not allowed on insecure control connection.")
+            return
+        self._pbsz = True
+        self.respond("200 PBSZ=0 successful.")
+
+    def ftp_PROT(self, line: str) -> None:
+        """RFC 4217: only P (private) is accepted; C would send data in clear text."""
+        level = line.upper()
+        if self.tls_state is not TLSState.ESTABLISHED:
+            self.respond("503 PROT not allowed on insecure control connection.")
+        elif not self._pbsz:
+            self.respond("503 You must issue the PBSZ command prior to PROT.")
+        elif level == "P":
+            self._prot = True
+            self.respond("200 Protection set to Private.")
+        elif level == "C":
+            self.audit("prot_c_refused")
+            self.respond("534 PROT C refused: data connections must be encrypted.")
+        elif level in ("S", "E"):
+            self.respond(f"536 PROT {level} not supported; use PROT P.")
+        else:
+            self.respond("504 Unknown protection level; use PROT P.")
+
+    def ftp_CCC(self, line: str) -> None:
+        """RFC 4217 CCC would drop TLS on the control channel: refused."""
+        if self.tls_state is not TLSState.ESTABLISHED:
+            self.respond("533 CCC not allowed on insecure control connection.")
+            return
+        self.respond("534 CCC refused: the control connection stays encrypted.")
+
+    # --- command gate
+
+    def pre_process_command(self, line: str, cmd: str, arg: str) -> None:
+        """Refuse unsafe paths before pyftpdlib maps them, with a generic reply."""
+        if (
+            self.authenticated
+            and arg
+            and cmd in self.proto_cmds
+            and self.proto_cmds[cmd]["perm"]
+            and not (cmd == "LIST" and arg.startswith("-"))
+        ):
+            try:
+                self.fs.check_virtual(arg)
+            except vfs.PathRefused as refusal:
+                self.audit("path_refused", command=cmd, reason=str(refusal))
+                self.respond("550 Invalid path.")
+                return
+        super().pre_process_command(line, cmd, arg)
+
+    def process_command(self, cmd: str, *args: Any, **kwargs: Any) -> None:
+        """Apply the TLS, PROT P and data-connection rules, then dispatch."""
+        if self.tls_state is not TLSState.ESTABLISHED and cmd not in PRE_TLS_COMMANDS:
+            if cmd in ("USER", "PASS"):
+                self.respond("530 Clear-text login refused: send AUTH TLS first.")
+            else:
+                self.respond("530 Send AUTH TLS first.")
+            return
+        if cmd in ACTIVE_COMMANDS and not self.gateway.config.server.allow_active_mode:
+            self.respond("502 Active mode is disabled; use PASV or EPSV.")
+            return
+        if (cmd in PASSIVE_COMMANDS or cmd in ACTIVE_COMMANDS) and not self._prot:
+            self.respond("521 Data connections must be encrypted: send PBSZ 0 and PROT P.")
+            return
+        if cmd in TRANSFER_COMMANDS and not self._data_path_arranged():
+            self.respond("425 Use PASV or EPSV first.")
+            return
+        super().process_command(cmd, *args, **kwargs)
+
+    def _data_path_arranged(self) -> bool:
+        return any(
+            item is not None
+            for item in (
+                self.data_channel,
+                self._pending_data,
+                self._dtp_acceptor,
+                self._dtp_connector,
+            )
+        )
+
+    def ftp_STOU(self, line: str) -> None:
+        """STOU is off: its unique names bypass the atomic-upload contract."""
+        self.respond("502 STOU not supported.")
+
+    def ftp_APPE(self, file: str) -> None:
+        """Appending would expose a growing file under its final name."""
+        self.respond("502 APPE not supported; upload the whole file with STOR.")
+
+    # --- login
+
+    def ftp_PASS(self, line: str) -> None:
+        """Verify the password on a worker thread; pause this session meanwhile."""
+        if self.authenticated:
+            self.respond("503 User already authenticated.")
+            return
+        if not self.username:
+            self.respond("503 Login with USER first.")
+            return
+        username = self.username
+        user = self.gateway.config.user(username)
+        stored_hash = user.password_hash if user is not None else None
+        self._pause_input()
+        future = self.gateway.executor.submit(
+            self.gateway.verifier.verify, stored_hash, line
+        )
+        waker = self.gateway.waker
+        future.add_done_callback(
+            lambda done: waker.call_soon_threadsafe(
+                lambda: self._on_password_checked(username, done, known=user is not None)
+            )
+        )
+
+    def _pause_input(self) -> None:
+        """Stop reading; keep commands already received for after the pause."""
+        self._auth_pending = True
+        self._stashed_input = self.ac_in_buffer
+        self.ac_in_buffer = b""
+        self.del_channel()
+
+    def _resume_input(self) -> None:
+        self._auth_pending = False
+        if self._closed:
+            return
+        self.add_channel(events=READ | (WRITE if self.producer_fifo else 0))
+        self.ac_in_buffer = self._stashed_input + self.ac_in_buffer
+        self._stashed_input = b""
+        self._process_buffered_lines()
+        if not self._closed and self.socket.pending():
+            self.handle_read_event()
+
+    def _process_buffered_lines(self) -> None:
+        """asynchat's terminator loop, for lines that arrived while paused."""
+        while self.ac_in_buffer and not self._closed and not self._auth_pending:
+            index = self.ac_in_buffer.find(b"\r\n")
+            if index < 0:
+                return
+            if index:
+                self.collect_incoming_data(self.ac_in_buffer[:index])
+            self.ac_in_buffer = self.ac_in_buffer[index + 2 :]
+            self.found_terminator()
+
+    def _on_password_checked(self, username: str, done: Future[bool], *, known: bool) -> None:
+        if self._closed:
+            return
+        try:
+            accepted = bool(done.result())
+        except Exception:
+            logger.exception("password verification failed unexpectedly")
+            accepted = False
+        if accepted:
+            self._login_succeeded(username)
+            self._resume_input()
+            return
+        self.audit("login_failed", reason="bad-password" if known else "unknown-user")
+        self.username = ""
+        self.attempted_logins += 1
+        # RFC 2577: answer failures after a delay; the session stays paused until then.
+        self.call_later(self.auth_failed_timeout, self._reply_login_failed)
+
+    def _reply_login_failed(self) -> None:
+        if self.attempted_logins >= self.max_login_attempts:
+            self.respond("530 Authentication failed. Disconnecting.")
+            self._auth_pending = False
+            self.add_channel(events=WRITE)
+            self.close_when_done()
+            return
+        self.respond("530 Authentication failed.")
+        self._resume_input()
+
+    def _login_succeeded(self, username: str) -> None:
+        home = self.gateway.home_for(username)
+        home.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if self._login_timer is not None and not self._login_timer.cancelled:
+            self._login_timer.cancel()
+        self.handle_auth_success(str(home), "", self.authorizer.get_msg_login(username))
+        self.audit("login_ok")
+
+    # --- passive data connections
+
+    def _make_epasv(self, extmode: bool = False) -> None:
+        """PASV/EPSV: one port from the range, the address for this client's network."""
+        self._shutdown_connecting_dtp()
+        if self.data_channel is not None:
+            self.data_channel.close()
+            self.data_channel = None
+        passive = self.gateway.config.passive
+        try:
+            listener = PassiveListener(self, passive.port_min, passive.port_max)
+        except PassivePortsExhausted:
+            self.audit("data_refused", reason="passive-range-exhausted")
+            self.respond("425 Can't open data connection: no passive port free.")
+            return
+        if extmode:
+            reply = epsv_reply(listener.port)
+        else:
+            local_ip = strip_mapped(self.socket.getsockname()[0])
+            try:
+                if ":" in local_ip:
+                    raise PassiveAddressError("PASV cannot carry an IPv6 address")
+                address = self.gateway.passive_policy.address_for(self.client_ip, local_ip)
+            except PassiveAddressError as err:
+                listener.close()
+                self.audit("data_refused", reason="passive-address", detail=str(err))
+                self.respond("425 Can't open data connection; use EPSV.")
+                return
+            reply = pasv_reply(address, listener.port)
+        listener.start_timer(passive.connect_timeout_seconds)
+        self._dtp_acceptor = listener
+        self.respond(reply)
+
+    def _shutdown_connecting_dtp(self) -> None:
+        super()._shutdown_connecting_dtp()
+        self._close_pending_data()
+
+    def _close_pending_data(self) -> None:
+        pending, self._pending_data = self._pending_data, None
+        if pending is not None:
+            pending.close()
+
+    def on_data_connection_accepted(self, sock: Any) -> None:
+        """The client connected to its passive port; TLS comes next."""
+        self._dtp_acceptor = None
+        handler = self.dtp_handler(sock, self)
+        if handler.connected and not handler._closed:
+            self._pending_data = handler
+
+    def on_data_channel_ready(self, handler: DataHandler) -> None:
+        """TLS is up on the data connection: start the queued transfer, if any."""
+        if handler is not self._pending_data:
+            handler.close()
+            return
+        self._pending_data = None
+        self.audit(
+            "tls_established", channel="data", version=handler.socket.version(),
+            resumed=handler.resumed,
+        )  # fmt: skip
+        self.data_channel = handler
+        self._on_dtp_connection()
+
+    def on_data_channel_failed(self, handler: DataHandler, reason: str) -> None:
+        """TLS on the data connection failed or timed out."""
+        if handler is not self._pending_data:
+            return
+        self._pending_data = None
+        self.audit("data_refused", reason=reason)
+        self._fail_queued_transfer("425 Can't open data connection: TLS negotiation failed.")
+
+    def on_data_connection_timeout(self) -> None:
+        """Nobody connected to the passive port in time."""
+        self._dtp_acceptor = None
+        self.audit("data_refused", reason="no-connection-within-timeout")
+        self._fail_queued_transfer("425 Can't open data connection: timed out.")
+
+    def on_foreign_data_connection(self, peer_ip: str) -> None:
+        """Another address connected to this session's port; the victim hears nothing."""
+        self.audit("data_refused", reason="foreign-ip", peer_ip=peer_ip)
+
+    def _fail_queued_transfer(self, reply: str) -> None:
+        """Answer a transfer command that is waiting for a data connection."""
+        queued = False
+        if self._out_dtp_queue is not None:
+            file_obj = self._out_dtp_queue[2]
+            if file_obj is not None:
+                file_obj.close()
+            self._out_dtp_queue = None
+            queued = True
+        if self._in_dtp_queue is not None:
+            self._in_dtp_queue[0].close()
+            self._in_dtp_queue = None
+            queued = True
+        if queued and not self._closed:
+            self.respond(reply)
+
+    # --- uploads
+
+    def ftp_STOR(self, file: str, mode: str = "w") -> str | None:
+        """Receive into a hidden temporary file; it becomes ``file`` only when complete."""
+        rest = self._restart_position
+        self._restart_position = 0
+        if rest:
+            self.respond("554 Resuming uploads is not supported; send the whole file.")
+            return None
+        try:
+            upload = self.fs.open_upload(file)
+        except OSError as err:
+            self.audit("upload_refused", path=self.fs.fs2ftp(file), reason=err.strerror)
+            self.respond("550 Can't create file.")
+            return None
+        if self.data_channel is not None:
+            self.respond("125 Data connection already open. Transfer starting.")
+            self.data_channel.file_obj = upload
+            self.data_channel.enable_receiving(self._current_type, "STOR")
+        else:
+            self.respond("150 File status okay. About to open data connection.")
+            self._in_dtp_queue = (upload, "STOR")
+        return file
+
+    # --- transfer outcomes, for the audit trail
+
+    def on_file_received(self, file: str) -> None:
+        """An upload was renamed into place."""
+        self.audit("upload_completed", path=self.fs.fs2ftp(file) if self.fs else file)
+
+    def on_incomplete_file_received(self, file: str) -> None:
+        """An upload was discarded."""
+        self.audit("upload_failed", path=self.fs.fs2ftp(file) if self.fs else file)
+
+    def on_file_sent(self, file: str) -> None:
+        """A download completed."""
+        self.audit("download_completed", path=self.fs.fs2ftp(file) if self.fs else file)
+
+    def on_incomplete_file_sent(self, file: str) -> None:
+        """A download was cut short."""
+        self.audit("download_failed", path=self.fs.fs2ftp(file) if self.fs else file)
+
+    def on_login_failed(self, username: str, password: str) -> None:
+        """pyftpdlib hands this the clear-text attempt: ignored on purpose."""

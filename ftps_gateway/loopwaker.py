@@ -1,0 +1,76 @@
+"""Run callbacks on a pyftpdlib IO loop from other threads.
+
+pyftpdlib's IOLoop is single-threaded and has no thread-safe ``call_soon``. Password
+verification (argon2id, tens of milliseconds by design) must run off the loop so a
+burst of logins never stalls transfers; its result comes back through this waker: a
+socketpair whose read end sits in the loop, and a queue of callbacks.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import threading
+from collections.abc import Callable
+
+from pyftpdlib.ioloop import AsyncChat
+from pyftpdlib.log import logger
+
+
+class LoopWaker(AsyncChat):
+    """A loop member that runs callbacks handed to it by ``call_soon_threadsafe``."""
+
+    def __init__(self, ioloop: object) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        self._callbacks: collections.deque[Callable[[], object]] = collections.deque()
+        self._lock = threading.Lock()
+        self.stop_requested = False
+        super().__init__(self._reader, ioloop=ioloop)
+
+    def request_stop(self) -> None:
+        """Ask the loop to close everything; safe in a signal handler (no lock)."""
+        self.stop_requested = True
+        try:
+            self._writer.send(b"\0")
+        except OSError:
+            pass
+
+    def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
+        """Queue ``callback`` to run on the loop thread at its next iteration."""
+        with self._lock:
+            self._callbacks.append(callback)
+        try:
+            self._writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already awake (buffer full) or shutting down
+
+    def handle_read(self) -> None:
+        """Drain the wake-up bytes, then run every queued callback."""
+        try:
+            while self._reader.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        if self.stop_requested:
+            self.ioloop.close()
+            return
+        while True:
+            with self._lock:
+                if not self._callbacks:
+                    return
+                callback = self._callbacks.popleft()
+            try:
+                callback()
+            except Exception:  # a bug in one callback must not stop the loop
+                logger.exception("callback scheduled on the IO loop failed")
+
+    def writable(self) -> bool:
+        """Never interested in writing."""
+        return False
+
+    def close(self) -> None:
+        """Close both ends."""
+        super().close()
+        self._writer.close()

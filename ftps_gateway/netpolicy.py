@@ -1,0 +1,335 @@
+"""Network policy: client allowlists and the address advertised in 227 (PASV) replies.
+
+Plain Python (no pyftpdlib import). Networks are parsed once, at construction, and
+every check on a peer address fails closed: an address that does not parse matches
+nothing and is allowed nowhere.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import socket
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ftps_gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from ftps_gateway.config import IPNetwork, PassiveSettings
+
+__all__ = [
+    "DEFAULT_DNS_TTL_SECONDS",
+    "AccessList",
+    "IPAddress",
+    "PassiveAddressError",
+    "PassiveAddressPolicy",
+    "parse_ip",
+    "parse_networks",
+    "resolve_ipv4",
+]
+
+_log = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+DEFAULT_DNS_TTL_SECONDS = 30.0
+
+# ::ffff:0:0/96 (RFC 4291 section 2.5.5.2): how a dual-stack socket shows IPv4 peers.
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_IPV4_MAPPED_PREFIXLEN = 96
+
+# RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens. The
+# underscore is tolerated because internal DNS zones use it; anything else is a typo.
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}\.?$)"
+    r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
+)
+
+
+class PassiveAddressError(GatewayError):
+    """No IPv4 address can be advertised for a passive connection.
+
+    The handler answers 425 ("Can't open data connection") rather than advertise a
+    wrong address: a wrong address makes the client wait for a connect timeout.
+    """
+
+
+def _unmap_network(network: IPNetwork) -> IPNetwork:
+    """Turn ``::ffff:a.b.c.d/N`` (N >= 96) into the IPv4 network it stands for.
+
+    ``parse_ip`` turns mapped peer addresses into IPv4 ones, so a mapped network left
+    as IPv6 would silently never match.
+    """
+    if (
+        isinstance(network, ipaddress.IPv6Network)
+        and network.prefixlen >= _IPV4_MAPPED_PREFIXLEN
+        and network.subnet_of(_IPV4_MAPPED)
+    ):
+        ipv4 = network.network_address.ipv4_mapped
+        if ipv4 is not None:
+            return ipaddress.IPv4Network(
+                (ipv4, network.prefixlen - _IPV4_MAPPED_PREFIXLEN)
+            )
+    return network
+
+
+def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """Parse CIDR strings strictly; a bare address is a /32 (IPv4) or /128 (IPv6).
+
+    Strict means host bits must be zero (``10.0.0.1/8`` is refused: it is usually a
+    typo for ``10.0.0.0/8`` or ``10.0.0.1/32``, and guessing would widen access) and
+    no zone id (``fe80::1%eth0``) is allowed, as a zone is not part of a network.
+    IPv4-mapped IPv6 networks become IPv4 networks.
+
+    Raises:
+        ValueError: naming the first value that is not an IP network.
+    """
+    networks: list[IPNetwork] = []
+    for value in values:
+        try:
+            network = ipaddress.ip_network(value, strict=True)
+        except ValueError:
+            raise ValueError(f"not an IP network: {value!r}") from None
+        if "%" in value:
+            raise ValueError(f"not an IP network (zone id not allowed): {value!r}")
+        networks.append(_unmap_network(network))
+    return tuple(networks)
+
+
+def parse_ip(value: str) -> IPAddress | None:
+    """Parse a peer address as the socket layer reports it; None if it does not parse.
+
+    ``::ffff:10.1.2.3`` (an IPv4 peer on a dual-stack socket) becomes IPv4Address
+    ``10.1.2.3`` so that IPv4 networks match it, and an IPv6 zone id (``fe80::1%eth0``)
+    is dropped. Callers must treat None as "deny".
+    """
+    host, percent, _zone = value.partition("%")
+    if percent and ":" not in host:
+        return None  # zone ids exist only on IPv6 addresses
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _contains(networks: tuple[IPNetwork, ...], address: IPAddress) -> IPNetwork | None:
+    # ``in`` is False (not an error) when the IP versions differ.
+    for network in networks:
+        if address in network:
+            return network
+    return None
+
+
+class AccessList:
+    """The networks a user may log in from.
+
+    An empty list allows every address, but an address that does not parse is
+    refused even then. SFTPGo's ``IsLoginFromAddrAllowed`` allows a login when the
+    peer address does not parse and re-parses its CIDR list on every login; this
+    class does neither.
+    """
+
+    def __init__(self, networks: Iterable[IPNetwork]) -> None:
+        """Keep ``networks`` (already parsed, e.g. by the config loader)."""
+        self._networks = tuple(_unmap_network(network) for network in networks)
+
+    @classmethod
+    def from_strings(cls, values: Iterable[str]) -> AccessList:
+        """Build from CIDR strings (see ``parse_networks``)."""
+        return cls(parse_networks(values))
+
+    @property
+    def networks(self) -> tuple[IPNetwork, ...]:
+        """The allowed networks; empty means any parsable address."""
+        return self._networks
+
+    def is_allowed(self, ip: str) -> bool:
+        """Return True if a client at ``ip`` may log in."""
+        address = parse_ip(ip)
+        if address is None:
+            return False
+        if not self._networks:
+            return True
+        return _contains(self._networks, address) is not None
+
+
+def resolve_ipv4(name: str) -> str:
+    """Resolve ``name`` to its first IPv4 address with ``getaddrinfo``.
+
+    Raises:
+        OSError: (``socket.gaierror``) the name does not resolve to an IPv4 address.
+    """
+    infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+    if not infos:
+        raise socket.gaierror(socket.EAI_NONAME, "no IPv4 address")
+    return str(infos[0][4][0])
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one rule sends clients: a literal IPv4 address, a DNS name, or local."""
+
+    literal: str | None = None  # dotted IPv4
+    name: str | None = None  # DNS name, resolved through the cache
+
+
+@dataclass
+class _CacheEntry:
+    address: str
+    expires_at: float
+
+
+def _target(address: str) -> _Target:
+    """Classify a configured passive address; refuse what a 227 reply cannot carry."""
+    if address == "":
+        return _Target()
+    ip = parse_ip(address)
+    if ip is not None:
+        if "%" in address:
+            raise ValueError(f"passive address must not carry a zone id: {address!r}")
+        if isinstance(ip, ipaddress.IPv6Address):
+            # RFC 959's 227 reply has room for four IPv4 octets only.
+            raise ValueError(f"passive address must be IPv4: {address!r}")
+        if ip.is_unspecified:
+            raise ValueError(f"passive address 0.0.0.0 is unreachable: {address!r}")
+        return _Target(literal=str(ip))
+    # A numeric last label (10.0.0.300) is a mistyped address, never a name (no
+    # top-level domain is numeric, RFC 3696 section 2); as a name it would fail only
+    # at the first PASV.
+    last_label = address.removesuffix(".").rsplit(".", 1)[-1]
+    if _HOSTNAME.fullmatch(address) is None or last_label.isdigit():
+        raise ValueError(
+            f"passive address is neither an IPv4 address nor a DNS name: {address!r}"
+        )
+    return _Target(name=address)
+
+
+class PassiveAddressPolicy:
+    """Pick the IPv4 address a 227 reply advertises, per client network.
+
+    This is SFTPGo's ``PassiveIPOverrides``: clients behind the same NAT as the
+    server are told its private address, everyone else the public one. (pyftpdlib's
+    own ``masquerade_address_map`` is keyed by the server's local address, not the
+    client's network, so it cannot express this.)
+
+    DNS names are resolved through a cache with a TTL, because the resolution runs on
+    the PASV path: without a cache every PASV would wait for DNS. A failed lookup
+    reuses the last good address (for another TTL) rather than fail the transfer.
+    A cache miss still blocks the caller for the duration of one lookup. Concurrent
+    callers may both resolve a name; the cache stays consistent either way.
+    """
+
+    def __init__(
+        self,
+        settings: PassiveSettings,
+        *,
+        resolver: Callable[[str], str] = resolve_ipv4,
+        clock: Callable[[], float] = time.monotonic,
+        dns_ttl_seconds: float = DEFAULT_DNS_TTL_SECONDS,
+    ) -> None:
+        """Parse the settings once.
+
+        Args:
+            settings: ``[passive]`` from the configuration.
+            resolver: name -> dotted IPv4 address; raises OSError on failure.
+            clock: monotonic seconds, for the DNS cache.
+            dns_ttl_seconds: how long a resolved address is reused.
+
+        Raises:
+            ValueError: an address is IPv6 or neither an IP address nor a DNS name.
+        """
+        self._default = _target(settings.address)
+        self._overrides = tuple(
+            (
+                tuple(_unmap_network(network) for network in override.networks),
+                _target(override.address),
+            )
+            for override in settings.overrides
+        )
+        self._resolver = resolver
+        self._clock = clock
+        self._ttl = dns_ttl_seconds
+        self._cache: dict[str, _CacheEntry] = {}
+
+    def address_for(self, client_ip: str, local_ip: str) -> str:
+        """Return the dotted IPv4 address to put in the 227 reply for this client.
+
+        Args:
+            client_ip: the client's address as the socket reports it. If it does not
+                parse, no override matches and the default applies.
+            local_ip: the server's end of the control connection, used where the
+                configuration says "" (IPv4-mapped addresses are unmapped).
+
+        Raises:
+            PassiveAddressError: a DNS name never resolved, or the local address is
+                needed but is not IPv4 (an IPv6 control connection: use EPSV).
+        """
+        _rule, target = self._match(client_ip)
+        if target.literal is not None:
+            return target.literal
+        if target.name is not None:
+            return self._resolve(target.name)
+        local = parse_ip(local_ip)
+        if not isinstance(local, ipaddress.IPv4Address):
+            raise PassiveAddressError(
+                f"local address {local_ip!r} is not IPv4; "
+                "a 227 reply cannot carry it (set [passive] address)"
+            )
+        return str(local)
+
+    def rule_for(self, client_ip: str) -> str:
+        """Describe the rule that applies to ``client_ip``, for diagnostics.
+
+        Returns:
+            ``"override #N (NETWORK)"`` (1-based, with the network that matched) or
+            ``"default"``.
+        """
+        rule, _target = self._match(client_ip)
+        return rule
+
+    def _match(self, client_ip: str) -> tuple[str, _Target]:
+        address = parse_ip(client_ip)
+        if address is not None:
+            for index, (networks, target) in enumerate(self._overrides, start=1):
+                network = _contains(networks, address)
+                if network is not None:
+                    return f"override #{index} ({network})", target
+        return "default", self._default
+
+    def _resolve(self, name: str) -> str:
+        now = self._clock()
+        entry = self._cache.get(name)
+        if entry is not None and now < entry.expires_at:
+            return entry.address
+        try:
+            address = self._checked_lookup(name)
+        except (OSError, UnicodeError, ValueError) as exc:
+            if entry is None:
+                raise PassiveAddressError(
+                    f"passive address {name!r} does not resolve: {exc}"
+                ) from exc
+            _log.warning(
+                "passive address %r does not resolve (%s); reusing %s",
+                name,
+                exc,
+                entry.address,
+            )
+            entry.expires_at = now + self._ttl
+            return entry.address
+        self._cache[name] = _CacheEntry(address, now + self._ttl)
+        return address
+
+    def _checked_lookup(self, name: str) -> str:
+        address = parse_ip(self._resolver(name))
+        if not isinstance(address, ipaddress.IPv4Address):
+            raise ValueError("resolver did not return an IPv4 address")  # noqa: TRY004
+        return str(address)

@@ -1,0 +1,117 @@
+"""Passive-mode listeners: ports from the configured range only, one per PASV/EPSV.
+
+Replaces pyftpdlib's ``PassiveDTP``, which (measured on 2.2.0) binds a random port
+outside the range when the range is exhausted, picks the 227 address by the server's
+local address instead of the client's network, and writes an unsolicited 425 on the
+victim's control channel when a foreign IP connects to the port.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import socket
+from typing import TYPE_CHECKING, Any
+
+from pyftpdlib.ioloop import Acceptor
+
+if TYPE_CHECKING:
+    from ftps_gateway.handler import ControlHandler
+
+
+class PassivePortsExhausted(Exception):  # noqa: N818 - a condition, not a bug
+    """Every port of the passive range is in use."""
+
+
+def strip_mapped(ip: str) -> str:
+    """``::ffff:192.0.2.1`` -> ``192.0.2.1``; other addresses unchanged."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+def pasv_reply(address: str, port: int) -> str:
+    """The RFC 959 227 reply for an IPv4 ``address`` and ``port``."""
+    return "227 Entering Passive Mode ({},{},{}).".format(
+        address.replace(".", ","), port // 256, port % 256
+    )
+
+
+def epsv_reply(port: int) -> str:
+    """The RFC 2428 229 reply: no address, the client reuses the control address."""
+    return f"229 Entering Extended Passive Mode (|||{port}|)."
+
+
+class PassiveListener(Acceptor):
+    """Listens on one port of the range until the session's client connects."""
+
+    def __init__(self, control: ControlHandler, port_min: int, port_max: int) -> None:
+        self.control = control
+        super().__init__(ioloop=control.ioloop)
+        local_ip = control.socket.getsockname()[0]
+        sock = self._listen_in_range(control.socket.family, local_ip, port_min, port_max)
+        self.set_socket(sock)
+        self.accepting = True
+        self.port: int = sock.getsockname()[1]
+        self._timer: Any = None
+
+    @staticmethod
+    def _listen_in_range(
+        family: int, local_ip: str, port_min: int, port_max: int
+    ) -> socket.socket:
+        """Listen on a random free port of the range, or raise PassivePortsExhausted.
+
+        SO_REUSEADDR lets a port whose last data connection sits in TIME_WAIT be
+        reused (the server closes downloads first); Linux still refuses a second
+        listener on a port, so bind+listen is the whole allocation protocol.
+        """
+        ports = list(range(port_min, port_max + 1))
+        random.shuffle(ports)  # spreading load, not a secret
+        for port in ports:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setblocking(False)
+            try:
+                sock.bind((local_ip, port))
+                sock.listen(5)
+            except OSError as err:
+                sock.close()
+                if err.errno in (errno.EADDRINUSE, errno.EACCES, errno.EPERM):
+                    continue
+                raise
+            return sock
+        raise PassivePortsExhausted
+
+    def start_timer(self, seconds: float) -> None:
+        """Give the client ``seconds`` to connect."""
+        self._timer = self.ioloop.call_later(seconds, self.handle_timeout)
+
+    def handle_accepted(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
+        """Hand a connection from the session's own client to the control channel."""
+        peer_ip = strip_mapped(addr[0])
+        if peer_ip != strip_mapped(self.control.remote_ip):
+            # Someone else knocked on this session's port. Say nothing to the
+            # victim's control channel; keep waiting for the real client.
+            sock.close()
+            self.control.on_foreign_data_connection(peer_ip)
+            return
+        self.close()
+        self.control.on_data_connection_accepted(sock)
+
+    def handle_timeout(self) -> None:
+        """Nobody connected in time."""
+        self.close()
+        self.control.on_data_connection_timeout()
+
+    def handle_error(self) -> None:
+        """Never let a listener's error reach the loop."""
+        self.close()
+        self.control.log_exception(self)
+
+    def close(self) -> None:
+        """Stop listening and cancel the timer."""
+        if self._timer_pending():
+            self._timer.cancel()
+        super().close()
+
+    def _timer_pending(self) -> bool:
+        timer = getattr(self, "_timer", None)
+        return timer is not None and not timer.cancelled

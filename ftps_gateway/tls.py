@@ -1,0 +1,126 @@
+"""TLS contexts on the standard library ``ssl`` module, one per control session.
+
+Why a context per control session (docs/decisions/0001-tls-layer.md has the numbers):
+
+- Resumption is scoped to an ``SSL_CTX``: its session cache (TLS 1.2) and its ticket
+  keys (TLS 1.3) are its own. A data connection that resumes on the control session's
+  context has, provably, resumed *that* control session, not any session the server
+  ever issued. ``SSLSocket.session_reused`` is public API to read the outcome.
+- ``SSLContext.num_tickets`` is copied into each connection when it is created. The
+  control connection is wrapped first with tickets on (clients need one to resume);
+  then the context is switched to zero tickets, so data connections send none. Go TLS
+  1.3 clients never read tickets on data connections and reset them, which truncates
+  uploads (measured 5 of 5 on pyOpenSSL, which cannot turn tickets off).
+
+The certificate chain and key are read once and snapshotted into an anonymous
+in-memory file (``memfd``): every session context loads the same bytes, an operator
+replacing the files on disk never exposes a half-written pair to a new session, and
+the key never gets a second copy on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ftps_gateway import certs
+from ftps_gateway.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ftps_gateway.config import TLSSettings
+
+# AEAD-only suites for TLS 1.2 (TLS 1.3 suites are all AEAD). ECDHE for forward secrecy.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+# Tickets the control connection issues (TLS 1.3). Clients resume data connections
+# from them; two is OpenSSL's default and covers clients that use each ticket once.
+CONTROL_TICKETS = 2
+
+
+@dataclass(frozen=True)
+class TLSPolicy:
+    """Protocol bounds for one session (later: per partner)."""
+
+    min_version: str = "1.2"
+    max_version: str = "1.3"
+
+
+class _PemSnapshot:
+    """The key and chain, read once, held in an in-memory file ``load_cert_chain`` can open."""
+
+    def __init__(self, certificate: Path, private_key: Path) -> None:
+        pem = private_key.read_bytes() + b"\n" + certificate.read_bytes()
+        self._fd = -1
+        if sys.platform.startswith("linux"):
+            self._fd = os.memfd_create("ftps-gateway-tls", os.MFD_CLOEXEC)
+            os.write(self._fd, pem)
+            self.path = f"/proc/self/fd/{self._fd}"
+            self._certificate = self.path
+            self._private_key: str | None = None
+        else:  # pragma: no cover - the gateway is deployed on Linux
+            self._certificate = str(certificate)
+            self._private_key = str(private_key)
+
+    def load_into(self, context: ssl.SSLContext) -> None:
+        """Load the chain and key into ``context``."""
+        context.load_cert_chain(self._certificate, self._private_key)
+
+    def close(self) -> None:
+        """Release the in-memory copy."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class TLSContextFactory:
+    """Builds a fresh server context per control session from material loaded once."""
+
+    def __init__(self, settings: TLSSettings) -> None:
+        problems = certs.certificate_problems(settings.certificate, settings.private_key)
+        if problems:
+            raise ConfigError([f"{key}: {problem}" for key, problem in problems])
+        self.certificate_path = settings.certificate
+        self.default_policy = TLSPolicy(min_version=settings.min_version)
+        self._snapshot = _PemSnapshot(settings.certificate, settings.private_key)
+        # Fail at start-up, not at the first client, if OpenSSL refuses the material.
+        try:
+            self.session_context()
+        except ssl.SSLError as err:
+            self._snapshot.close()
+            raise ConfigError([f"tls.certificate: OpenSSL refused it: {err}"]) from err
+
+    def session_context(self, policy: TLSPolicy | None = None) -> ssl.SSLContext:
+        """Return a new context for one control session and its data connections."""
+        policy = policy or self.default_policy
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = _VERSIONS[policy.min_version]
+        context.maximum_version = _VERSIONS[policy.max_version]
+        context.set_ciphers(TLS12_CIPHERS)
+        context.options |= (
+            ssl.OP_NO_COMPRESSION  # CRIME
+            | ssl.OP_NO_RENEGOTIATION  # client-initiated renegotiation is a DoS lever
+            | ssl.OP_CIPHER_SERVER_PREFERENCE
+        )
+        context.num_tickets = CONTROL_TICKETS
+        self._snapshot.load_into(context)
+        return context
+
+    def close(self) -> None:
+        """Release the in-memory key material."""
+        self._snapshot.close()
+
+
+def seal_for_data_connections(context: ssl.SSLContext) -> None:
+    """Turn tickets off for every connection created on ``context`` from now on.
+
+    Called right after the control connection is wrapped: OpenSSL copies the ticket
+    count into each ``SSL`` object at creation, so the control connection keeps its
+    tickets and every later data connection gets none.
+    """
+    context.num_tickets = 0

@@ -1,0 +1,264 @@
+"""Server-side TLS for pyftpdlib channels, on the standard library ``ssl`` module.
+
+This replaces pyftpdlib's pyOpenSSL mixin (``handlers/ftps/ssl.py``) for both the
+control and the data channels. What it does differently, and why:
+
+- The handshake is driven explicitly and no payload can be written before it has
+  completed *and* the channel has approved it (``handle_tls_established``): with
+  pyOpenSSL, ``SSL_write`` could finish a handshake and send data before the policy
+  check ran. Here ``send`` returns 0 until the channel is ``ESTABLISHED``.
+- ``suppress_ragged_eofs=False``: a TCP FIN without the peer's ``close_notify`` raises
+  ``SSLEOFError`` and marks the stream ``truncated``, so an upload cut short is never
+  mistaken for a complete one (stock pyftpdlib answers 226 to it).
+- The poller is asked for exactly what OpenSSL wants (read or write) while
+  handshaking, and bytes OpenSSL already decrypted (``pending()``) are drained, so
+  there are no busy loops and no stalls.
+- No partial-write mode: ``SSLSocket.send`` writes the whole buffer or nothing, so a
+  256 KiB buffer is encrypted in one call rather than re-sliced per 16 KiB record.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from pyftpdlib.exceptions import _RetryError
+from pyftpdlib.ioloop import _ERRNOS_DISCONNECTED
+
+READ = 1  # pyftpdlib IOLoop.READ
+WRITE = 2  # pyftpdlib IOLoop.WRITE
+
+
+class TLSState(enum.Enum):
+    """Where a channel is in its TLS life."""
+
+    PLAIN = "plain"
+    HANDSHAKING = "handshaking"
+    ESTABLISHED = "established"
+    FAILED = "failed"
+
+
+def describe_tls_error(err: BaseException) -> str:
+    """A short, stable reason for logs and metrics (never includes peer data)."""
+    if isinstance(err, ssl.SSLEOFError):
+        return "eof-during-handshake"
+    if isinstance(err, ssl.SSLError):
+        return (err.reason or "tls-error").lower().replace("_", "-")
+    if isinstance(err, OSError) and err.errno in _ERRNOS_DISCONNECTED:
+        return "peer-disconnected"
+    return type(err).__name__
+
+
+class TLSChannelMixin:
+    """Adds ``start_tls`` to a pyftpdlib ``AsyncChat`` channel (server side only).
+
+    Subclasses implement ``handle_tls_established`` and ``handle_tls_failed``.
+    """
+
+    tls_state: TLSState = TLSState.PLAIN
+    tls_truncated = False  # the peer's stream ended without close_notify
+    tls_peer_closed = False  # the peer sent close_notify
+    _tls_read_wants_write = False
+    _tls_write_wants_read = False
+
+    # Provided by pyftpdlib's AsyncChat.
+    socket: Any
+    ioloop: Any
+    _fileno: int | None
+    _closed: bool
+    _wanted_io_events: int
+    _current_io_events: int
+
+    if TYPE_CHECKING:  # provided by asyncore/asynchat through the channel class
+
+        def handle_read(self) -> None: ...
+        def handle_write(self) -> None: ...
+        def handle_close(self) -> None: ...
+
+    # --- hooks
+
+    def handle_tls_established(self) -> None:
+        """Called once the handshake completed; nothing has been sent yet."""
+        raise NotImplementedError
+
+    def handle_tls_failed(self, reason: str) -> None:
+        """Called when the handshake failed; the channel must close itself."""
+        raise NotImplementedError
+
+    # --- state changes
+
+    def start_tls(self, context: ssl.SSLContext) -> bool:
+        """Wrap the connected socket and wait for the client's ClientHello."""
+        try:
+            self.socket = context.wrap_socket(
+                self.socket,
+                server_side=True,
+                do_handshake_on_connect=False,
+                suppress_ragged_eofs=False,
+            )
+        except OSError as err:  # the peer vanished between accept and wrap
+            self.tls_state = TLSState.FAILED
+            self.handle_tls_failed(describe_tls_error(err))
+            return False
+        self.tls_state = TLSState.HANDSHAKING
+        self._set_io_events(READ)
+        return True
+
+    def _set_io_events(self, events: int) -> None:
+        """Register exactly ``events`` with the poller, keeping pyftpdlib's view in step."""
+        if self._closed or self._fileno is None:
+            return
+        if self._fileno not in self.ioloop.socket_map:
+            self.ioloop.register(self._fileno, self, events)
+        elif events != self._current_io_events:
+            self.ioloop.modify(self._fileno, events)
+        self._wanted_io_events = events
+        self._current_io_events = events
+
+    def _handshake_step(self) -> None:
+        try:
+            self.socket.do_handshake()
+        except ssl.SSLWantReadError:
+            self._set_io_events(READ)
+        except ssl.SSLWantWriteError:
+            self._set_io_events(WRITE)
+        except OSError as err:  # SSLError is an OSError too
+            self.tls_state = TLSState.FAILED
+            self.handle_tls_failed(describe_tls_error(err))
+        else:
+            self.tls_state = TLSState.ESTABLISHED
+            self.handle_tls_established()
+
+    # --- poller events (pyftpdlib's epoll loop asks readable()/writable() first)
+
+    def readable(self) -> bool:
+        """While handshaking, OpenSSL decides; DTPHandler would close the channel."""
+        if self.tls_state is TLSState.HANDSHAKING:
+            return True
+        if self.tls_state is TLSState.ESTABLISHED and self._tls_write_wants_read:
+            return True
+        return bool(super().readable())  # type: ignore[misc]
+
+    def writable(self) -> bool:
+        """See ``readable``."""
+        if self.tls_state is TLSState.HANDSHAKING:
+            return True
+        if self.tls_state is TLSState.ESTABLISHED and self._tls_read_wants_write:
+            return True
+        return bool(super().writable())  # type: ignore[misc]
+
+    def handle_read_event(self) -> None:
+        """Route readiness to the handshake or to the channel, then drain OpenSSL."""
+        state = self.tls_state
+        if state is TLSState.PLAIN:
+            super().handle_read_event()  # type: ignore[misc]
+            return
+        if state is TLSState.HANDSHAKING:
+            self._handshake_step()
+            return
+        if state is not TLSState.ESTABLISHED:
+            return
+        if self._tls_write_wants_read:
+            self._tls_write_wants_read = False
+            self.handle_write()
+        self.handle_read()
+        # Decrypted bytes held inside OpenSSL do not make the socket readable.
+        while (
+            not self._closed
+            and self.tls_state is TLSState.ESTABLISHED
+            and self._wants_to_read()
+            and self.socket.pending()
+        ):
+            self.handle_read()
+
+    def _wants_to_read(self) -> bool:
+        return bool(self._current_io_events & READ)
+
+    def handle_write_event(self) -> None:
+        """Route write readiness to the handshake or to the channel."""
+        state = self.tls_state
+        if state is TLSState.PLAIN:
+            super().handle_write_event()  # type: ignore[misc]
+            return
+        if state is TLSState.HANDSHAKING:
+            self._handshake_step()
+            return
+        if state is not TLSState.ESTABLISHED:
+            return
+        if self._tls_read_wants_write:
+            self._tls_read_wants_write = False
+            self.handle_read_event()
+            if self._closed:
+                return
+        self.handle_write()
+
+    # --- I/O
+
+    def tls_send(self, data: bytes) -> int:
+        """Send ``data`` whole (no partial writes), or nothing and retry later."""
+        if self.tls_state is not TLSState.ESTABLISHED:
+            return 0  # the send gate: no byte leaves before the channel approved it
+        try:
+            return int(self.socket.send(data))
+        except ssl.SSLWantWriteError:
+            return 0
+        except ssl.SSLWantReadError:
+            self._tls_write_wants_read = True
+            self._set_io_events(self._current_io_events | READ)
+            return 0
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            self.handle_close()
+            return 0
+        except OSError as err:
+            if err.errno in _ERRNOS_DISCONNECTED or err.errno == errno.EPIPE:
+                self.handle_close()
+                return 0
+            raise
+
+    def tls_recv(self, buffer_size: int) -> bytes:
+        """Receive up to ``buffer_size`` bytes; ``b""`` means the stream has ended."""
+        if self.tls_state is not TLSState.ESTABLISHED:
+            raise _RetryError
+        try:
+            data = bytes(self.socket.recv(buffer_size))
+        except ssl.SSLWantReadError:
+            raise _RetryError from None
+        except ssl.SSLWantWriteError:
+            self._tls_read_wants_write = True
+            self._set_io_events(self._current_io_events | WRITE)
+            raise _RetryError from None
+        except OSError:
+            # SSLEOFError (FIN without close_notify), a reset, a bad record: in every
+            # case the stream is not known to be complete.
+            self.tls_truncated = True
+            self.handle_close()
+            return b""
+        if not data:
+            self.tls_peer_closed = True
+            self.handle_close()
+        return data
+
+    def send(self, data: bytes) -> int:
+        """asyncore's send, through TLS once it is on."""
+        if self.tls_state is TLSState.PLAIN:
+            return int(super().send(data))  # type: ignore[misc]
+        return self.tls_send(data)
+
+    def recv(self, buffer_size: int) -> bytes:
+        """asyncore's recv, through TLS once it is on."""
+        if self.tls_state is TLSState.PLAIN:
+            return bytes(super().recv(buffer_size))  # type: ignore[misc]
+        return self.tls_recv(buffer_size)
+
+    def tls_close(self) -> None:
+        """Send close_notify if the session is healthy; never waits for the peer's."""
+        if self.tls_state is TLSState.ESTABLISHED and not self._closed:
+            self.tls_state = TLSState.FAILED  # once only
+            try:
+                self.socket.unwrap()
+            except (OSError, ValueError):
+                # WantRead: our close_notify is out, the peer's is not awaited.
+                # WantWrite or a dead peer: nothing more to do.
+                pass

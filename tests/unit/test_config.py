@@ -1,0 +1,980 @@
+"""Config loading: one case per rule, asserting the exact message an operator sees."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import argon2
+import pytest
+import trustme
+
+from ftps_gateway import certs, config
+from ftps_gateway.config import (
+    GatewayConfig,
+    ListenAddress,
+    PassiveOverride,
+    PassiveSettings,
+    ServerSettings,
+    StorageSettings,
+    TLSSettings,
+    UserSettings,
+)
+from ftps_gateway.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+HASH = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash("x")
+ARGON2I_HASH = argon2.PasswordHasher(
+    time_cost=1, memory_cost=8, parallelism=1, type=argon2.Type.I
+).hash("x")
+NOT_ARGON2ID = "not an argon2id hash (make one with: ftps-gateway hash-password)"
+NAME_RULE = "must be 1 to 64 of A-Z a-z 0-9 . _ -, not starting with '.' or '-'"
+EXAMPLE = Path(__file__).parents[2] / "config" / "gateway.example.toml"
+
+LISTEN = 'listen = ["127.0.0.1:2121"]\n'
+USER = f'[[users]]\nname = "acme"\npassword = "{HASH}"\n'
+BASE = f"""\
+[server]
+{LISTEN}
+[tls]
+certificate = "certs/server.crt"
+private_key = "certs/server.key"
+
+[passive]
+ports = "50000-50099"
+
+[storage]
+root = "data"
+
+{USER}"""
+
+# Appended where a case needs a section that BASE does not have.
+OVERRIDE = '[[passive.overrides]]\nnetworks = ["10.0.0.0/8"]\naddress = ""\n\n'
+
+
+def _add(section: str, lines: str) -> dict[str, str]:
+    """An edit that appends ``lines`` to the start of ``[section]`` in BASE."""
+    return {f"[{section}]\n": f"[{section}]\n{lines}\n"}
+
+
+def _before_storage(text: str) -> dict[str, str]:
+    """An edit that inserts ``text`` (e.g. override sections) before ``[storage]``."""
+    return {"[storage]\n": f"{text}[storage]\n"}
+
+
+def _edited(edits: dict[str, str]) -> str:
+    """BASE with each ``old -> new`` edit applied; an edit that misses is a test bug."""
+    text = BASE
+    for old, new in edits.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+@pytest.fixture(scope="module")
+def pem_pair() -> tuple[bytes, bytes]:
+    """A real certificate and key (trustme), made once per module."""
+    leaf = trustme.CA().issue_cert("localhost")
+    return leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes()
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path, pem_pair: tuple[bytes, bytes]) -> Path:
+    """A directory with ``certs/server.crt`` and ``certs/server.key`` in it."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "server.crt").write_bytes(pem_pair[0])
+    key = certs / "server.key"
+    key.write_bytes(pem_pair[1])
+    key.chmod(0o600)
+    return tmp_path
+
+
+def _write(directory: Path, text: str) -> Path:
+    path = directory / "gateway.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _problems(directory: Path, text: str) -> tuple[Path, ConfigError]:
+    path = _write(directory, text)
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    return path, caught.value
+
+
+BAD_BANNER = "Hi\r\n230 Logged in"
+LONG_NAME = "a" * 65
+
+REJECTED = [
+    # server section
+    pytest.param(
+        {LISTEN: ""}, ["server.listen: required key is missing"], id="listen-missing"
+    ),
+    pytest.param(
+        {LISTEN: 'listen = "127.0.0.1:2121"\n'},
+        ["server.listen: must be an array (got '127.0.0.1:2121')"],
+        id="listen-not-array",
+    ),
+    pytest.param(
+        {LISTEN: "listen = []\n"},
+        ["server.listen: must not be empty (got [])"],
+        id="listen-empty",
+    ),
+    pytest.param(
+        {LISTEN: "listen = [2121]\n"},
+        ["server.listen[0]: must be a string (got 2121)"],
+        id="listen-entry-not-string",
+    ),
+    pytest.param(
+        {LISTEN: 'listen = ["127.0.0.1"]\n'},
+        ["server.listen[0]: not IP:PORT or [IPv6]:PORT (got '127.0.0.1')"],
+        id="listen-no-port",
+    ),
+    pytest.param(
+        {LISTEN: 'listen = ["localhost:2121"]\n'},
+        [
+            (
+                "server.listen[0]: host is not an IP address (names are not resolved)"
+                " (got 'localhost:2121')"
+            ),
+        ],
+        id="listen-hostname",
+    ),
+    pytest.param(
+        {LISTEN: 'listen = ["::1:2121"]\n'},
+        [
+            (
+                "server.listen[0]: an IPv6 address needs brackets,"
+                " IPv4 must not have them (got '::1:2121')"
+            ),
+        ],
+        id="listen-ipv6-without-brackets",
+    ),
+    pytest.param(
+        {LISTEN: 'listen = ["[127.0.0.1]:2121"]\n'},
+        [
+            (
+                "server.listen[0]: an IPv6 address needs brackets,"
+                " IPv4 must not have them (got '[127.0.0.1]:2121')"
+            ),
+        ],
+        id="listen-ipv4-in-brackets",
+    ),
+    pytest.param(
+        {LISTEN: 'listen = ["127.0.0.1:-1"]\n'},
+        [
+            "server.listen[0]: port must be 0 to 65535 (0: any free port)"
+            " (got '127.0.0.1:-1')"
+        ],
+        id="listen-port-negative",
+    ),
+    pytest.param(
+        {LISTEN: 'listen = ["[::]:65536"]\n'},
+        [
+            "server.listen[0]: port must be 0 to 65535 (0: any free port)"
+            " (got '[::]:65536')"
+        ],
+        id="listen-port-too-big",
+    ),
+    pytest.param(
+        {LISTEN: 'listen = ["127.0.0.1:2121", "127.0.0.1:2121"]\n'},
+        [
+            (
+                "server.listen[1]: duplicate listener, same as server.listen[0]"
+                " (got '127.0.0.1:2121')"
+            ),
+        ],
+        id="listen-duplicate",
+    ),
+    pytest.param(
+        _add("server", 'banner = ""'),
+        ["server.banner: must be 1 to 200 characters (got '')"],
+        id="banner-empty",
+    ),
+    pytest.param(
+        _add("server", f'banner = "{"x" * 201}"'),
+        [f"server.banner: must be 1 to 200 characters (got {'x' * 201!r})"],
+        id="banner-too-long",
+    ),
+    pytest.param(
+        _add("server", r'banner = "Hi\r\n230 Logged in"'),
+        [
+            (
+                "server.banner: must be one line (a line break would end the 220 reply)"
+                f" (got {BAD_BANNER!r})"
+            ),
+        ],
+        id="banner-line-break",
+    ),
+    pytest.param(
+        _add("server", "idle_timeout_seconds = 0"),
+        ["server.idle_timeout_seconds: must be 1 to 86400 (got 0)"],
+        id="idle-timeout-zero",
+    ),
+    pytest.param(
+        _add("server", "idle_timeout_seconds = 86401"),
+        ["server.idle_timeout_seconds: must be 1 to 86400 (got 86401)"],
+        id="idle-timeout-too-big",
+    ),
+    pytest.param(
+        _add("server", 'idle_timeout_seconds = "300"'),
+        ["server.idle_timeout_seconds: must be an integer (got '300')"],
+        id="idle-timeout-string",
+    ),
+    pytest.param(
+        _add("server", "idle_timeout_seconds = true"),
+        ["server.idle_timeout_seconds: must be an integer (got True)"],
+        id="idle-timeout-bool",
+    ),
+    pytest.param(
+        _add("server", "idle_timeout_seconds = 300.0"),
+        ["server.idle_timeout_seconds: must be an integer (got 300.0)"],
+        id="idle-timeout-float",
+    ),
+    pytest.param(
+        _add("server", "login_timeout_seconds = 3601"),
+        ["server.login_timeout_seconds: must be 1 to 3600 (got 3601)"],
+        id="login-timeout-too-big",
+    ),
+    pytest.param(
+        _add("server", "max_sessions = 0"),
+        ["server.max_sessions: must be 1 to 100000 (got 0)"],
+        id="max-sessions-zero",
+    ),
+    pytest.param(
+        _add("server", 'allow_active_mode = "yes"'),
+        ["server.allow_active_mode: must be true or false (got 'yes')"],
+        id="active-mode-string",
+    ),
+    pytest.param(
+        _add("server", "allow_active_mode = 1"),
+        ["server.allow_active_mode: must be true or false (got 1)"],
+        id="active-mode-int",
+    ),
+    pytest.param(
+        _add("server", "port = 21"), ["server.port: unknown key"], id="server-unknown"
+    ),
+    pytest.param(
+        {f"[server]\n{LISTEN}": 'server = "0.0.0.0:21"\n'},
+        [
+            "server: must be a table (got '0.0.0.0:21')",
+            "server.listen: required key is missing",
+        ],
+        id="server-not-table",
+    ),
+    # tls section
+    pytest.param(
+        {'certificate = "certs/server.crt"\n': ""},
+        ["tls.certificate: required key is missing"],
+        id="certificate-missing",
+    ),
+    pytest.param(
+        {'private_key = "certs/server.key"\n': 'private_key = ""\n'},
+        ["tls.private_key: must not be empty (got '')"],
+        id="private-key-empty",
+    ),
+    pytest.param(
+        _add("tls", 'min_version = "1.1"'),
+        ["tls.min_version: must be one of 1.2, 1.3 (got '1.1')"],
+        id="min-version-unknown",
+    ),
+    pytest.param(
+        _add("tls", "min_version = 1.3"),
+        ["tls.min_version: must be a string (got 1.3)"],
+        id="min-version-float",
+    ),
+    # passive section
+    pytest.param(
+        {'ports = "50000-50099"\n': ""},
+        ["passive.ports: required key is missing"],
+        id="ports-missing",
+    ),
+    pytest.param(
+        {'ports = "50000-50099"': 'ports = "50000"'},
+        ["passive.ports: not a START-END port range (got '50000')"],
+        id="ports-not-range",
+    ),
+    pytest.param(
+        {'ports = "50000-50099"': "ports = 50000"},
+        ["passive.ports: must be a string (got 50000)"],
+        id="ports-int",
+    ),
+    pytest.param(
+        {'ports = "50000-50099"': 'ports = "50099-50000"'},
+        ["passive.ports: inverted range, start above end (got '50099-50000')"],
+        id="ports-inverted",
+    ),
+    pytest.param(
+        {'ports = "50000-50099"': 'ports = "1023-2000"'},
+        ["passive.ports: ports must be 1024 to 65535 (got '1023-2000')"],
+        id="ports-privileged",
+    ),
+    pytest.param(
+        {'ports = "50000-50099"': 'ports = "60000-65536"'},
+        ["passive.ports: ports must be 1024 to 65535 (got '60000-65536')"],
+        id="ports-too-big",
+    ),
+    pytest.param(
+        {'ports = "50000-50099"': 'ports = "1024-11024"'},
+        ["passive.ports: more than 10000 ports (got '1024-11024')"],
+        id="ports-too-many",
+    ),
+    pytest.param(
+        {LISTEN: 'listen = ["0.0.0.0:50010", "[::]:50099", "[::]:2121"]\n'},
+        [
+            "passive.ports: overlaps the control listener 0.0.0.0:50010",
+            "passive.ports: overlaps the control listener [::]:50099",
+        ],
+        id="ports-overlap-listener",
+    ),
+    pytest.param(
+        _add("passive", 'address = "10.0.0.300"'),
+        ["passive.address: not an IPv4 address or DNS hostname (got '10.0.0.300')"],
+        id="address-bad-ip",
+    ),
+    pytest.param(
+        _add("passive", 'address = "ftp_gw.example.com"'),
+        [
+            (
+                "passive.address: not an IPv4 address or DNS hostname"
+                " (got 'ftp_gw.example.com')"
+            ),
+        ],
+        id="address-bad-hostname",
+    ),
+    pytest.param(
+        _add("passive", 'address = "2001:db8::7"'),
+        [
+            (
+                "passive.address: a PASV reply can only advertise an IPv4 address"
+                " (got '2001:db8::7')"
+            ),
+        ],
+        id="address-ipv6",
+    ),
+    pytest.param(
+        _add("passive", 'address = "0.0.0.0"'),
+        [
+            (
+                'passive.address: not an address a client can reach; "" means the local'
+                " address (got '0.0.0.0')"
+            ),
+        ],
+        id="address-unspecified",
+    ),
+    pytest.param(
+        _add("passive", "connect_timeout_seconds = 601"),
+        ["passive.connect_timeout_seconds: must be 1 to 600 (got 601)"],
+        id="connect-timeout-too-big",
+    ),
+    pytest.param(
+        _add("passive", 'overrides = "10.0.0.0/8"'),
+        [
+            (
+                "passive.overrides: must be an array of tables ([[passive.overrides]]"
+                " sections) (got '10.0.0.0/8')"
+            ),
+        ],
+        id="overrides-not-tables",
+    ),
+    # passive overrides
+    pytest.param(
+        _before_storage('[[passive.overrides]]\naddress = ""\n\n'),
+        ["passive.overrides[0].networks: required key is missing"],
+        id="override-networks-missing",
+    ),
+    pytest.param(
+        _before_storage(OVERRIDE.replace('["10.0.0.0/8"]', "[]")),
+        ["passive.overrides[0].networks: must not be empty (got [])"],
+        id="override-networks-empty",
+    ),
+    pytest.param(
+        _before_storage(OVERRIDE.replace("10.0.0.0/8", "10.0.0.1/8")),
+        [
+            (
+                "passive.overrides[0].networks[0]: host bits set; the network would be"
+                " 10.0.0.0/8 (got '10.0.0.1/8')"
+            ),
+        ],
+        id="override-host-bits",
+    ),
+    pytest.param(
+        _before_storage(OVERRIDE.replace("10.0.0.0/8", "10.0.0.0/33")),
+        [
+            (
+                "passive.overrides[0].networks[0]: not an IP network (CIDR like"
+                " 10.0.0.0/8, or one IP) (got '10.0.0.0/33')"
+            ),
+        ],
+        id="override-bad-cidr",
+    ),
+    pytest.param(
+        _before_storage(OVERRIDE.replace("10.0.0.0/8", "fe80::%eth0/64")),
+        [
+            (
+                "passive.overrides[0].networks[0]: a network cannot carry a zone id"
+                " (%...) (got 'fe80::%eth0/64')"
+            ),
+        ],
+        id="override-zone-id",
+    ),
+    pytest.param(
+        _before_storage(OVERRIDE.replace('"10.0.0.0/8"', '"10.0.0.0/8", 8')),
+        ["passive.overrides[0].networks[1]: must be a string (got 8)"],
+        id="override-network-not-string",
+    ),
+    pytest.param(
+        _before_storage(OVERRIDE.replace('"10.0.0.0/8"', '"10.0.0.0/8", "10.0.0.0/8"')),
+        [
+            (
+                "passive.overrides[0].networks[1]: network listed twice, first at"
+                " passive.overrides[0].networks[0] (got '10.0.0.0/8')"
+            ),
+        ],
+        id="override-network-twice-in-one",
+    ),
+    pytest.param(
+        _before_storage(
+            OVERRIDE.replace('"10.0.0.0/8"', '"192.168.0.0/16", "10.0.0.0/8"')
+            + OVERRIDE
+        ),
+        [
+            (
+                "passive.overrides[1].networks[0]: network listed twice, first at"
+                " passive.overrides[0].networks[1] (got '10.0.0.0/8')"
+            ),
+        ],
+        id="override-network-twice-across",
+    ),
+    pytest.param(
+        _before_storage(OVERRIDE.replace('address = ""\n', "")),
+        ["passive.overrides[0].address: required key is missing"],
+        id="override-address-missing",
+    ),
+    pytest.param(
+        _before_storage(OVERRIDE.replace('address = ""', 'address = "::1"')),
+        [
+            (
+                "passive.overrides[0].address: a PASV reply can only advertise an IPv4"
+                " address (got '::1')"
+            ),
+        ],
+        id="override-address-ipv6",
+    ),
+    pytest.param(
+        _before_storage(OVERRIDE.replace('address = ""', 'adress = ""')),
+        [
+            "passive.overrides[0].address: required key is missing",
+            "passive.overrides[0].adress: unknown key",
+        ],
+        id="override-unknown-key",
+    ),
+    # storage and logging sections
+    pytest.param(
+        {'root = "data"\n': ""}, ["storage.root: required key is missing"], id="root"
+    ),
+    pytest.param(
+        {'root = "data"': "root = 5"},
+        ["storage.root: must be a string (got 5)"],
+        id="root-int",
+    ),
+    pytest.param(
+        {"[storage]\n": '[logging]\nlevel = "INFO"\n\n[storage]\n'},
+        ["logging.level: must be one of debug, info, warning, error (got 'INFO')"],
+        id="log-level",
+    ),
+    pytest.param(
+        {"[storage]\n": '[logging]\nfile = "x.log"\n\n[storage]\n'},
+        ["logging.file: unknown key"],
+        id="logging-unknown",
+    ),
+    # users
+    pytest.param(
+        {'name = "acme"\n': ""}, ["users[0].name: required key is missing"], id="name"
+    ),
+    pytest.param(
+        {'name = "acme"': 'name = ".hidden"'},
+        [f"users[0].name: {NAME_RULE} (got '.hidden')"],
+        id="name-leading-dot",
+    ),
+    pytest.param(
+        {'name = "acme"': 'name = "-acme"'},
+        [f"users[0].name: {NAME_RULE} (got '-acme')"],
+        id="name-leading-dash",
+    ),
+    pytest.param(
+        {'name = "acme"': 'name = "ac me"'},
+        [f"users[0].name: {NAME_RULE} (got 'ac me')"],
+        id="name-space",
+    ),
+    pytest.param(
+        {'name = "acme"': 'name = "../etc"'},
+        [f"users[0].name: {NAME_RULE} (got '../etc')"],
+        id="name-path",
+    ),
+    pytest.param(
+        {'name = "acme"': 'name = ""'},
+        [f"users[0].name: {NAME_RULE} (got '')"],
+        id="name-empty",
+    ),
+    pytest.param(
+        {'name = "acme"': f'name = "{LONG_NAME}"'},
+        [f"users[0].name: {NAME_RULE} (got {LONG_NAME!r})"],
+        id="name-too-long",
+    ),
+    pytest.param(
+        {USER: USER + USER},
+        ["users[1].name: duplicate user name (got 'acme')"],
+        id="name-duplicate",
+    ),
+    pytest.param(
+        {USER: USER + USER.replace('"acme"', '"ACME"')},
+        [
+            (
+                "users[1].name: duplicate user name, differs only in case from 'acme'"
+                " (got 'ACME')"
+            ),
+        ],
+        id="name-duplicate-case",
+    ),
+    pytest.param(
+        {f'password = "{HASH}"\n': ""},
+        ["users[0].password: required key is missing"],
+        id="password-missing",
+    ),
+    pytest.param(
+        {HASH: ARGON2I_HASH}, [f"users[0].password: {NOT_ARGON2ID}"], id="argon2i"
+    ),
+    pytest.param(
+        {HASH: "$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW"},
+        [f"users[0].password: {NOT_ARGON2ID}"],
+        id="password-bcrypt",
+    ),
+    pytest.param(
+        {HASH: HASH.rsplit("$", 1)[0] + "$"},
+        [f"users[0].password: {NOT_ARGON2ID}"],
+        id="password-truncated",
+    ),
+    pytest.param(
+        {f'"{HASH}"': "12345"},
+        ["users[0].password: must be a string"],
+        id="password-not-string",
+    ),
+    pytest.param(
+        {USER: USER + 'home = "/srv/acme"\n'},
+        ["users[0].home: unknown key"],
+        id="user-unknown-key",
+    ),
+    pytest.param(
+        {USER: "", "[server]\n": 'users = "acme"\n\n[server]\n'},
+        ["users: must be an array of tables ([[users]] sections)"],
+        id="users-not-tables",
+    ),
+    pytest.param(
+        {USER: "", "[server]\n": 'users = ["acme"]\n\n[server]\n'},
+        ["users[0]: must be a table"],
+        id="user-not-table",
+    ),
+    # top level
+    pytest.param(
+        {"[storage]\n": "[metrics]\nport = 9100\n\n[storage]\n"},
+        ["metrics: unknown key"],
+        id="unknown-section",
+    ),
+]
+
+
+@pytest.mark.parametrize(("edits", "expected"), REJECTED)
+def test_rejected(config_dir: Path, edits: dict[str, str], expected: list[str]) -> None:
+    """Each broken rule yields exactly its message, with key path and value."""
+    path, error = _problems(config_dir, _edited(edits))
+    assert error.problems == [f"{path}: {line}" for line in expected]
+
+
+def _first_override(cfg: GatewayConfig) -> PassiveOverride:
+    return cfg.passive.overrides[0]
+
+
+ACCEPTED: list[object] = [
+    pytest.param(
+        {LISTEN: 'listen = ["[::1]:21", "0.0.0.0:990", "[::]:990"]\n'},
+        lambda cfg: cfg.server.listen,
+        (
+            ListenAddress("::1", 21),
+            ListenAddress("0.0.0.0", 990),
+            ListenAddress("::", 990),
+        ),
+        id="listen-forms",
+    ),
+    pytest.param(
+        {'ports = "50000-50099"': 'ports = "20000-29999"'},
+        lambda cfg: (cfg.passive.port_min, cfg.passive.port_max),
+        (20000, 29999),
+        id="ports-10000",
+    ),
+    pytest.param(
+        {'ports = "50000-50099"': 'ports = "65535-65535"'},
+        lambda cfg: (cfg.passive.port_min, cfg.passive.port_max),
+        (65535, 65535),
+        id="ports-one",
+    ),
+    pytest.param(
+        _add("passive", 'address = "ftp.example.com."'),
+        lambda cfg: cfg.passive.address,
+        "ftp.example.com.",
+        id="address-hostname",
+    ),
+    pytest.param(
+        _add("passive", 'address = "203.0.113.7"'),
+        lambda cfg: cfg.passive.address,
+        "203.0.113.7",
+        id="address-ipv4",
+    ),
+    pytest.param(
+        _before_storage(
+            OVERRIDE.replace('"10.0.0.0/8"', '"10.1.2.3", "2001:db8::/32"')
+            + OVERRIDE.replace('address = ""', 'address = "gw.example.com"')
+        ),
+        lambda cfg: cfg.passive.overrides,
+        (
+            PassiveOverride(
+                (
+                    ipaddress.ip_network("10.1.2.3/32"),
+                    ipaddress.ip_network("2001:db8::/32"),
+                ),
+                "",
+            ),
+            PassiveOverride((ipaddress.ip_network("10.0.0.0/8"),), "gw.example.com"),
+        ),
+        id="overrides-overlap-first-match",
+    ),
+    pytest.param({USER: ""}, lambda cfg: cfg.users, (), id="no-users"),
+    pytest.param(
+        {'root = "data"': 'root = "/srv/ftps"'},
+        lambda cfg: cfg.storage.root,
+        Path("/srv/ftps"),
+        id="root-absolute",
+    ),
+]
+
+
+@pytest.mark.parametrize(("edits", "read", "expected"), ACCEPTED)
+def test_accepted(
+    config_dir: Path,
+    edits: dict[str, str],
+    read: Callable[[GatewayConfig], object],
+    expected: object,
+) -> None:
+    """Valid edge values load as the value they stand for."""
+    cfg = config.load(_write(config_dir, _edited(edits)))
+    assert read(cfg) == expected
+
+
+def test_full_config_loads(config_dir: Path) -> None:
+    """Every key set loads into the expected dataclasses, relative paths anchored."""
+    text = f"""\
+[server]
+listen = ["0.0.0.0:2121", "[::]:2121"]
+banner = "Acme exchange"
+idle_timeout_seconds = 600
+login_timeout_seconds = 20
+max_sessions = 64
+allow_active_mode = true
+
+[tls]
+certificate = "certs/server.crt"
+private_key = "certs/server.key"
+min_version = "1.3"
+
+[passive]
+ports = "50000-50009"
+address = "203.0.113.7"
+connect_timeout_seconds = 15
+
+[[passive.overrides]]
+networks = ["10.0.0.0/8", "192.168.0.0/16"]
+address = ""
+
+[storage]
+root = "data"
+
+[logging]
+level = "debug"
+
+[[users]]
+name = "acme"
+password = "{HASH}"
+
+[[users]]
+name = "globex.corp"
+password = "{HASH}"
+"""
+    path = _write(config_dir, text)
+    expected = GatewayConfig(
+        source=path,
+        server=ServerSettings(
+            listen=(ListenAddress("0.0.0.0", 2121), ListenAddress("::", 2121)),
+            banner="Acme exchange",
+            idle_timeout_seconds=600,
+            login_timeout_seconds=20,
+            max_sessions=64,
+            allow_active_mode=True,
+        ),
+        tls=TLSSettings(
+            certificate=config_dir / "certs" / "server.crt",
+            private_key=config_dir / "certs" / "server.key",
+            min_version="1.3",
+        ),
+        passive=PassiveSettings(
+            port_min=50000,
+            port_max=50009,
+            address="203.0.113.7",
+            overrides=(
+                PassiveOverride(
+                    (
+                        ipaddress.IPv4Network("10.0.0.0/8"),
+                        ipaddress.IPv4Network("192.168.0.0/16"),
+                    ),
+                    "",
+                ),
+            ),
+            connect_timeout_seconds=15,
+        ),
+        storage=StorageSettings(root=config_dir / "data"),
+        users=(UserSettings("acme", HASH), UserSettings("globex.corp", HASH)),
+        log_level="debug",
+    )
+    assert config.load(path) == expected
+
+
+def test_minimal_config_takes_dataclass_defaults(config_dir: Path) -> None:
+    """Keys left out get the dataclass defaults, not a second copy of them."""
+    cfg = config.load(_write(config_dir, BASE))
+    assert cfg.server == ServerSettings(listen=(ListenAddress("127.0.0.1", 2121),))
+    assert cfg.tls.min_version == TLSSettings.min_version
+    assert cfg.passive == PassiveSettings(port_min=50000, port_max=50099)
+    assert cfg.log_level == GatewayConfig.log_level
+
+
+def test_relative_source_path(
+    config_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages quote the path as the caller gave it; loaded paths are absolute."""
+    monkeypatch.chdir(config_dir)
+    _write(config_dir, BASE)
+    assert config.load(Path("gateway.toml")).storage.root == config_dir / "data"
+    _write(config_dir, _edited({'root = "data"': "root = 5"}))
+    with pytest.raises(ConfigError) as caught:
+        config.load(Path("gateway.toml"))
+    assert caught.value.problems == [
+        "gateway.toml: storage.root: must be a string (got 5)"
+    ]
+
+
+def test_every_problem_in_one_error(config_dir: Path) -> None:
+    """Problems in several sections all come back at once, in section order, counted."""
+    text = _edited(
+        {
+            LISTEN: 'listen = ["127.0.0.1:50050"]\n',
+            'name = "acme"': 'name = ".acme"',
+            "[storage]\n": "[storage]\nquota = 1\n",
+        }
+    )
+    path, error = _problems(config_dir, text)
+    assert str(error).splitlines() == [
+        f"{path}: passive.ports: overlaps the control listener 127.0.0.1:50050",
+        f"{path}: storage.quota: unknown key",
+        f"{path}: users[0].name: {NAME_RULE} (got '.acme')",
+        "3 configuration problems",
+    ]
+
+
+def test_one_problem_is_counted_singular(config_dir: Path) -> None:
+    """The count line agrees in number with a single problem."""
+    _path, error = _problems(config_dir, _edited({LISTEN: ""}))
+    assert str(error).splitlines()[-1] == "1 configuration problem"
+
+
+@pytest.mark.parametrize(
+    "edits",
+    [
+        pytest.param({HASH: "hunter2-SECRET"}, id="plaintext-password"),
+        pytest.param({"password =": "pasword ="}, id="misspelt-key"),
+        pytest.param({f'"{HASH}"': '["hunter2-SECRET"]'}, id="wrong-type"),
+        pytest.param(
+            {USER: "", "[server]\n": 'users = ["acme:hunter2-SECRET"]\n[server]\n'},
+            id="entry-not-table",
+        ),
+        pytest.param(
+            {USER: "", "[server]\n": 'users = {password="hunter2-SECRET"}\n[server]\n'},
+            id="users-not-array",
+        ),
+    ],
+)
+def test_secrets_never_in_messages(config_dir: Path, edits: dict[str, str]) -> None:
+    """Neither a hash nor a pasted password appears in any configuration message."""
+    _path, error = _problems(config_dir, _edited(edits))
+    assert error.problems  # the edit did break something
+    assert "SECRET" not in str(error)
+    assert HASH not in str(error)
+
+
+def test_toml_syntax_error(tmp_path: Path) -> None:
+    """A TOML syntax error is one problem quoting tomllib's position."""
+    path, error = _problems(tmp_path, "[server\nlisten = 1\n")
+    assert len(error.problems) == 1
+    assert re.fullmatch(
+        rf"{re.escape(str(path))}: TOML syntax error: .*\(at line 1, column \d+\)",
+        error.problems[0],
+    )
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    """A missing file is one problem with the system's reason."""
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert caught.value.problems == [f"{path}: cannot read: No such file or directory"]
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    """A file that is not UTF-8 (TOML requires it) is refused with the byte offset."""
+    path = tmp_path / "gateway.toml"
+    path.write_bytes(b'[server]\nbanner = "caf\xe9"\n')
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert caught.value.problems == [
+        f"{path}: cannot read: not UTF-8 text (invalid continuation byte at byte 22)"
+    ]
+
+
+def test_certificate_problems_are_reported(
+    config_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Findings of certs.certificate_problems join the list, formatted like the rest."""
+    calls: list[tuple[Path, Path]] = []
+
+    def fake(certificate: Path, private_key: Path) -> list[tuple[str, str]]:
+        calls.append((certificate, private_key))
+        return [
+            ("tls.certificate", "expired on 2020-01-01"),
+            ("tls.private_key", "does not match the certificate"),
+        ]
+
+    monkeypatch.setattr(certs, "certificate_problems", fake)
+    path, error = _problems(config_dir, _edited({'root = "data"': "root = 5"}))
+    assert error.problems == [
+        f"{path}: tls.certificate: expired on 2020-01-01",
+        f"{path}: tls.private_key: does not match the certificate",
+        f"{path}: storage.root: must be a string (got 5)",
+    ]
+    certs_dir = config_dir / "certs"
+    assert calls == [(certs_dir / "server.crt", certs_dir / "server.key")]
+
+
+def test_certificate_check_needs_both_paths(
+    config_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a TLS path missing, the file check is skipped rather than fed a guess."""
+    calls: list[tuple[Path, Path]] = []
+
+    def fake(certificate: Path, private_key: Path) -> list[tuple[str, str]]:
+        calls.append((certificate, private_key))
+        return []
+
+    monkeypatch.setattr(certs, "certificate_problems", fake)
+    _problems(config_dir, _edited({'private_key = "certs/server.key"\n': ""}))
+    assert calls == []
+
+
+def test_missing_certificate_file(tmp_path: Path) -> None:
+    """A certificate path naming no file is a tls.certificate problem (real files)."""
+    path, error = _problems(tmp_path, BASE)
+    assert any(
+        line.startswith(f"{path}: tls.certificate: ") for line in error.problems
+    ), error.problems
+
+
+def test_summary(config_dir: Path) -> None:
+    """The summary shows the effective settings and user names, never a hash."""
+    text = _edited(
+        {
+            "[passive]\n": '[passive]\naddress = "203.0.113.7"\n',
+            **_before_storage(OVERRIDE.replace('"10.0.0.0/8"', '"10.0.0.0/8", "::1"')),
+            USER: USER + USER.replace("acme", "globex"),
+        }
+    )
+    path = _write(config_dir, text)
+    report = config.summary(config.load(path))
+    certs_dir = config_dir / "certs"
+    local = "local address of the control connection"
+    assert report.splitlines() == [
+        f"Configuration: {path}",
+        "Listeners: 127.0.0.1:2121",
+        "Banner: Partner file exchange",
+        "Sessions: at most 512, login timeout 30 s, idle timeout 300 s",
+        "Active mode (PORT/EPRT): refused",
+        (
+            f"TLS: certificate {certs_dir / 'server.crt'}, "
+            f"private key {certs_dir / 'server.key'}, minimum version TLS 1.2"
+        ),
+        "Passive ports: 50000-50099 (100 ports), connect timeout 30 s",
+        "Passive address: 203.0.113.7",
+        f"Passive override: 10.0.0.0/8, ::1/128 -> {local}",
+        f"Storage root: {config_dir / 'data'}",
+        "Users (2): acme, globex",
+        "Log level: info",
+    ]
+    assert "argon2" not in report
+    assert HASH not in report
+
+
+def test_summary_without_users(config_dir: Path) -> None:
+    """A server nobody can log in to says so instead of listing an empty name list."""
+    cfg = config.load(_write(config_dir, _edited({USER: ""})))
+    assert "Users (0): none (nobody can log in)" in config.summary(cfg).splitlines()
+
+
+def test_example_file_loads(config_dir: Path) -> None:
+    """The shipped example is valid once its commented user gets a real hash."""
+    text = EXAMPLE.read_text(encoding="utf-8")
+    placeholder = "PASTE-OUTPUT-OF-ftps-gateway-hash-password"
+    assert placeholder in text
+    text = re.sub(
+        r"^# (\[\[users\]\]|name = |password = )", r"\1", text, flags=re.MULTILINE
+    )
+    cfg = config.load(_write(config_dir, text.replace(placeholder, HASH)))
+    assert cfg.users == (UserSettings("acme", HASH),)
+    assert cfg.tls.certificate == config_dir / "certs" / "server.crt"
+    assert cfg.passive.address == "203.0.113.7"
+    assert [override.address for override in cfg.passive.overrides] == [""]
+
+
+def test_example_file_documents_every_key() -> None:
+    """Every key the loader reads appears, set, in the example file."""
+    text = EXAMPLE.read_text(encoding="utf-8")
+    keys = set(re.findall(r"^#? ?([a-z_]+) = ", text, flags=re.MULTILINE))
+    assert keys == {
+        "listen",
+        "banner",
+        "idle_timeout_seconds",
+        "login_timeout_seconds",
+        "max_sessions",
+        "allow_active_mode",
+        "certificate",
+        "private_key",
+        "min_version",
+        "ports",
+        "address",
+        "connect_timeout_seconds",
+        "networks",
+        "root",
+        "level",
+        "name",
+        "password",
+    }
