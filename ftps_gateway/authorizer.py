@@ -22,7 +22,9 @@ class GatewayAuthorizer:
     def __init__(self, usernames: frozenset[str]) -> None:
         self._usernames = usernames
 
-    def validate_authentication(self, username: str, password: str, handler: object) -> None:
+    def validate_authentication(
+        self, username: str, password: str, handler: object
+    ) -> None:
         """Never used: login is asynchronous (see module docstring)."""
         raise AuthenticationFailed("Authentication failed.")
 

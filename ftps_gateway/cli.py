@@ -12,11 +12,15 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from types import FrameType
+from typing import TYPE_CHECKING
 
 from ftps_gateway import __version__, certs, config, demo, passwords
 from ftps_gateway.audit import AUDIT_LOGGER_NAME
 from ftps_gateway.errors import ConfigError, GatewayError, StartupError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import FrameType
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the server died, or a self-test failed
@@ -31,12 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftps-gateway", description="Secure explicit-FTPS partner file exchange."
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="tracebacks and debug logs"
+    )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     serve = verbs.add_parser("serve", help="run the server")
-    serve.add_argument("--config", type=Path, help="gateway.toml; without it: built-in demo")
+    serve.add_argument(
+        "--config", type=Path, help="gateway.toml; without it: built-in demo"
+    )
     serve.add_argument("--demo-dir", type=Path, help="demo state directory")
     serve.add_argument("--listen", default=demo.DEFAULT_LISTEN, help="demo listener")
     serve.add_argument("--passive-ports", default=demo.DEFAULT_PASSIVE_PORTS,
@@ -45,9 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = verbs.add_parser("check-config", help="validate a config and summarize it")
     check.add_argument("--config", type=Path, required=True)
 
-    verbs.add_parser("hash-password", help="read a password (terminal or stdin), print its hash")
+    verbs.add_parser(
+        "hash-password", help="read a password (terminal or stdin), print its hash"
+    )
 
-    gen = verbs.add_parser("gen-cert", help="write a self-signed development certificate")
+    gen = verbs.add_parser(
+        "gen-cert", help="write a self-signed development certificate"
+    )
     gen.add_argument("--hostname", required=True)
     gen.add_argument("--out", type=Path, required=True)
     return parser
@@ -56,35 +70,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ftps-gateway`` command."""
     args = build_parser().parse_args(argv)
+    verbs: dict[str, Callable[[], int]] = {
+        "serve": lambda: _serve(args),
+        "check-config": lambda: _check_config(args.config),
+        "hash-password": _hash_password,
+        "gen-cert": lambda: _gen_cert(args.hostname, args.out),
+    }
     try:
-        if args.verb == "serve":
-            return _serve(args)
-        if args.verb == "check-config":
-            return _check_config(args.config)
-        if args.verb == "hash-password":
-            return _hash_password()
-        return _gen_cert(args.hostname, args.out)
+        return verbs[args.verb]()
     except ConfigError as err:
         for problem in err.problems:
             print(problem, file=sys.stderr)
         count = len(err.problems)
-        print(f"{count} configuration problem{'s' if count != 1 else ''}; "
-              "fix them and run `ftps-gateway check-config` again.", file=sys.stderr)  # fmt: skip
+        print(
+            f"{count} configuration problem{'s' if count != 1 else ''}; "
+            "fix them and run `ftps-gateway check-config` again.",
+            file=sys.stderr,
+        )
         _traceback_if(args.debug)
         return EXIT_CONFIG
-    except StartupError as err:
-        print(f"cannot start: {err}", file=sys.stderr)
-        _traceback_if(args.debug)
-        return EXIT_FAILURE
     except GatewayError as err:
-        print(f"error: {err}", file=sys.stderr)
+        prefix = "cannot start" if isinstance(err, StartupError) else "error"
+        print(f"{prefix}: {err}", file=sys.stderr)
         _traceback_if(args.debug)
         return EXIT_FAILURE
 
 
 def _traceback_if(debug: bool) -> None:
     if debug:
-        logging.getLogger("ftps_gateway").exception("details")
+        logging.getLogger("ftps_gateway").error("details")
 
 
 def configure_logging(level: str, debug: bool) -> None:
@@ -92,10 +106,14 @@ def configure_logging(level: str, debug: bool) -> None:
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
-    logging.getLogger("ftps_gateway").setLevel(logging.DEBUG if debug else level.upper())
+    logging.getLogger("ftps_gateway").setLevel(
+        logging.DEBUG if debug else level.upper()
+    )
     logging.getLogger("pyftpdlib").setLevel(logging.DEBUG if debug else logging.WARNING)
     audit = logging.getLogger(AUDIT_LOGGER_NAME)
     if not audit.handlers:
@@ -127,8 +145,12 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     if prepared is not None:
         host, port = server.addresses[0]
-        print(f"ftps-gateway demo ready on {host}:{port} (user {demo.DEMO_USER!r}, "
-              f"state in {cfg.source.parent if cfg.source else '?'})", flush=True)  # fmt: skip
+        state = cfg.source.parent if cfg.source else "?"
+        print(
+            f"ftps-gateway demo ready on {host}:{port} "
+            f"(user {demo.DEMO_USER!r}, state in {state})",
+            flush=True,
+        )
         print(f"try it: {demo.try_it_line(prepared, host, port)}", flush=True)
     server.serve_forever()
     return EXIT_OK

@@ -1,4 +1,4 @@
-"""The built-in default: a loopback gateway with a development certificate and a demo user.
+"""Built-in default: a loopback gateway, a development certificate, a demo user.
 
 ``ftps-gateway serve`` with no ``--config`` runs this, so the first command in the
 README works on a fresh machine. Everything lives in one state directory: the generated
@@ -39,13 +39,14 @@ class Demo:
 def prepare(state_dir: Path, listen: str, passive_ports: str) -> Demo:
     """Create (or reuse) the demo's certificate and password and write its config."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    cert_path, key_path = state_dir / "certs" / "server.crt", state_dir / "certs" / "server.key"
+    cert_path = state_dir / "certs" / "server.crt"
+    key_path = state_dir / "certs" / "server.key"
     if not (cert_path.exists() and key_path.exists()):
         cert_path, key_path = certs.generate_development_certificate(
             "localhost", state_dir / "certs"
         )
     password = _demo_password(state_dir / "demo-password")
-    text = f"""# Written by `ftps-gateway serve` (built-in demo); edit a copy for real use.
+    text = f"""# Written by `ftps-gateway serve` (built-in demo); edit a copy to use it.
 [server]
 listen = [{listen!r}]
 banner = "ftps-gateway demo"

@@ -10,6 +10,7 @@ renames into place.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -36,7 +37,9 @@ class AtomicUpload:
     def __init__(self, final: Path) -> None:
         self.final = final
         self.name = str(final)  # what pyftpdlib reports in its transfer hooks
-        self.temp = final.parent / vfs.upload_temp_name(final.name, secrets.token_hex(8))
+        self.temp = final.parent / vfs.upload_temp_name(
+            final.name, secrets.token_hex(8)
+        )
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         self._fd = os.open(self.temp, flags, 0o640)
         self._committed = False
@@ -81,10 +84,8 @@ class AtomicUpload:
     close = discard  # pyftpdlib closes file objects on every exit path
 
     def _unlink_temp(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.temp.unlink()
-        except FileNotFoundError:
-            pass
 
 
 class GatewayFS(AbstractedFS):

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import ssl
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pyftpdlib.exceptions import _FileReadWriteError, _RetryError
@@ -41,16 +39,21 @@ from ftps_gateway.passive import (
 from ftps_gateway.tlsmixin import READ, WRITE, TLSChannelMixin, TLSState
 
 if TYPE_CHECKING:
+    import ssl
+    from concurrent.futures import Future
+
     from ftps_gateway.server import Gateway
 
 logger = logging.getLogger("ftps_gateway")
 
 # Commands a client may send before AUTH TLS (RFC 4217 section 4, plus harmless ones
 # clients probe with). PBSZ, PROT and CCC pass too, to get their RFC 4217 503/534.
-PRE_TLS_COMMANDS = frozenset({"AUTH", "FEAT", "SYST", "NOOP", "QUIT", "PBSZ", "PROT", "CCC"})
-TRANSFER_COMMANDS = frozenset({"LIST", "NLST", "MLSD", "RETR", "STOR"})
+PRE_TLS_COMMANDS = frozenset(
+    {"AUTH", "FEAT", "SYST", "NOOP", "QUIT", "PBSZ", "PROT", "CCC"}
+)
 PASSIVE_COMMANDS = frozenset({"PASV", "EPSV"})
 ACTIVE_COMMANDS = frozenset({"PORT", "EPRT"})
+UNSUPPORTED_COMMANDS = frozenset({"STOU", "APPE"})  # both bypass atomic uploads
 
 # Upload reads are looped up to this many bytes per readiness event: one SSL_read
 # returns one record (16 KiB at most), and returning to the poller for each one
@@ -180,6 +183,23 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
 
     gateway: ClassVar[Gateway]  # set per server by server.build_handler_class
 
+    # pyftpdlib's session state, declared for mypy (pyftpdlib has no types).
+    ac_in_buffer: bytes
+    producer_fifo: Any
+    authenticated: bool
+    username: str
+    remote_ip: str
+    attempted_logins: int
+    fs: GatewayFS
+    authorizer: Any
+    data_channel: DataHandler | None
+    _dtp_acceptor: PassiveListener | None
+    _dtp_connector: Any
+    _out_dtp_queue: tuple[Any, bool, Any, Any] | None
+    _in_dtp_queue: tuple[Any, str] | None
+    _restart_position: int
+    _current_type: str
+
     dtp_handler = DataHandler
     abstracted_fs = GatewayFS
     use_sendfile = False  # sendfile bypasses TLS
@@ -197,7 +217,7 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             "PROT": {"perm": None, "auth": False, "arg": True,
                      "help": "Syntax: PROT <SP> P (protect the data channel)."},
             "CCC": {"perm": None, "auth": False, "arg": False,
-                    "help": "Syntax: CCC (refused: the control channel stays encrypted)."},
+                    "help": "Syntax: CCC (refused: control stays encrypted)."},
         }
     )  # fmt: skip
     for _removed in ("SITE CHMOD", "REIN"):
@@ -340,6 +360,9 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
 
     def pre_process_command(self, line: str, cmd: str, arg: str) -> None:
         """Refuse unsafe paths before pyftpdlib maps them, with a generic reply."""
+        if self.authenticated and cmd in UNSUPPORTED_COMMANDS:
+            self.process_command(cmd, arg)  # 502, whatever the permissions say
+            return
         if (
             self.authenticated
             and arg
@@ -367,12 +390,22 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             self.respond("502 Active mode is disabled; use PASV or EPSV.")
             return
         if (cmd in PASSIVE_COMMANDS or cmd in ACTIVE_COMMANDS) and not self._prot:
-            self.respond("521 Data connections must be encrypted: send PBSZ 0 and PROT P.")
-            return
-        if cmd in TRANSFER_COMMANDS and not self._data_path_arranged():
-            self.respond("425 Use PASV or EPSV first.")
+            self.respond(
+                "521 Data connections must be encrypted: send PBSZ 0 and PROT P."
+            )
             return
         super().process_command(cmd, *args, **kwargs)
+
+    def push_dtp_data(
+        self, data: Any, isproducer: bool = False, file: Any = None, cmd: Any = None
+    ) -> None:
+        """Queue a listing or download, but only if a data connection is on its way."""
+        if not self._data_path_arranged():
+            if file is not None:
+                file.close()
+            self.respond("425 Use PASV or EPSV first.")
+            return
+        super().push_dtp_data(data, isproducer, file, cmd)
 
     def _data_path_arranged(self) -> bool:
         return any(
@@ -413,7 +446,9 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         waker = self.gateway.waker
         future.add_done_callback(
             lambda done: waker.call_soon_threadsafe(
-                lambda: self._on_password_checked(username, done, known=user is not None)
+                lambda: self._on_password_checked(
+                    username, done, known=user is not None
+                )
             )
         )
 
@@ -446,7 +481,9 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             self.ac_in_buffer = self.ac_in_buffer[index + 2 :]
             self.found_terminator()
 
-    def _on_password_checked(self, username: str, done: Future[bool], *, known: bool) -> None:
+    def _on_password_checked(
+        self, username: str, done: Future[bool], *, known: bool
+    ) -> None:
         if self._closed:
             return
         try:
@@ -502,9 +539,7 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         else:
             local_ip = strip_mapped(self.socket.getsockname()[0])
             try:
-                if ":" in local_ip:
-                    raise PassiveAddressError("PASV cannot carry an IPv6 address")
-                address = self.gateway.passive_policy.address_for(self.client_ip, local_ip)
+                address = self._pasv_address(local_ip)
             except PassiveAddressError as err:
                 listener.close()
                 self.audit("data_refused", reason="passive-address", detail=str(err))
@@ -514,6 +549,13 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         listener.start_timer(passive.connect_timeout_seconds)
         self._dtp_acceptor = listener
         self.respond(reply)
+
+    def _pasv_address(self, local_ip: str) -> str:
+        """The IPv4 address a 227 reply gives this client (RFC 959 has no IPv6 form)."""
+        address = self.gateway.passive_policy.address_for(self.client_ip, local_ip)
+        if ":" in address:
+            raise PassiveAddressError("a 227 reply cannot carry an IPv6 address")
+        return address
 
     def _shutdown_connecting_dtp(self) -> None:
         super()._shutdown_connecting_dtp()
@@ -528,7 +570,7 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         """The client connected to its passive port; TLS comes next."""
         self._dtp_acceptor = None
         handler = self.dtp_handler(sock, self)
-        if handler.connected and not handler._closed:
+        if handler.connected:
             self._pending_data = handler
 
     def on_data_channel_ready(self, handler: DataHandler) -> None:
@@ -550,7 +592,9 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             return
         self._pending_data = None
         self.audit("data_refused", reason=reason)
-        self._fail_queued_transfer("425 Can't open data connection: TLS negotiation failed.")
+        self._fail_queued_transfer(
+            "425 Can't open data connection: TLS negotiation failed."
+        )
 
     def on_data_connection_timeout(self) -> None:
         """Nobody connected to the passive port in time."""
@@ -559,7 +603,7 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         self._fail_queued_transfer("425 Can't open data connection: timed out.")
 
     def on_foreign_data_connection(self, peer_ip: str) -> None:
-        """Another address connected to this session's port; the victim hears nothing."""
+        """A foreign address connected here; the victim hears nothing."""
         self.audit("data_refused", reason="foreign-ip", peer_ip=peer_ip)
 
     def _fail_queued_transfer(self, reply: str) -> None:
@@ -581,11 +625,14 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
     # --- uploads
 
     def ftp_STOR(self, file: str, mode: str = "w") -> str | None:
-        """Receive into a hidden temporary file; it becomes ``file`` only when complete."""
+        """Receive into a hidden temporary file, renamed to ``file`` when complete."""
         rest = self._restart_position
         self._restart_position = 0
         if rest:
             self.respond("554 Resuming uploads is not supported; send the whole file.")
+            return None
+        if not self._data_path_arranged():
+            self.respond("425 Use PASV or EPSV first.")
             return None
         try:
             upload = self.fs.open_upload(file)

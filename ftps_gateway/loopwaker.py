@@ -9,12 +9,16 @@ socketpair whose read end sits in the loop, and a queue of callbacks.
 from __future__ import annotations
 
 import collections
+import contextlib
 import socket
 import threading
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pyftpdlib.ioloop import AsyncChat
 from pyftpdlib.log import logger
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 class LoopWaker(AsyncChat):
@@ -22,8 +26,8 @@ class LoopWaker(AsyncChat):
 
     def __init__(self, ioloop: object) -> None:
         self._reader, self._writer = socket.socketpair()
-        self._reader.setblocking(False)
-        self._writer.setblocking(False)
+        self._reader.settimeout(0.0)
+        self._writer.settimeout(0.0)
         self._callbacks: collections.deque[Callable[[], object]] = collections.deque()
         self._lock = threading.Lock()
         self.stop_requested = False
@@ -32,19 +36,16 @@ class LoopWaker(AsyncChat):
     def request_stop(self) -> None:
         """Ask the loop to close everything; safe in a signal handler (no lock)."""
         self.stop_requested = True
-        try:
+        with contextlib.suppress(OSError):
             self._writer.send(b"\0")
-        except OSError:
-            pass
 
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
         """Queue ``callback`` to run on the loop thread at its next iteration."""
         with self._lock:
             self._callbacks.append(callback)
-        try:
+        # A full buffer means the loop is already awake; an error, that it is gone.
+        with contextlib.suppress(OSError):
             self._writer.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already awake (buffer full) or shutting down
 
     def handle_read(self) -> None:
         """Drain the wake-up bytes, then run every queued callback."""
@@ -63,7 +64,7 @@ class LoopWaker(AsyncChat):
                 callback = self._callbacks.popleft()
             try:
                 callback()
-            except Exception:  # a bug in one callback must not stop the loop
+            except Exception:  # noqa: BLE001 - one callback's bug must not stop the loop
                 logger.exception("callback scheduled on the IO loop failed")
 
     def writable(self) -> bool:

@@ -47,7 +47,9 @@ class PassiveListener(Acceptor):
         self.control = control
         super().__init__(ioloop=control.ioloop)
         local_ip = control.socket.getsockname()[0]
-        sock = self._listen_in_range(control.socket.family, local_ip, port_min, port_max)
+        sock = self._listen_in_range(
+            control.socket.family, local_ip, port_min, port_max
+        )
         self.set_socket(sock)
         self.accepting = True
         self.port: int = sock.getsockname()[1]
@@ -68,7 +70,7 @@ class PassiveListener(Acceptor):
         for port in ports:
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setblocking(False)
+            sock.settimeout(0.0)
             try:
                 sock.bind((local_ip, port))
                 sock.listen(5)

@@ -12,21 +12,24 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyftpdlib.ioloop import IOLoop
 from pyftpdlib.servers import FTPServer
 
 from ftps_gateway.audit import AuditLog
 from ftps_gateway.authorizer import GatewayAuthorizer
-from ftps_gateway.config import GatewayConfig
 from ftps_gateway.errors import StartupError
 from ftps_gateway.handler import ControlHandler, DataHandler
 from ftps_gateway.loopwaker import LoopWaker
 from ftps_gateway.netpolicy import PassiveAddressPolicy
 from ftps_gateway.passwords import PasswordVerifier
 from ftps_gateway.tls import TLSContextFactory
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ftps_gateway.config import GatewayConfig
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -110,7 +113,7 @@ class GatewayServer:
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The bound (host, port) of each listener (useful with port 0)."""
-        return [tuple(server.address) for server in self.listeners]  # type: ignore[misc]
+        return [(server.address[0], server.address[1]) for server in self.listeners]
 
     def serve_forever(self) -> None:
         """Run the IO loop until ``stop``."""
@@ -142,7 +145,9 @@ def build_handler_class(gateway: Gateway) -> type[ControlHandler]:
     )
     attributes: dict[str, Any] = {
         "gateway": gateway,
-        "authorizer": GatewayAuthorizer(frozenset(u.name for u in gateway.config.users)),
+        "authorizer": GatewayAuthorizer(
+            frozenset(u.name for u in gateway.config.users)
+        ),
         "banner": settings.banner,
         "timeout": settings.idle_timeout_seconds,
         "dtp_handler": data_class,

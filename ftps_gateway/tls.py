@@ -24,13 +24,14 @@ import os
 import ssl
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftps_gateway import certs
 from ftps_gateway.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ftps_gateway.config import TLSSettings
 
 # AEAD-only suites for TLS 1.2 (TLS 1.3 suites are all AEAD). ECDHE for forward secrecy.
@@ -52,7 +53,7 @@ class TLSPolicy:
 
 
 class _PemSnapshot:
-    """The key and chain, read once, held in an in-memory file ``load_cert_chain`` can open."""
+    """Key and chain, read once, in an in-memory file ``load_cert_chain`` can open."""
 
     def __init__(self, certificate: Path, private_key: Path) -> None:
         pem = private_key.read_bytes() + b"\n" + certificate.read_bytes()
@@ -82,7 +83,9 @@ class TLSContextFactory:
     """Builds a fresh server context per control session from material loaded once."""
 
     def __init__(self, settings: TLSSettings) -> None:
-        problems = certs.certificate_problems(settings.certificate, settings.private_key)
+        problems = certs.certificate_problems(
+            settings.certificate, settings.private_key
+        )
         if problems:
             raise ConfigError([f"{key}: {problem}" for key, problem in problems])
         self.certificate_path = settings.certificate

@@ -19,6 +19,7 @@ control and the data channels. What it does differently, and why:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import ssl
@@ -107,7 +108,7 @@ class TLSChannelMixin:
         return True
 
     def _set_io_events(self, events: int) -> None:
-        """Register exactly ``events`` with the poller, keeping pyftpdlib's view in step."""
+        """Register exactly ``events``, keeping pyftpdlib's bookkeeping in step."""
         if self._closed or self._fileno is None:
             return
         if self._fileno not in self.ioloop.socket_map:
@@ -256,9 +257,7 @@ class TLSChannelMixin:
         """Send close_notify if the session is healthy; never waits for the peer's."""
         if self.tls_state is TLSState.ESTABLISHED and not self._closed:
             self.tls_state = TLSState.FAILED  # once only
-            try:
+            # WantRead: our close_notify is out, the peer's is not awaited.
+            # WantWrite or a dead peer: nothing more to do.
+            with contextlib.suppress(OSError, ValueError):
                 self.socket.unwrap()
-            except (OSError, ValueError):
-                # WantRead: our close_notify is out, the peer's is not awaited.
-                # WantWrite or a dead peer: nothing more to do.
-                pass

@@ -25,6 +25,7 @@ __all__ = [
     "PathRefused",
     "Resolved",
     "is_upload_temp",
+    "normalize_virtual",
     "upload_temp_name",
 ]
 
@@ -246,9 +247,16 @@ class HomeTree:
         return normalize_virtual("/", virtual)
 
     def is_inside(self, real: str | os.PathLike[str]) -> bool:
-        """Return True if ``real``, symlinks resolved, is the home or inside it."""
+        """Return True if ``real``, symlinks resolved, is the home or inside it.
+
+        A relative ``real`` is False: resolving it would depend on the process's
+        working directory, which pyftpdlib changes.
+        """
+        text = os.fspath(real)
+        if not text.startswith("/"):
+            return False
         try:
-            resolved = os.path.realpath(real)
+            resolved = os.path.realpath(text)
         except (OSError, ValueError):  # ValueError: embedded NUL
             return False
         return self._contains(resolved)

@@ -20,8 +20,13 @@ from ftps_gateway.server import GatewayServer
 
 # Cheap argon2id parameters for tests: the real cost is a production setting.
 FAST_PARAMETERS = argon2.Parameters(
-    type=argon2.Type.ID, version=19, salt_len=16, hash_len=32,
-    time_cost=1, memory_cost=8, parallelism=1,
+    type=argon2.Type.ID,
+    version=19,
+    salt_len=16,
+    hash_len=32,
+    time_cost=1,
+    memory_cost=8,
+    parallelism=1,
 )
 PASSWORD = "correct horse battery staple"
 PASSWORD_HASH = argon2.PasswordHasher.from_parameters(FAST_PARAMETERS).hash(PASSWORD)
@@ -34,11 +39,17 @@ def ca() -> trustme.CA:
 
 
 @pytest.fixture(scope="session")
-def cert_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+def cert_files(
+    ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, Path]:
     """(certificate chain, private key, CA file) for localhost and 127.0.0.1."""
     directory = tmp_path_factory.mktemp("certs")
     leaf = ca.issue_cert("localhost", "127.0.0.1")
-    chain, key, ca_file = directory / "server.crt", directory / "server.key", directory / "ca.pem"
+    chain, key, ca_file = (
+        directory / "server.crt",
+        directory / "server.key",
+        directory / "ca.pem",
+    )
     chain.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
     leaf.private_key_pem.write_to_path(str(key))
     key.chmod(0o600)
@@ -60,8 +71,14 @@ class RunningGateway:
         """The real home directory of ``user``."""
         return self.root / "home" / user
 
-    def client(self, *, source_ip: str = "127.0.0.1", login: bool = True,
-               user: str = "acme", password: str = PASSWORD) -> ReusingFTP_TLS:
+    def client(
+        self,
+        *,
+        source_ip: str = "127.0.0.1",
+        login: bool = True,
+        user: str = "acme",
+        password: str = PASSWORD,
+    ) -> ReusingFTP_TLS:
         """A logged-in (or just connected) session with PROT P, resuming TLS sessions."""
         context = ssl.create_default_context(cafile=str(self.ca_file))
         ftp = ReusingFTP_TLS(context=context, timeout=10)
@@ -72,21 +89,31 @@ class RunningGateway:
         return ftp
 
 
-def write_config(directory: Path, cert_files: tuple[Path, Path, Path], extra: str = "",
-                 passive_ports: str = "40000-40999", users: str | None = None) -> Path:
+def write_config(
+    directory: Path,
+    cert_files: tuple[Path, Path, Path],
+    extra: str = "",
+    passive_ports: str = "40000-40999",
+    users: str | None = None,
+    server_extra: str = "",
+) -> Path:
     """Write a gateway.toml for tests and return its path."""
     chain, key, _ = cert_files
-    users = users if users is not None else f'[[users]]\nname = "acme"\npassword = "{PASSWORD_HASH}"\n'
+    users = (
+        users
+        if users is not None
+        else f'[[users]]\nname = "acme"\npassword = "{PASSWORD_HASH}"\n'
+    )
     text = f"""
 [server]
 listen = ["127.0.0.1:0"]
-login_timeout_seconds = 5
+{server_extra or "login_timeout_seconds = 5"}
 [tls]
 certificate = "{chain}"
 private_key = "{key}"
 [passive]
 ports = "{passive_ports}"
-connect_timeout_seconds = 5
+{"" if "connect_timeout_seconds" in extra else "connect_timeout_seconds = 5"}
 {extra}
 [storage]
 root = "{directory / "storage"}"
@@ -98,7 +125,9 @@ root = "{directory / "storage"}"
 
 
 @pytest.fixture
-def start_gateway(tmp_path: Path, cert_files: tuple[Path, Path, Path]) -> Iterator[Callable[..., RunningGateway]]:
+def start_gateway(
+    tmp_path: Path, cert_files: tuple[Path, Path, Path]
+) -> Iterator[Callable[..., RunningGateway]]:
     """Start gateways with custom config fragments; all are stopped at teardown."""
     running: list[tuple[GatewayServer, threading.Thread]] = []
     threads_before = set(threading.enumerate())
@@ -107,8 +136,12 @@ def start_gateway(tmp_path: Path, cert_files: tuple[Path, Path, Path]) -> Iterat
         directory = tmp_path / f"gw{len(running)}"
         directory.mkdir()
         cfg = config_module.load(write_config(directory, cert_files, **kwargs))  # type: ignore[arg-type]
-        server = GatewayServer(cfg, verifier=PasswordVerifier(parameters=FAST_PARAMETERS))
-        thread = threading.Thread(target=server.serve_forever, name="gateway", daemon=True)
+        server = GatewayServer(
+            cfg, verifier=PasswordVerifier(parameters=FAST_PARAMETERS)
+        )
+        thread = threading.Thread(
+            target=server.serve_forever, name="gateway", daemon=True
+        )
         thread.start()
         running.append((server, thread))
         host, port = server.addresses[0]
@@ -119,8 +152,11 @@ def start_gateway(tmp_path: Path, cert_files: tuple[Path, Path, Path]) -> Iterat
         server.stop()
         thread.join(10)
         assert not thread.is_alive(), "gateway thread did not stop"
-    leaked = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()
-              and not t.name.startswith("argon2")]
+    leaked = [
+        t
+        for t in threading.enumerate()
+        if t not in threads_before and t.is_alive() and not t.name.startswith("argon2")
+    ]
     assert not leaked, f"threads leaked: {leaked}"
 
 
@@ -131,13 +167,19 @@ def gateway(start_gateway: Callable[..., RunningGateway]) -> RunningGateway:
 
 
 @pytest.fixture
-def audit_records(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict[str, object]]]:
+def audit_records(
+    caplog: pytest.LogCaptureFixture,
+) -> Callable[[], list[dict[str, object]]]:
     """Parsed audit events captured so far."""
     import json
 
     caplog.set_level(logging.INFO, logger="ftps_gateway.audit")
 
     def records() -> list[dict[str, object]]:
-        return [json.loads(r.getMessage()) for r in caplog.records if r.name == "ftps_gateway.audit"]
+        return [
+            json.loads(r.getMessage())
+            for r in caplog.records
+            if r.name == "ftps_gateway.audit"
+        ]
 
     return records

@@ -103,8 +103,10 @@ def test_chain_in_wrong_order_says_so(tmp_path: Path, ca: trustme.CA) -> None:
     assert certificate_problems(cert, key) == [
         (
             "tls.private_key",
-            "does not match the certificate (it matches certificate #2 in the file;"
-            " put the server certificate first)",
+            (
+                "does not match the certificate (it matches certificate #2 in the"
+                " file; put the server certificate first)"
+            ),
         )
     ]
 

@@ -298,6 +298,14 @@ def test_to_virtual_refuses_temp_names(tree: HomeTree, home: Path) -> None:
         tree.to_virtual(home / "in" / upload_temp_name("x.csv", "tok"))
 
 
+def test_is_inside_ignores_process_cwd(
+    tree: HomeTree, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relative paths are not inside, even when the process cwd is in the home."""
+    monkeypatch.chdir(home / "in")
+    assert not tree.is_inside("report.csv")
+
+
 def test_to_virtual_relative_refused(tree: HomeTree) -> None:
     """A relative real path is refused, not resolved against the process cwd."""
     with pytest.raises(PathRefused):
@@ -316,6 +324,7 @@ def test_is_inside(tree: HomeTree, home: Path) -> None:
     assert not tree.is_inside(str(home / "out" / "secret.txt"))
     assert not tree.is_inside(str(home.parent))
     assert not tree.is_inside("relative/path")
+    assert not tree.is_inside(".")
     assert not tree.is_inside("\x00refused")
 
 

@@ -1,0 +1,461 @@
+"""The partner's session, command by command, on a real server with real TLS.
+
+Replies are asserted exactly where a client or an operator depends on them, in the
+manner of aiosmtpd's TestRequireTLS. Addresses in 227 replies are read from raw
+``sendcmd("PASV")`` replies, because ftplib ignores them by default.
+"""
+
+from __future__ import annotations
+
+import ftplib
+import hashlib
+import io
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import PASSWORD, RunningGateway
+
+pytestmark = pytest.mark.integration
+
+StartGateway = Callable[..., RunningGateway]
+
+
+def plain_control(gw: RunningGateway) -> ftplib.FTP:
+    """A control connection that has not sent AUTH TLS."""
+    ftp = ftplib.FTP(timeout=10)
+    ftp.connect(gw.host, gw.port)
+    return ftp
+
+
+def tls_only(gw: RunningGateway) -> ftplib.FTP_TLS:
+    """A control connection after AUTH TLS, not logged in."""
+    ftp = gw.client(login=False)
+    ftp.auth()
+    return ftp
+
+
+def raw_connect(
+    address: tuple[str, int], source_ip: str = "127.0.0.1"
+) -> socket.socket:
+    """A plain TCP connection from ``source_ip``."""
+    return socket.create_connection(address, timeout=5, source_address=(source_ip, 0))
+
+
+# --- no clear text
+
+
+def test_user_before_auth_tls_is_refused(gateway: RunningGateway) -> None:
+    """USER and PASS before AUTH TLS get 530, so no password can cross in clear."""
+    ftp = plain_control(gateway)
+    with pytest.raises(
+        ftplib.error_perm, match="^530 Clear-text login refused: send AUTH TLS first."
+    ):
+        ftp.sendcmd("USER acme")
+    with pytest.raises(ftplib.error_perm, match="^530 Clear-text login refused"):
+        ftp.sendcmd("PASS " + PASSWORD)
+    ftp.close()
+
+
+def test_other_commands_before_auth_tls_are_refused(gateway: RunningGateway) -> None:
+    """Only AUTH, FEAT, SYST, NOOP and QUIT work before TLS; PBSZ/PROT get RFC 4217 503."""
+    ftp = plain_control(gateway)
+    assert "AUTH TLS" in ftp.sendcmd("FEAT")
+    assert ftp.sendcmd("NOOP").startswith("200")
+    for command in ("PASV", "LIST", "HELP", "STAT"):
+        with pytest.raises(ftplib.error_perm, match="^530"):
+            ftp.sendcmd(command)
+    with pytest.raises(ftplib.error_perm, match="^503 PBSZ not allowed on insecure"):
+        ftp.sendcmd("PBSZ 0")
+    with pytest.raises(ftplib.error_perm, match="^503 PROT not allowed on insecure"):
+        ftp.sendcmd("PROT P")
+    with pytest.raises(ftplib.error_perm, match="^504"):
+        ftp.sendcmd("AUTH KERBEROS")
+    ftp.close()
+
+
+def test_plaintext_pipelined_behind_auth_tls_is_never_executed(
+    gateway: RunningGateway,
+) -> None:
+    """Bytes sent in clear after AUTH TLS (STARTTLS injection) end the session."""
+    sock = raw_connect((gateway.host, gateway.port))
+    sock.recv(1024)
+    sock.sendall(b"AUTH TLS\r\nUSER acme\r\n")
+    received = b""
+    while chunk := sock.recv(1024):
+        received += chunk
+    sock.close()
+    assert b"234" not in received
+    assert b"331" not in received
+
+
+def test_prot_c_and_ccc_are_refused(gateway: RunningGateway) -> None:
+    """PROT C and CCC get 534: neither the data nor the control channel drops TLS."""
+    ftp = gateway.client()
+    with pytest.raises(ftplib.error_perm, match="^534 PROT C refused"):
+        ftp.sendcmd("PROT C")
+    with pytest.raises(ftplib.error_perm, match="^534 CCC refused"):
+        ftp.sendcmd("CCC")
+    with pytest.raises(ftplib.error_perm, match="^536"):
+        ftp.sendcmd("PROT S")
+    ftp.quit()
+
+
+def test_pasv_before_prot_p_is_refused(gateway: RunningGateway) -> None:
+    """A data connection cannot even be prepared before PBSZ 0 and PROT P."""
+    ftp = gateway.client(login=False)
+    ftp.login("acme", PASSWORD)
+    for command in ("PASV", "EPSV"):
+        with pytest.raises(
+            ftplib.error_perm, match="^521 Data connections must be encrypted"
+        ):
+            ftp.sendcmd(command)
+    ftp.quit()
+
+
+def test_downgrade_sequence_sends_no_clear_text_listing(
+    gateway: RunningGateway,
+) -> None:
+    """PROT P, PASV, PROT C, LIST: the listing still waits for TLS, never leaks in clear."""
+    (gateway.home() / "secret-report.csv").write_text("x")
+    ftp = gateway.client()
+    _, port = ftplib.parse227(ftp.sendcmd("PASV"))
+    with pytest.raises(ftplib.error_perm, match="^534"):
+        ftp.sendcmd("PROT C")
+    data = raw_connect((gateway.host, port))
+    ftp.putcmd("LIST")
+    assert ftp.getresp().startswith("150")
+    data.settimeout(1.0)
+    received = b""
+    try:
+        while chunk := data.recv(4096):
+            received += chunk
+    except TimeoutError:
+        pass
+    data.close()
+    assert b"secret-report" not in received
+    ftp.close()
+
+
+def test_active_mode_stou_and_appe_are_refused(gateway: RunningGateway) -> None:
+    """PORT/EPRT are off by default; STOU and APPE would break atomic uploads."""
+    ftp = gateway.client()
+    with pytest.raises(ftplib.error_perm, match="^502 Active mode is disabled"):
+        ftp.sendcmd("PORT 127,0,0,1,200,10")
+    with pytest.raises(ftplib.error_perm, match="^502 Active mode is disabled"):
+        ftp.sendcmd("EPRT |1|127.0.0.1|51210|")
+    with pytest.raises(ftplib.error_perm, match="^502 STOU"):
+        ftp.sendcmd("STOU")
+    with pytest.raises(ftplib.error_perm, match="^502 APPE"):
+        ftp.sendcmd("APPE x")
+    (gateway.home() / "x").write_text("x")
+    for command in ("RETR x", "STOR y", "LIST"):
+        with pytest.raises(ftplib.error_temp, match="^425 Use PASV or EPSV first."):
+            ftp.sendcmd(command)
+    ftp.quit()
+
+
+# --- login
+
+
+def test_wrong_password_and_unknown_user_look_the_same(
+    gateway: RunningGateway, audit_records: Callable[[], list[dict[str, object]]]
+) -> None:
+    """Both get the same 530; only the audit log tells them apart."""
+    replies = []
+    for user in ("acme", "nobody"):
+        ftp = tls_only(gateway)
+        ftp.sendcmd(f"USER {user}")
+        with pytest.raises(ftplib.error_perm) as refused:
+            ftp.sendcmd("PASS wrong-password")
+        replies.append(str(refused.value))
+        ftp.close()
+    assert replies == ["530 Authentication failed."] * 2
+    reasons = [r["reason"] for r in audit_records() if r["event"] == "login_failed"]
+    assert reasons == ["bad-password", "unknown-user"]
+
+
+def test_commands_pipelined_behind_pass_are_answered_in_order(
+    gateway: RunningGateway,
+) -> None:
+    """PASS is verified off the loop; commands sent behind it wait, replies stay in order."""
+    ftp = tls_only(gateway)
+    ftp.sendcmd("USER acme")
+    ftp.sock.sendall(f"PASS {PASSWORD}\r\nPWD\r\nNOOP\r\n".encode())
+    assert ftp.getresp().startswith("230")
+    assert ftp.getresp().startswith('257 "/"')
+    assert ftp.getresp().startswith("200")
+    ftp.quit()
+
+
+def test_login_grace_timer_is_not_reset_by_noop(start_gateway: StartGateway) -> None:
+    """An unauthenticated session is closed after login_timeout_seconds, NOOP or not."""
+    gw = start_gateway(server_extra="login_timeout_seconds = 2")
+    ftp = tls_only(gw)
+    started = time.monotonic()
+    with pytest.raises((ftplib.error_temp, EOFError, OSError)):
+        while time.monotonic() - started < 8:
+            ftp.sendcmd("NOOP")
+            time.sleep(0.3)
+    assert time.monotonic() - started < 6
+    ftp.close()
+
+
+def test_no_password_in_any_log(
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Neither a right nor a wrong password appears in any log record."""
+    caplog.set_level("DEBUG")
+    ftp = gateway.client()
+    ftp.quit()
+    ftp = tls_only(gateway)
+    ftp.sendcmd("USER acme")
+    with pytest.raises(ftplib.error_perm):
+        ftp.sendcmd("PASS not-the-" + PASSWORD)
+    ftp.close()
+    assert PASSWORD not in caplog.text
+    assert "$argon2" not in caplog.text
+
+
+# --- passive mode
+
+
+def test_pasv_address_is_chosen_by_client_network(start_gateway: StartGateway) -> None:
+    """Clients in an override network get its address, others the masquerade address."""
+    gw = start_gateway(
+        extra='address = "203.0.113.9"\n'
+        "[[passive.overrides]]\n"
+        'networks = ["127.0.0.2/32"]\n'
+        'address = "198.51.100.7"\n'
+        "[[passive.overrides]]\n"
+        'networks = ["127.0.0.3/32"]\n'
+        'address = ""\n'
+    )
+    expected = {
+        "127.0.0.1": "203.0.113.9",
+        "127.0.0.2": "198.51.100.7",
+        "127.0.0.3": "127.0.0.1",
+    }
+    for source, address in expected.items():
+        ftp = gw.client(source_ip=source)
+        host, port = ftplib.parse227(ftp.sendcmd("PASV"))
+        assert host == address, source
+        assert 40000 <= port <= 40999
+        ftp.quit()
+
+
+def test_epsv_and_pasv_ports_stay_in_range_and_exhaustion_gives_425(
+    start_gateway: StartGateway,
+) -> None:
+    """With every passive port taken the server answers 425, never a port outside."""
+    gw = start_gateway(passive_ports="40100-40101")
+    sessions = [gw.client() for _ in range(3)]
+    ports = {ftplib.parse227(sessions[0].sendcmd("PASV"))[1],
+             ftplib.parse229(sessions[1].sendcmd("EPSV"), ("127.0.0.1", 0))[1]}  # fmt: skip
+    assert ports == {40100, 40101}
+    with pytest.raises(
+        ftplib.error_temp, match="^425 Can't open data connection: no passive port free"
+    ):
+        sessions[2].sendcmd("PASV")
+    sessions[0].quit()  # frees its port
+    time.sleep(0.2)
+    assert ftplib.parse227(sessions[2].sendcmd("PASV"))[1] in ports
+    for ftp in sessions[1:]:
+        ftp.quit()
+
+
+def test_foreign_ip_on_passive_port_is_dropped_silently(
+    gateway: RunningGateway, audit_records: Callable[[], list[dict[str, object]]]
+) -> None:
+    """Another address connecting to a session's port is closed; the victim hears nothing."""
+    (gateway.home() / "a.txt").write_text("victim data")
+    ftp = gateway.client()
+    ftp.voidcmd("TYPE I")
+    _, port = ftplib.parse227(ftp.sendcmd("PASV"))
+    intruder = raw_connect((gateway.host, port), source_ip="127.0.0.2")
+    intruder.settimeout(2)
+    assert intruder.recv(10) == b""  # closed by the server, nothing sent
+    intruder.close()
+    assert ftp.sendcmd("NOOP").startswith("200")  # no unsolicited 425 before it
+    conn = ftp.transfercmd("RETR a.txt")  # the victim's own connection still works
+    assert conn.recv(100) == b"victim data"
+    conn.close()
+    assert ftp.voidresp().startswith("226")
+    ftp.quit()
+    refused = [r for r in audit_records() if r["event"] == "data_refused"]
+    assert refused
+    assert refused[0]["reason"] == "foreign-ip"
+    assert refused[0]["peer_ip"] == "127.0.0.2"
+
+
+def test_passive_port_nobody_connects_to_answers_425(
+    start_gateway: StartGateway,
+) -> None:
+    """A queued transfer whose client never connects gets 425 after the timeout."""
+    gw = start_gateway(extra="connect_timeout_seconds = 1")
+    ftp = gw.client()
+    ftp.sendcmd("PASV")
+    ftp.putcmd("LIST")
+    assert ftp.getresp().startswith("150")
+    with pytest.raises(
+        ftplib.error_temp, match="^425 Can't open data connection: timed out"
+    ):
+        ftp.getresp()
+    assert ftp.sendcmd("NOOP").startswith("200")
+    ftp.quit()
+
+
+# --- transfers and atomic uploads
+
+
+def test_upload_download_round_trip_is_intact(gateway: RunningGateway) -> None:
+    """A multi-megabyte upload lands whole and downloads with the same sha256."""
+    payload = os.urandom(4 * 1024 * 1024 + 123)
+    ftp = gateway.client()
+    assert ftp.storbinary("STOR big.bin", io.BytesIO(payload)).startswith("226")
+    assert (
+        hashlib.sha256((gateway.home() / "big.bin").read_bytes()).digest()
+        == hashlib.sha256(payload).digest()
+    )
+    received = io.BytesIO()
+    ftp.retrbinary("RETR big.bin", received.write)
+    assert received.getvalue() == payload
+    assert ftp.nlst() == ["big.bin"]
+    ftp.quit()
+
+
+def _start_upload(
+    gw: RunningGateway, name: str, size: int
+) -> tuple[ftplib.FTP_TLS, ssl.SSLSocket]:
+    ftp = gw.client()
+    ftp.voidcmd("TYPE I")
+    conn = ftp.transfercmd(f"STOR {name}")
+    assert isinstance(conn, ssl.SSLSocket)
+    conn.sendall(os.urandom(size))
+    return ftp, conn
+
+
+def _files_in(home: Path) -> list[str]:
+    return sorted(os.listdir(home))
+
+
+def test_upload_reset_mid_stream_leaves_no_file(gateway: RunningGateway) -> None:
+    """A client reset mid-upload gets 426 and leaves neither the file nor a temporary."""
+    ftp, conn = _start_upload(gateway, "cut.bin", 2 * 1024 * 1024)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+    with pytest.raises(ftplib.error_temp, match="^426"):
+        ftp.voidresp()
+    assert _files_in(gateway.home()) == []
+    ftp.quit()
+
+
+def test_upload_without_close_notify_is_not_complete(gateway: RunningGateway) -> None:
+    """A TCP FIN without TLS close_notify is a truncation: 426, previous version kept."""
+    (gateway.home() / "report.csv").write_bytes(b"previous version")
+    ftp, conn = _start_upload(gateway, "report.csv", 1024 * 1024)
+    conn.shutdown(socket.SHUT_WR)  # SSLSocket.shutdown drops TLS without close_notify
+    with pytest.raises(ftplib.error_temp, match="^426"):
+        ftp.voidresp()
+    conn.close()
+    assert _files_in(gateway.home()) == ["report.csv"]
+    assert (gateway.home() / "report.csv").read_bytes() == b"previous version"
+    ftp.quit()
+
+
+def test_upload_in_progress_is_invisible_under_its_final_name(
+    gateway: RunningGateway,
+) -> None:
+    """While data flows, neither the listing nor the disk shows the final name."""
+    ftp, conn = _start_upload(gateway, "growing.bin", 256 * 1024)
+    time.sleep(0.2)
+    assert not (gateway.home() / "growing.bin").exists()
+    observer = gateway.client()
+    assert observer.nlst() == []
+    observer.quit()
+    conn.sendall(b"tail")
+    conn.unwrap()
+    conn.close()
+    assert ftp.voidresp().startswith("226")
+    assert (gateway.home() / "growing.bin").stat().st_size == 256 * 1024 + 4
+    ftp.quit()
+
+
+# --- confinement
+
+
+def test_paths_cannot_leave_the_home(gateway: RunningGateway, tmp_path: Path) -> None:
+    """.., absolute paths, NUL bytes, long names and symlinks out are all refused."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "passwd").write_text("root:x:0:0")
+    (gateway.home() / "escape").symlink_to(outside)
+    (gateway.home() / "escape-file").symlink_to(outside / "passwd")
+    ftp = gateway.client()
+    for command in ("RETR ../../../../etc/passwd", "RETR /etc/passwd", "CWD escape",
+                    "RETR escape/passwd", "RETR escape-file", "SIZE escape-file",
+                    "MLST escape", "DELE escape-file"):  # fmt: skip
+        with pytest.raises(ftplib.error_perm, match="^550"):
+            ftp.sendcmd(command)
+    for bad in ("RETR a\0b", "RETR " + "x" * 300, "CWD " + "/a" * 600):
+        with pytest.raises(ftplib.error_perm, match="^550 Invalid path."):
+            ftp.sendcmd(bad)
+    assert ftp.nlst() == []  # the links are not listed at all
+    lines: list[str] = []
+    ftp.retrlines("LIST", lines.append)
+    assert lines == []
+    ftp.cwd("..")
+    assert ftp.pwd() == "/"
+    ftp.quit()
+    assert (outside / "passwd").read_text() == "root:x:0:0"
+
+
+def test_hidden_upload_names_cannot_be_addressed(gateway: RunningGateway) -> None:
+    """Partners can neither list nor touch a temporary upload name."""
+    temp = gateway.home() / ".ftps-upload-0123456789abcdef-x.bin"
+    temp.write_text("partial")
+    ftp = gateway.client()
+    assert ftp.nlst() == []
+    with pytest.raises(ftplib.error_perm, match="^550 Invalid path."):
+        ftp.sendcmd(f"RETR {temp.name}")
+    ftp.quit()
+
+
+# --- no busy loops
+
+
+def _cpu_seconds_while(action: Callable[[], None], seconds: float) -> float:
+    """Process CPU time used while ``action`` holds a connection open for ``seconds``."""
+    start = time.process_time()
+    action()
+    time.sleep(seconds)
+    return time.process_time() - start
+
+
+def test_no_busy_loop_on_silent_data_connection_or_half_closed_upload(
+    gateway: RunningGateway,
+) -> None:
+    """A data connection that never says ClientHello, or a half-closed upload, costs no CPU."""
+    ftp = gateway.client()
+    _, port = ftplib.parse227(ftp.sendcmd("PASV"))
+    silent = raw_connect((gateway.host, port))
+    used = _cpu_seconds_while(lambda: None, 1.5)
+    assert used < 0.5, f"server spun for {used:.2f} CPU-s on a silent data connection"
+    silent.close()
+    ftp.close()
+
+    uploader, conn = _start_upload(gateway, "half.bin", 64 * 1024)
+    raw = socket.socket(fileno=os.dup(conn.fileno()))
+    holder = threading.Event()
+    used = _cpu_seconds_while(lambda: raw.shutdown(socket.SHUT_WR), 1.5)
+    holder.set()
+    assert used < 0.5, f"server spun for {used:.2f} CPU-s on a half-closed upload"
+    raw.close()
+    conn.close()
+    uploader.close()

@@ -1,0 +1,94 @@
+"""The command line, called in-process: exit codes and what it prints."""
+
+from __future__ import annotations
+
+import io
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PASSWORD_HASH, write_config
+
+from ftps_gateway import cli, passwords
+
+
+def test_check_config_prints_a_redacted_summary(
+    tmp_path: Path,
+    cert_files: tuple[Path, Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A valid config exits 0 and summarizes users without their hashes."""
+    path = write_config(tmp_path, cert_files)
+    assert cli.main(["check-config", "--config", str(path)]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "acme" in out
+    assert PASSWORD_HASH not in out
+    assert "$argon2" not in out
+
+
+def test_bad_config_exits_3_with_every_problem_and_no_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each problem is one line naming the key; the count follows; exit status 3."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        '[server]\nlisten = ["127.0.0.1:99999"]\nbogus = 1\n', encoding="utf-8"
+    )
+    assert cli.main(["check-config", "--config", str(path)]) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"{path}: server.listen[0]: port must be 0 to 65535" in err
+    assert f"{path}: server.bogus: unknown key" in err
+    assert "configuration problems; fix them" in err
+    assert "Traceback" not in err
+
+
+def test_missing_config_file_exits_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config file that does not exist is a configuration error, not a crash."""
+    assert (
+        cli.main(["serve", "--config", str(tmp_path / "nope.toml")]) == cli.EXIT_CONFIG
+    )
+    assert "nope.toml" in capsys.readouterr().err
+
+
+def test_hash_password_reads_stdin_and_prints_an_argon2id_hash(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The password comes from stdin (never argv) and the hash verifies it."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("s3cret pass\n"))
+    assert cli.main(["hash-password"]) == cli.EXIT_OK
+    printed = capsys.readouterr().out.strip()
+    assert passwords.is_argon2id_hash(printed)
+    assert passwords.PasswordVerifier().verify(printed, "s3cret pass")
+
+
+def test_hash_password_refuses_an_empty_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty line prints no hash and fails."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+    assert cli.main(["hash-password"]) == cli.EXIT_FAILURE
+    assert capsys.readouterr().out == ""
+
+
+def test_gen_cert_writes_a_private_key_only_we_can_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """gen-cert writes server.crt and a 0600 server.key and says where."""
+    assert (
+        cli.main(["gen-cert", "--hostname", "ftp.example.com", "--out", str(tmp_path)])
+        == 0
+    )
+    key = tmp_path / "server.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert (tmp_path / "server.crt").exists()
+    assert str(key) in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2() -> None:
+    """argparse's own exit status for a missing verb."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main([])
+    assert exited.value.code == cli.EXIT_USAGE
