@@ -23,7 +23,12 @@ if TYPE_CHECKING:
 
     from conftest import RunningGateway
 
-pytestmark = [pytest.mark.integration, pytest.mark.clients]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.clients,
+    # Each client run has its own 60 s bound; a test makes up to four of them.
+    pytest.mark.timeout(300),
+]
 
 CLIENT_TIMEOUT = 60
 PAYLOAD_SIZE = 5 * 1024 * 1024
@@ -129,24 +134,21 @@ def test_curl_list_upload_download(
     assert "up.bin" in after.stdout.split(), explain(after)
 
     transcript = upload.stderr + download.stderr
+    why = explain(upload) + "\n" + explain(download)
     if "--disable-epsv" in options:
         # The data connections really went to the address the 227 reply advertised.
-        assert "> PASV" in transcript, explain(download)
-        assert "> EPSV" not in transcript, explain(download)
-        assert not re.search(r"Skip \S+ for data connection", transcript), explain(
-            download
-        )
+        assert "> PASV" in transcript, why
+        assert "> EPSV" not in transcript, why
+        assert not re.search(r"Skip \S+ for data connection", transcript), why
         advertised = re.findall(
             r"< 227 .*\((\d+),(\d+),(\d+),(\d+),\d+,\d+\)", transcript
         )
-        assert advertised, explain(download)
-        assert {".".join(octets) for octets in advertised} == {gateway.host}, explain(
-            download
-        )
+        assert advertised, why
+        assert {".".join(octets) for octets in advertised} == {gateway.host}, why
     if tls_version is not None:
         used = re.findall(r"SSL connection using (TLSv[\d.]+)", transcript)
-        assert used, explain(download)
-        assert set(used) == {tls_version}, explain(download)
+        assert used, why
+        assert set(used) == {tls_version}, why
 
 
 @needs_curl

@@ -26,7 +26,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    # Start-up (30 s), commands (60 s each) and SIGTERM (10 s) are bounded one by
+    # one, so a hang fails with the server's output rather than a bare timeout.
+    pytest.mark.timeout(300),
+]
 
 READY_TIMEOUT = 30
 STOP_TIMEOUT = 10
