@@ -28,10 +28,6 @@ class GatewayAuthorizer:
         """Never used: login is asynchronous (see module docstring)."""
         raise AuthenticationFailed("Authentication failed.")
 
-    def has_user(self, username: str) -> bool:
-        """True if ``username`` is configured."""
-        return username in self._usernames
-
     def has_perm(self, username: str, perm: str, path: str | None = None) -> bool:
         """Permission ``perm`` inside the home (the path is already confined)."""
         return username in self._usernames and perm in HOME_PERMISSIONS

@@ -11,6 +11,7 @@ import getpass
 import logging
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,18 +88,18 @@ def main(argv: list[str] | None = None) -> int:
             "fix them and run `ftps-gateway check-config` again.",
             file=sys.stderr,
         )
-        _traceback_if(args.debug)
+        _traceback_if(args.debug, err)
         return EXIT_CONFIG
     except GatewayError as err:
         prefix = "cannot start" if isinstance(err, StartupError) else "error"
         print(f"{prefix}: {err}", file=sys.stderr)
-        _traceback_if(args.debug)
+        _traceback_if(args.debug, err)
         return EXIT_FAILURE
 
 
-def _traceback_if(debug: bool) -> None:
+def _traceback_if(debug: bool, err: BaseException) -> None:
     if debug:
-        logging.getLogger("ftps_gateway").error("details")
+        traceback.print_exception(err, file=sys.stderr)
 
 
 def configure_logging(level: str, debug: bool) -> None:

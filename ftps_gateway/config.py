@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Generic, TypeGuard, TypeVar
 
-import argon2
-
+from ftps_gateway import passwords
 from ftps_gateway.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -649,14 +648,9 @@ def _parse_user_name(text: str) -> str:
 
 
 def _parse_password_hash(text: str) -> str:
-    try:
-        parameters = argon2.extract_parameters(text)
-    except argon2.exceptions.InvalidHashError:
-        raise _BadValueError(NOT_ARGON2ID) from None
-    # extract_parameters checks the layout only: an empty salt or digest (a truncated
-    # paste) would load fine and then never verify.
-    empty = parameters.salt_len == 0 or parameters.hash_len == 0
-    if parameters.type is not argon2.Type.ID or empty:
+    # The same check the verifier relies on: a truncated paste (empty salt or digest)
+    # or an old argon2 version fails here, not at a partner's first login.
+    if not passwords.is_argon2id_hash(text):
         raise _BadValueError(NOT_ARGON2ID)
     return text
 

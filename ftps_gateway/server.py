@@ -52,17 +52,19 @@ class Gateway:
 
     def home_for(self, username: str) -> Path:
         """``<storage.root>/home/<user>``."""
-        return self.config.storage.root / "home" / username
+        return home_dir(self.config, username)
+
+
+def home_dir(config: GatewayConfig, username: str) -> Path:
+    """Where ``username``'s home lives: ``<storage.root>/home/<user>``."""
+    return config.storage.root / "home" / username
 
 
 def prepare_homes(config: GatewayConfig) -> None:
-    """Create the storage root and every user's home (mode 0750) if missing."""
+    """Create every user's home (mode 0750, parents included) if missing."""
     try:
         for user in config.users:
-            (config.storage.root / "home" / user.name).mkdir(
-                mode=0o750, parents=True, exist_ok=True
-            )
-        (config.storage.root / "home").mkdir(mode=0o750, parents=True, exist_ok=True)
+            home_dir(config, user.name).mkdir(mode=0o750, parents=True, exist_ok=True)
     except OSError as err:
         raise StartupError(
             f"storage.root: cannot create user homes under {config.storage.root}: "

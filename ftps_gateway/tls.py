@@ -88,7 +88,6 @@ class TLSContextFactory:
         )
         if problems:
             raise ConfigError([f"{key}: {problem}" for key, problem in problems])
-        self.certificate_path = settings.certificate
         self.default_policy = TLSPolicy(min_version=settings.min_version)
         self._snapshot = _PemSnapshot(settings.certificate, settings.private_key)
         # Fail at start-up, not at the first client, if OpenSSL refuses the material.

@@ -43,6 +43,18 @@ def test_bad_config_exits_3_with_every_problem_and_no_traceback(
     assert "Traceback" not in err
 
 
+def test_debug_adds_the_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--debug shows where a configuration error came from."""
+    path = tmp_path / "gateway.toml"
+    path.write_text("[server\n", encoding="utf-8")
+    assert (
+        cli.main(["--debug", "check-config", "--config", str(path)]) == cli.EXIT_CONFIG
+    )
+    assert "Traceback" in capsys.readouterr().err
+
+
 def test_missing_config_file_exits_3(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
