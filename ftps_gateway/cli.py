@@ -1,4 +1,5 @@
-"""Command line: ``serve``, ``check-config``, ``hash-password``, ``gen-cert``.
+"""Command line: ``serve``, ``check-config``, ``hash-password``, ``gen-cert``, ``ban``,
+``reload``.
 
 Only this module turns exceptions into exit codes. Expected errors print one line per
 problem and no traceback (``--debug`` adds it), as aiosmtpd's ``main`` does.
@@ -8,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import logging
 import signal
 import sys
 import traceback
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ftps_gateway import __version__, certs, config, demo, passwords
+from ftps_gateway import __version__, admin, certs, config, demo, passwords
 from ftps_gateway.audit import AUDIT_LOGGER_NAME
 from ftps_gateway.errors import ConfigError, GatewayError, StartupError
 
@@ -65,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--hostname", required=True)
     gen.add_argument("--out", type=Path, required=True)
+
+    ban = verbs.add_parser("ban", help="list or lift bans of a running server")
+    ban_verbs = ban.add_subparsers(dest="ban_verb", required=True, metavar="ACTION")
+    ban_list = ban_verbs.add_parser("list", help="addresses banned now")
+    ban_list.add_argument("--config", type=Path, required=True)
+    ban_list.add_argument("--json", action="store_true", help="machine-readable")
+    ban_remove = ban_verbs.add_parser("remove", help="lift the ban on an address")
+    ban_remove.add_argument("ip")
+    ban_remove.add_argument("--config", type=Path, required=True)
+
+    reload = verbs.add_parser(
+        "reload", help="make a running server re-read its config (like SIGHUP)"
+    )
+    reload.add_argument("--config", type=Path, required=True)
     return parser
 
 
@@ -76,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         "check-config": lambda: _check_config(args.config),
         "hash-password": _hash_password,
         "gen-cert": lambda: _gen_cert(args.hostname, args.out),
+        "ban": lambda: _ban(args),
+        "reload": lambda: _reload(args.config),
     }
     try:
         return verbs[args.verb]()
@@ -142,8 +161,12 @@ def _serve(args: argparse.Namespace) -> int:
         logger.info("received %s, stopping", signal.Signals(signum).name)
         server.gateway.waker.request_stop()
 
+    def _reload(_signum: int, _frame: FrameType | None) -> None:
+        server.gateway.waker.call_soon_threadsafe(server.reload)
+
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGHUP, _reload)
     if prepared is not None:
         host, port = server.addresses[0]
         state = cfg.source.parent if cfg.source else "?"
@@ -162,6 +185,50 @@ def _check_config(path: Path) -> int:
     print(config.summary(cfg))
     for warning in certs.certificate_warnings(cfg.tls.certificate, cfg.tls.private_key):
         print(f"warning: {warning}")
+    return EXIT_OK
+
+
+def _admin_socket(config_path: Path) -> Path:
+    """The admin socket named by a config (read only for that, so it stays cheap)."""
+    return config.load(config_path).admin.socket
+
+
+def _ban(args: argparse.Namespace) -> int:
+    socket_path = _admin_socket(args.config)
+    if args.ban_verb == "remove":
+        answer = admin.request(socket_path, {"command": "unban", "ip": args.ip})
+        if not answer["removed"]:
+            print(f"{answer['ip']} is not banned", file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"ban on {answer['ip']} lifted")
+        return EXIT_OK
+    bans = admin.request(socket_path, {"command": "bans"})["bans"]
+    if args.json:
+        print(json.dumps(bans, indent=2))
+    elif not bans:
+        print("no address is banned")
+    else:
+        print(f"{'ADDRESS':<40} {'REMAINING':>10} {'OFFENCES':>8}  UNTIL (UTC)")
+        for ban in bans:
+            until = datetime.fromtimestamp(ban["until"], tz=UTC).strftime(
+                "%Y-%m-%d %H:%M:%S"
+            )
+            remaining = f"{ban['remaining_seconds']} s"
+            print(f"{ban['ip']:<40} {remaining:>10} {ban['offences']:>8}  {until}")
+    return EXIT_OK
+
+
+def _reload(config_path: Path) -> int:
+    # Validate here first: the operator sees every problem even if the running
+    # server is someone else's (a wrong --config) or not running.
+    socket_path = _admin_socket(config_path)
+    problems = admin.request(socket_path, {"command": "reload"})["problems"]
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print("reload refused; the server keeps its previous config", file=sys.stderr)
+        return EXIT_CONFIG
+    print("configuration reloaded")
     return EXIT_OK
 
 

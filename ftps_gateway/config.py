@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 TLS_VERSIONS = ("1.2", "1.3")
+# How a data connection proves it belongs to its control session:
+# "required": it resumes the control connection's own TLS session (and comes from
+#             the control connection's IP);
+# "ip-match": only the IP check, for clients that cannot resume (Go, old .NET/Java).
+REUSE_POLICIES = ("required", "ip-match")
 
 
 @dataclass(frozen=True)
@@ -42,16 +47,31 @@ class ServerSettings:
     idle_timeout_seconds: int = 300  # logged-in session with no command
     login_timeout_seconds: int = 30  # unauthenticated session closed after this
     max_sessions: int = 512  # control connections in total
+    max_sessions_per_ip: int = 16  # from one client address
+    max_sessions_per_user: int = 8  # logged in as one user
     allow_active_mode: bool = False  # PORT/EPRT; off: cannot work behind NAT
+    implicit_listen: tuple[ListenAddress, ...] = ()  # TLS from the first byte (990)
+
+
+@dataclass(frozen=True)
+class TLSOverride:
+    """``[[tls.overrides]]``: TLS policy for some client networks (first match wins)."""
+
+    networks: tuple[IPNetwork, ...]
+    reuse: str | None = None  # None: the [tls] value
+    max_version: str | None = None  # None: the [tls] value
 
 
 @dataclass(frozen=True)
 class TLSSettings:
-    """``[tls]``: certificate chain, key, protocol floor."""
+    """``[tls]``: certificate chain, key, protocol bounds, data-connection policy."""
 
     certificate: Path  # PEM, leaf first then intermediates
     private_key: Path  # PEM, unencrypted, readable by the server only
     min_version: str = "1.2"  # "1.2" or "1.3"
+    max_version: str = "1.3"  # "1.2" or "1.3"
+    reuse: str = "required"  # see REUSE_POLICIES
+    overrides: tuple[TLSOverride, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,11 +101,40 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class AccessSettings:
+    """``[access]``: who may open a control connection at all."""
+
+    allow: tuple[IPNetwork, ...] = ()  # empty: every address (check-config says so)
+    safe: tuple[IPNetwork, ...] = ()  # never banned by the defender
+
+
+@dataclass(frozen=True)
+class DefenderSettings:
+    """``[defender]``: ban source addresses that keep failing to log in."""
+
+    enabled: bool = True
+    max_failures: int = 5  # failed logins within the window that earn a ban
+    window_seconds: int = 300
+    ban_seconds: int = 900  # first ban; each repeat offence doubles it
+    max_ban_seconds: int = 86_400  # cap for repeat offences
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """``[admin]``: the local control socket (``ftps-gateway ban``, ``reload``)."""
+
+    socket: Path  # Unix socket, mode 0600; default <storage.root>/.ftps-gateway/
+
+
+@dataclass(frozen=True)
 class UserSettings:
     """``[[users]]``: one partner account."""
 
     name: str
     password_hash: str = field(repr=False)  # argon2id PHC string; never logged
+    allow: tuple[IPNetwork, ...] = ()  # networks it may log in from; empty: any
+    reuse: str | None = None  # None: the network's or [tls] policy
+    max_version: str | None = None  # caps data connections; None: network's/[tls]
 
 
 @dataclass(frozen=True)
@@ -98,6 +147,9 @@ class GatewayConfig:
     passive: PassiveSettings
     storage: StorageSettings
     users: tuple[UserSettings, ...]
+    access: AccessSettings = AccessSettings()
+    defender: DefenderSettings = DefenderSettings()
+    admin: AdminSettings = AdminSettings(Path())
     log_level: str = "info"  # [logging] level: debug, info, warning, error
 
     def user(self, name: str) -> UserSettings | None:
@@ -181,24 +233,34 @@ def summary(cfg: GatewayConfig) -> str:
 
     Users appear by name only; password hashes never leave ``UserSettings``.
     """
-    server, passive = cfg.server, cfg.passive
+    server, passive, tls = cfg.server, cfg.passive, cfg.tls
     active = "allowed" if server.allow_active_mode else "refused"
     port_count = passive.port_max - passive.port_min + 1
     names = ", ".join(user.name for user in cfg.users) or "none (nobody can log in)"
     lines = [
         f"Configuration: {cfg.source if cfg.source is not None else 'built-in demo'}",
-        f"Listeners: {', '.join(endpoint(address) for address in server.listen)}",
+        f"Listeners (explicit TLS): {_endpoints(server.listen)}",
+        f"Listeners (implicit TLS): {_endpoints(server.implicit_listen)}",
         f"Banner: {server.banner}",
         (
             f"Sessions: at most {server.max_sessions}, "
+            f"{server.max_sessions_per_ip} per client address, "
+            f"{server.max_sessions_per_user} per user; "
             f"login timeout {server.login_timeout_seconds} s, "
             f"idle timeout {server.idle_timeout_seconds} s"
         ),
         f"Active mode (PORT/EPRT): {active}",
+        _access_line(cfg.access),
+        _defender_line(cfg.defender, cfg.access),
         (
-            f"TLS: certificate {cfg.tls.certificate}, "
-            f"private key {cfg.tls.private_key}, "
-            f"minimum version TLS {cfg.tls.min_version}"
+            f"TLS: certificate {tls.certificate}, private key {tls.private_key}, "
+            f"versions {tls.min_version}-{tls.max_version}, "
+            f"data connections: {_reuse_words(tls.reuse)}"
+        ),
+        *(
+            f"TLS override: {_networks(override.networks)} -> "
+            f"{_policy_words(override.reuse, override.max_version)}"
+            for override in tls.overrides
         ),
         (
             f"Passive ports: {passive.port_min}-{passive.port_max} "
@@ -212,10 +274,71 @@ def summary(cfg: GatewayConfig) -> str:
             for override in passive.overrides
         ),
         f"Storage root: {cfg.storage.root}",
+        f"Admin socket: {cfg.admin.socket}",
         f"Users ({len(cfg.users)}): {names}",
+        *(
+            f"User {user.name}: "
+            + "; ".join(
+                part
+                for part in (
+                    f"login only from {_networks(user.allow)}" if user.allow else "",
+                    _policy_words(user.reuse, user.max_version)
+                    if user.reuse or user.max_version
+                    else "",
+                )
+                if part
+            )
+            for user in cfg.users
+            if user.allow or user.reuse or user.max_version
+        ),
         f"Log level: {cfg.log_level}",
     ]
     return "\n".join(lines)
+
+
+def _endpoints(addresses: Sequence[ListenAddress]) -> str:
+    return ", ".join(endpoint(address) for address in addresses) or "none"
+
+
+def _networks(networks: Sequence[IPNetwork]) -> str:
+    return ", ".join(str(network) for network in networks)
+
+
+def _access_line(access: AccessSettings) -> str:
+    if not access.allow:
+        return (
+            "Access: WARNING: every client address may connect "
+            "(access.allow is empty; list your partners' networks)"
+        )
+    return f"Access: only from {_networks(access.allow)}"
+
+
+def _defender_line(defender: DefenderSettings, access: AccessSettings) -> str:
+    if not defender.enabled:
+        return "Defender: off (failed logins never lead to a ban)"
+    line = (
+        f"Defender: ban after {defender.max_failures} failed logins within "
+        f"{defender.window_seconds} s, for {defender.ban_seconds} s "
+        f"(doubling on repeat, at most {defender.max_ban_seconds} s)"
+    )
+    if access.safe:
+        line += f"; never banned: {_networks(access.safe)}"
+    return line
+
+
+def _reuse_words(reuse: str) -> str:
+    if reuse == "required":
+        return "must resume the control connection's TLS session"
+    return "same client IP only (no TLS session resumption check)"
+
+
+def _policy_words(reuse: str | None, max_version: str | None) -> str:
+    parts = []
+    if reuse is not None:
+        parts.append(f"data connections {_reuse_words(reuse)}")
+    if max_version is not None:
+        parts.append(f"TLS at most {max_version}")
+    return ", ".join(parts)
 
 
 def endpoint(address: ListenAddress) -> str:
@@ -335,16 +458,18 @@ class _Table:
         value = self.raw(name, bool, required=False)
         return default if value is None else value
 
-    def strings(self, name: str, parse: Callable[[str], _T]) -> list[_Entry[_T]]:
-        """Read the required, non-empty array of strings ``name``.
+    def strings(
+        self, name: str, parse: Callable[[str], _T], *, required: bool = True
+    ) -> list[_Entry[_T]]:
+        """Read the array of strings ``name``: non-empty if ``required``.
 
-        Returns the entries that parsed, with their key paths for follow-up checks
-        (duplicates) by the caller.
+        An optional array may be absent or empty. Returns the entries that parsed,
+        with their key paths for follow-up checks (duplicates) by the caller.
         """
-        items = self.raw(name, list, required=True)
+        items = self.raw(name, list, required=required)
         if items is None:
             return []
-        if not items:
+        if required and not items:
             self.problems.add(self.key(name), "must not be empty", items)
         entries: list[_Entry[_T]] = []
         for index, item in enumerate(items):
@@ -383,6 +508,10 @@ class _Table:
                 self.problems.add(key, "must be a table", _HIDDEN if secret else item)
         return readers
 
+    def given(self) -> frozenset[str]:
+        """The keys this table actually contains."""
+        return frozenset(self._data)
+
     def close(self) -> None:
         """Report every key that no getter asked for."""
         for name in self._data:
@@ -406,18 +535,30 @@ def _gateway(root: _Table, source: Path) -> GatewayConfig:
     base = source.parent.absolute()
     server = _server(root.table("server"))
     tls = _tls(root.table("tls"), base)
-    passive = _passive(root.table("passive"), server.listen)
+    passive = _passive(root.table("passive"), server.listen + server.implicit_listen)
     storage = _storage(root.table("storage"), base)
+    access = _access(root.table("access"))
+    defender = _defender(root.table("defender"))
+    admin = _admin(root.table("admin"), base, storage.root)
     log_level = _logging(root.table("logging"))
-    users = _users(root)
+    users = _users(root, tls.min_version)
     root.close()
-    return GatewayConfig(source, server, tls, passive, storage, users, log_level)
+    return GatewayConfig(
+        source, server, tls, passive, storage, users,
+        access=access, defender=defender, admin=admin, log_level=log_level,
+    )  # fmt: skip
 
 
 def _server(table: _Table) -> ServerSettings:
-    listen = _listeners(table)
+    problems_before = len(table.problems.lines)
+    listen = _listeners(table, "listen")
+    implicit = _listeners(table, "implicit_listen", seen=listen)
+    if not listen and not implicit and len(table.problems.lines) == problems_before:
+        problem = "no listener: give listen, implicit_listen or both"
+        table.problems.add(table.key("listen"), problem)
     settings = ServerSettings(
         listen=listen,
+        implicit_listen=implicit,
         banner=table.optional("banner", _parse_banner, ServerSettings.banner),
         idle_timeout_seconds=table.integer(
             "idle_timeout_seconds", 1, 86_400, ServerSettings.idle_timeout_seconds
@@ -428,6 +569,12 @@ def _server(table: _Table) -> ServerSettings:
         max_sessions=table.integer(
             "max_sessions", 1, 100_000, ServerSettings.max_sessions
         ),
+        max_sessions_per_ip=table.integer(
+            "max_sessions_per_ip", 1, 100_000, ServerSettings.max_sessions_per_ip
+        ),
+        max_sessions_per_user=table.integer(
+            "max_sessions_per_user", 1, 100_000, ServerSettings.max_sessions_per_user
+        ),
         allow_active_mode=table.flag(
             "allow_active_mode", ServerSettings.allow_active_mode
         ),
@@ -436,15 +583,22 @@ def _server(table: _Table) -> ServerSettings:
     return settings
 
 
-def _listeners(table: _Table) -> tuple[ListenAddress, ...]:
+def _listeners(
+    table: _Table, name: str, seen: Sequence[ListenAddress] = ()
+) -> tuple[ListenAddress, ...]:
+    """``listen`` or ``implicit_listen``: optional arrays, no address twice."""
+    taken = {address: table.key("listen") for address in seen}
     first: dict[ListenAddress, str] = {}
-    for entry in table.strings("listen", _parse_listen):
-        if entry.value in first:
-            problem = f"duplicate listener, same as {first[entry.value]}"
+    listeners: list[ListenAddress] = []
+    for entry in table.strings(name, _parse_listen, required=False):
+        other = first.get(entry.value) or taken.get(entry.value)
+        if other is not None and entry.value.port != 0:  # port 0: each its own port
+            problem = f"duplicate listener, same as {other}"
             table.problems.add(entry.key, problem, entry.text)
         else:
-            first[entry.value] = entry.key
-    return tuple(first)
+            first.setdefault(entry.value, entry.key)
+            listeners.append(entry.value)
+    return tuple(listeners)
 
 
 def _tls(table: _Table, base: Path) -> TLSSettings:
@@ -453,10 +607,57 @@ def _tls(table: _Table, base: Path) -> TLSSettings:
     min_version = table.optional(
         "min_version", _one_of(TLS_VERSIONS), TLSSettings.min_version
     )
+    max_version = table.optional(
+        "max_version", _one_of(TLS_VERSIONS), TLSSettings.max_version
+    )
+    reuse = table.optional("reuse", _one_of(REUSE_POLICIES), TLSSettings.reuse)
+    overrides = _tls_overrides(table)
     table.close()
     if certificate is not None and private_key is not None:
         _check_certificate_files(table.problems, certificate, private_key)
-    return TLSSettings(certificate or Path(), private_key or Path(), min_version)
+    for key, version in [(table.key("max_version"), max_version)] + [
+        (f"{table.key('overrides')}[{index}].max_version", override.max_version)
+        for index, override in enumerate(overrides)
+    ]:
+        if version is not None and version < min_version:
+            table.problems.add(key, f"below tls.min_version {min_version}", version)
+    return TLSSettings(
+        certificate or Path(), private_key or Path(), min_version, max_version,
+        reuse, overrides,
+    )  # fmt: skip
+
+
+def _tls_overrides(tls: _Table) -> tuple[TLSOverride, ...]:
+    overrides: list[TLSOverride] = []
+    first: dict[IPNetwork, str] = {}
+    for table in tls.tables("overrides"):
+        networks = _unique_networks(table, "networks", first, required=True)
+        reuse = table.optional("reuse", _one_of(REUSE_POLICIES), None)
+        max_version = table.optional("max_version", _one_of(TLS_VERSIONS), None)
+        if reuse is None and max_version is None and "networks" in table.given():
+            table.problems.add(table.path, "sets neither reuse nor max_version")
+        table.close()
+        overrides.append(TLSOverride(networks, reuse, max_version))
+    return tuple(overrides)
+
+
+def _unique_networks(
+    table: _Table, name: str, first: dict[IPNetwork, str], *, required: bool
+) -> tuple[IPNetwork, ...]:
+    """An array of networks; the very same network twice is a copy-paste slip.
+
+    Overlapping networks are fine (first match wins, so a /24 can carve an exception
+    out of a /8 listed later). ``first`` spans the arrays that must not repeat.
+    """
+    networks: list[IPNetwork] = []
+    for entry in table.strings(name, _parse_network, required=required):
+        if entry.value in first:
+            problem = f"network listed twice, first at {first[entry.value]}"
+            table.problems.add(entry.key, problem, entry.text)
+        else:
+            first[entry.value] = entry.key
+            networks.append(entry.value)
+    return tuple(networks)
 
 
 def _check_certificate_files(
@@ -496,22 +697,13 @@ def _check_listener_overlap(
 
 
 def _overrides(passive: _Table) -> tuple[PassiveOverride, ...]:
-    # Overlapping networks are fine (first match wins, so a /24 can carve an exception
-    # out of a /8 listed later); the very same network twice is a copy-paste slip.
     first: dict[IPNetwork, str] = {}
     overrides: list[PassiveOverride] = []
     for table in passive.tables("overrides"):
-        networks: list[IPNetwork] = []
-        for entry in table.strings("networks", _parse_network):
-            if entry.value in first:
-                problem = f"network listed twice, first at {first[entry.value]}"
-                table.problems.add(entry.key, problem, entry.text)
-            else:
-                first[entry.value] = entry.key
-                networks.append(entry.value)
+        networks = _unique_networks(table, "networks", first, required=True)
         address = table.required("address", _parse_advertised)
         table.close()
-        overrides.append(PassiveOverride(tuple(networks), address or ""))
+        overrides.append(PassiveOverride(networks, address or ""))
     return tuple(overrides)
 
 
@@ -521,22 +713,78 @@ def _storage(table: _Table, base: Path) -> StorageSettings:
     return StorageSettings(root or Path())
 
 
+def _access(table: _Table) -> AccessSettings:
+    allow = _unique_networks(table, "allow", {}, required=False)
+    safe = _unique_networks(table, "safe", {}, required=False)
+    table.close()
+    return AccessSettings(allow, safe)
+
+
+def _defender(table: _Table) -> DefenderSettings:
+    defaults = DefenderSettings()
+    settings = DefenderSettings(
+        enabled=table.flag("enabled", defaults.enabled),
+        max_failures=table.integer("max_failures", 1, 1000, defaults.max_failures),
+        window_seconds=table.integer(
+            "window_seconds", 1, 86_400, defaults.window_seconds
+        ),
+        ban_seconds=table.integer("ban_seconds", 1, 2_592_000, defaults.ban_seconds),
+        max_ban_seconds=table.integer(
+            "max_ban_seconds", 1, 2_592_000, defaults.max_ban_seconds
+        ),
+    )
+    table.close()
+    if settings.max_ban_seconds < settings.ban_seconds:
+        table.problems.add(
+            table.key("max_ban_seconds"),
+            f"below defender.ban_seconds ({settings.ban_seconds})",
+            settings.max_ban_seconds,
+        )
+    return settings
+
+
+# sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH_BYTES: Final = 107
+
+
+def _admin(table: _Table, base: Path, storage_root: Path) -> AdminSettings:
+    socket = table.optional("socket", _path_under(base), None)
+    table.close()
+    if socket is None:
+        socket = storage_root / ".ftps-gateway" / "admin.sock"
+    if len(bytes(socket)) > MAX_SOCKET_PATH_BYTES:
+        key = table.key("socket")
+        problem = f"longer than {MAX_SOCKET_PATH_BYTES} bytes, too long for a socket"
+        if "socket" not in table.given():
+            problem += " (the default under storage.root; set admin.socket)"
+        table.problems.add(key, problem, str(socket))
+    return AdminSettings(socket)
+
+
 def _logging(table: _Table) -> str:
     level = table.optional("level", _one_of(LOG_LEVELS), GatewayConfig.log_level)
     table.close()
     return level
 
 
-def _users(root: _Table) -> tuple[UserSettings, ...]:
+def _users(root: _Table, min_version: str) -> tuple[UserSettings, ...]:
     first: dict[str, str] = {}  # lower-cased name -> name as first written
     users: list[UserSettings] = []
     for table in root.tables("users", secret=True):
         name = table.required("name", _parse_user_name)
         password_hash = table.required("password", _parse_password_hash, secret=True)
+        allow = _unique_networks(table, "allow", {}, required=False)
+        reuse = table.optional("reuse", _one_of(REUSE_POLICIES), None)
+        max_version = table.optional("max_version", _one_of(TLS_VERSIONS), None)
         table.close()
         if name is not None:
             _check_unique_user(table, name, first)
-        users.append(UserSettings(name or "", password_hash or ""))
+        if max_version is not None and max_version < min_version:
+            problem = f"below tls.min_version {min_version}"
+            table.problems.add(table.key("max_version"), problem, max_version)
+        users.append(
+            UserSettings(name or "", password_hash or "", allow, reuse, max_version)
+        )
     return tuple(users)
 
 

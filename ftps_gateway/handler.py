@@ -3,13 +3,18 @@
 What a partner's session gets here that stock pyftpdlib does not give (the measured
 gaps are listed in ARCHITECTURE.md):
 
-- Nothing but AUTH, FEAT, SYST, NOOP and QUIT before TLS; no clear-text login.
+- Connections from outside ``access.allow`` and from banned addresses are closed
+  before the banner and before any TLS work; session limits answer 421.
+- Nothing but AUTH, FEAT, SYST, NOOP and QUIT before TLS; no clear-text login; before
+  login nothing that describes the server (no STAT, HELP or SITE).
 - PROT P before any data connection; PROT C and CCC refused, so the downgrade
   ``PROT P, PASV, PROT C, LIST`` cannot send a listing in clear text.
 - Passive ports from the range only (425 when it is exhausted), the 227 address chosen
   by the client's network, data connections from a foreign IP dropped silently.
 - A data connection is handed to the transfer only after its TLS handshake completed
-  (the send gate in ``tlsmixin``); its session resumption is recorded.
+  (the send gate in ``tlsmixin``) and, under ``reuse = "required"``, only if it
+  resumed this control session's own TLS session (the session's own context makes
+  any resumption provably this session's, see ``tls``).
 - argon2id verification off the IO loop; input pipelined behind PASS waits for it, so
   replies never get out of order.
 - A login grace timer that NOOP does not reset.
@@ -28,7 +33,12 @@ from pyftpdlib.ioloop import AsyncChat
 
 from ftps_gateway import tls, vfs
 from ftps_gateway.filesystem import AtomicUpload, GatewayFS
-from ftps_gateway.netpolicy import PassiveAddressError
+from ftps_gateway.netpolicy import (
+    AccessList,
+    DataChannelPolicy,
+    PassiveAddressError,
+    TLSPolicyTable,
+)
 from ftps_gateway.passive import (
     PassiveListener,
     PassivePortsExhausted,
@@ -42,7 +52,7 @@ if TYPE_CHECKING:
     import ssl
     from concurrent.futures import Future
 
-    from ftps_gateway.server import Gateway
+    from ftps_gateway.server import Gateway, GatewayHolder
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -51,9 +61,22 @@ logger = logging.getLogger("ftps_gateway")
 PRE_TLS_COMMANDS = frozenset(
     {"AUTH", "FEAT", "SYST", "NOOP", "QUIT", "PBSZ", "PROT", "CCC"}
 )
+# After TLS, before login: what a client needs to log in, nothing that describes the
+# server (pyftpdlib would answer STAT with its address, HELP with its command set).
+PRE_LOGIN_COMMANDS = PRE_TLS_COMMANDS | {"USER", "PASS", "OPTS", "TYPE"}
 PASSIVE_COMMANDS = frozenset({"PASV", "EPSV"})
 ACTIVE_COMMANDS = frozenset({"PORT", "EPRT"})
 UNSUPPORTED_COMMANDS = frozenset({"STOU", "APPE"})  # both bypass atomic uploads
+
+NOT_RESUMED_REPLY = (
+    "425 Can't open data connection: TLS session of data connection not resumed."
+)
+NO_DATA_PATH_REPLY = "425 Use PASV or EPSV first."
+LIMIT_REPLIES = {
+    "limit-total": "421 Too many sessions; try again later.",
+    "limit-per-ip": "421 Too many sessions from your address; try again later.",
+    "limit-per-user": "421 Too many sessions for this user; try again later.",
+}
 
 # Upload reads are looped up to this many bytes per readiness event: one SSL_read
 # returns one record (16 KiB at most), and returning to the poller for each one
@@ -66,6 +89,12 @@ class DataHandler(TLSChannelMixin, DTPHandler):
 
     ac_in_buffer_size = 256 * 1024
     ac_out_buffer_size = 256 * 1024
+
+    @property
+    def timeout(self) -> int:
+        """Idle seconds before a stalled transfer is closed (the session's config)."""
+        control: ControlHandler = self.cmd_channel
+        return control.gateway.config.server.idle_timeout_seconds
 
     def __init__(self, sock: Any, cmd_channel: ControlHandler) -> None:
         self.approved = False
@@ -85,9 +114,16 @@ class DataHandler(TLSChannelMixin, DTPHandler):
     # --- TLS hooks
 
     def handle_tls_established(self) -> None:
-        """Record the outcome and hand the channel to its control session."""
+        """Apply the session's policy, then hand the channel to its control session.
+
+        Runs before anything can be sent (the send gate in ``tlsmixin``): a refused
+        connection is closed without a byte of payload.
+        """
         self._cancel_handshake_timer()
         self.resumed = bool(self.socket.session_reused)
+        if not self.cmd_channel.accept_data_channel(self):
+            self.close()  # not approved: a quiet close, no transfer bookkeeping
+            return
         self.approved = True
         self._set_io_events(READ)
         self.cmd_channel.on_data_channel_ready(self)
@@ -151,7 +187,10 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         self._cancel_handshake_timer()
         if not self.approved:
             # Never handed to the control session: close quietly, without the
-            # transfer bookkeeping (and replies) of DTPHandler.close.
+            # transfer bookkeeping (and replies) of DTPHandler.close. A refused
+            # connection whose handshake completed gets a clean close_notify, so the
+            # client sees an empty stream and reads the 425 on its control channel.
+            self.tls_close()
             self.tls_state = TLSState.FAILED
             if self._idler is not None and not self._idler.cancelled:
                 self._idler.cancel()
@@ -181,7 +220,8 @@ class DataHandler(TLSChannelMixin, DTPHandler):
 class ControlHandler(TLSChannelMixin, FTPHandler):
     """One partner session on the control port."""
 
-    gateway: ClassVar[Gateway]  # set per server by server.build_handler_class
+    gateways: ClassVar[GatewayHolder]  # set per server by server.build_handler_class
+    implicit_tls: ClassVar[bool] = False  # TLS from the first byte (port 990 style)
 
     # pyftpdlib's session state, declared for mypy (pyftpdlib has no types).
     ac_in_buffer: bytes
@@ -226,6 +266,15 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
     def __init__(self, conn: Any, server: Any, ioloop: Any = None) -> None:
         self.session_id = secrets.token_hex(6)
         self.tls_context: ssl.SSLContext | None = None
+        self._pinned_gateway: Gateway | None = None
+        self.network_policy: DataChannelPolicy | None = None
+        self.data_policy: DataChannelPolicy | None = None
+        self._admitted = False  # passed access/ban checks: audit its disconnect
+        self._session_counted = False  # counted by SessionLimits.open
+        self._login_counted = ""  # user counted by SessionLimits.login
+        self._limit_refusal: str | None = None
+        self._data_failure_reply: str | None = None
+        self._disconnect_after_failure = False
         self._pbsz = False
         self._prot = False
         self._pending_data: DataHandler | None = None
@@ -238,6 +287,26 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         for fact in ("unix.mode", "unix.uid", "unix.gid"):
             if fact in self._available_facts:
                 self._available_facts.remove(fact)
+
+    @property
+    def banner(self) -> str:
+        """The 220 text of the current configuration (a reload changes it)."""
+        return self.gateway.config.server.banner
+
+    @property
+    def timeout(self) -> int:
+        """Idle seconds for a logged-in session (a reload changes it)."""
+        return self.gateway.config.server.idle_timeout_seconds
+
+    @property
+    def gateway(self) -> Gateway:
+        """The configuration this session follows.
+
+        Until login, the newest (a reload applies to sessions that have not logged
+        in yet); from login on, the one it logged in under, so a reload never
+        changes a running session's rules or users mid-transfer.
+        """
+        return self._pinned_gateway or self.gateways.current
 
     @property
     def client_ip(self) -> str:
@@ -254,12 +323,39 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
     # --- session life
 
     def handle(self) -> None:
-        """Send the banner and start the login grace timer."""
-        self.audit("connect")
+        """Admit or drop the connection, then greet (or start TLS, if implicit)."""
+        gateway = self.gateway
+        ip = self.client_ip
+        if not gateway.access.is_allowed(ip):
+            self._drop("not-allowed")
+            return
+        if gateway.defender.is_banned(ip):
+            self._drop("banned")
+            return
+        self._admitted = True
+        self._limit_refusal = gateway.limits.open(ip)
+        self._session_counted = self._limit_refusal is None
+        listener = "implicit" if self.implicit_tls else "explicit"
+        self.audit("connect", listener=listener)
         self._login_timer = self.call_later(
-            self.gateway.config.server.login_timeout_seconds, self._on_login_timeout
+            gateway.config.server.login_timeout_seconds, self._on_login_timeout
         )
-        super().handle()
+        if self.implicit_tls:
+            self._start_control_tls()  # the greeting (or 421) follows the handshake
+        elif self._limit_refusal is not None:
+            self._refuse_over_limit(self._limit_refusal)
+        else:
+            super().handle()
+
+    def _drop(self, reason: str) -> None:
+        """Close before the banner and before TLS: the client learns nothing."""
+        self.audit("connection_refused", reason=reason)
+        self.close()
+
+    def _refuse_over_limit(self, reason: str) -> None:
+        self.audit("connection_refused", reason=reason)
+        self.respond(LIMIT_REPLIES[reason])
+        self.close_when_done()
 
     def _on_login_timeout(self) -> None:
         if self.authenticated or self._closed:
@@ -278,7 +374,14 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         if self._login_timer is not None and not self._login_timer.cancelled:
             self._login_timer.cancel()
         self._close_pending_data()
-        if self.remote_ip:
+        limits = self.gateway.limits
+        if self._session_counted:
+            self._session_counted = False
+            limits.close(self.client_ip)
+        if self._login_counted:
+            limits.logout(self._login_counted)
+            self._login_counted = ""
+        if self._admitted:
             self.audit("disconnect")
         self.tls_close()
         super().close()
@@ -305,18 +408,37 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         if self.producer_fifo:  # the 234 must leave in clear text, whole
             self.close()
             return
-        context = self.gateway.tls.session_context()
+        self._start_control_tls()
+
+    def _start_control_tls(self) -> None:
+        """TLS on the control channel, on a context of this session's own.
+
+        The client network's policy is settled here, before the handshake: it caps
+        the TLS version of the control connection.
+        """
+        gateway = self.gateway
+        self.network_policy = gateway.tls_policies.for_client(self.client_ip)
+        policy = gateway.tls.policy(self.network_policy.max_version)
+        context = gateway.tls.session_context(policy)
         self.tls_context = context
         if self.start_tls(context):
             tls.seal_for_data_connections(context)
 
     def handle_tls_established(self) -> None:
-        """Control channel is encrypted."""
+        """Control channel is encrypted; an implicit-TLS session is greeted now."""
         self.audit(
             "tls_established", channel="control",
             version=self.socket.version(), cipher=self.socket.cipher()[0],
         )  # fmt: skip
         self._set_io_events(READ | (WRITE if self.producer_fifo else 0))
+        if self.implicit_tls:
+            # Implicit FTPS protects data connections from the start (what clients
+            # that skip PBSZ/PROT on port 990 assume); PROT C stays refused.
+            self._pbsz = self._prot = True
+            if self._limit_refusal is not None:
+                self._refuse_over_limit(self._limit_refusal)
+            else:
+                FTPHandler.handle(self)
 
     def handle_tls_failed(self, reason: str) -> None:
         """No reply is possible on a channel whose handshake failed."""
@@ -386,6 +508,9 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             else:
                 self.respond("530 Send AUTH TLS first.")
             return
+        if not self.authenticated and cmd not in PRE_LOGIN_COMMANDS:
+            self.respond("530 Log in with USER and PASS first.")
+            return
         if cmd in ACTIVE_COMMANDS and not self.gateway.config.server.allow_active_mode:
             self.respond("502 Active mode is disabled; use PASV or EPSV.")
             return
@@ -403,9 +528,14 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         if not self._data_path_arranged():
             if file is not None:
                 file.close()
-            self.respond("425 Use PASV or EPSV first.")
+            self.respond(self._take_data_failure_reply())
             return
         super().push_dtp_data(data, isproducer, file, cmd)
+
+    def _take_data_failure_reply(self) -> str:
+        """Why the last data connection failed (once), else "use PASV first"."""
+        reply, self._data_failure_reply = self._data_failure_reply, None
+        return reply or NO_DATA_PATH_REPLY
 
     def _data_path_arranged(self) -> bool:
         return any(
@@ -437,13 +567,21 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             self.respond("503 Login with USER first.")
             return
         username = self.username
-        user = self.gateway.config.user(username)
-        stored_hash = user.password_hash if user is not None else None
+        gateway = self.gateway
+        user = gateway.config.user(username)
         self._pause_input()
-        future = self.gateway.executor.submit(
-            self.gateway.verifier.verify, stored_hash, line
-        )
-        waker = self.gateway.waker
+        if gateway.defender.is_banned(self.client_ip):
+            # Banned by another session's failures while this one was open.
+            self._login_failed("banned")
+            return
+        if user is not None and not AccessList(user.allow).is_allowed(self.client_ip):
+            # Decided without the password: no argon2 work for a refused network.
+            # The reply and its delay are those of a wrong password.
+            self._login_failed("network-not-allowed")
+            return
+        stored_hash = user.password_hash if user is not None else None
+        future = gateway.executor.submit(gateway.verifier.verify, stored_hash, line)
+        waker = gateway.waker
         future.add_done_callback(
             lambda done: waker.call_soon_threadsafe(
                 lambda: self._on_password_checked(
@@ -492,37 +630,92 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             logger.exception("password verification failed unexpectedly")
             accepted = False
         if accepted:
-            self._login_succeeded(username)
-            self._resume_input()
+            if self._login_succeeded(username):
+                self._resume_input()
             return
-        self.audit("login_failed", reason="bad-password" if known else "unknown-user")
+        self._login_failed("bad-password" if known else "unknown-user")
+
+    def _login_failed(self, reason: str) -> None:
+        """Audit and score a failed login; answer after a delay (RFC 2577).
+
+        The session stays paused until the reply. Every reason gets the same reply,
+        so a client cannot tell a wrong password from a refused network.
+        """
+        self.audit("login_failed", reason=reason)
+        ban = self.gateway.defender.record_failure(self.client_ip)
+        if ban is not None:
+            self.audit(
+                "ban", banned_ip=ban.ip, seconds=round(ban.remaining_seconds),
+                offences=ban.offences,
+            )  # fmt: skip
+        self._disconnect_after_failure = reason == "banned" or ban is not None
         self.username = ""
         self.attempted_logins += 1
-        # RFC 2577: answer failures after a delay; the session stays paused until then.
         self.call_later(self.auth_failed_timeout, self._reply_login_failed)
 
     def _reply_login_failed(self) -> None:
-        if self.attempted_logins >= self.max_login_attempts:
-            self.respond("530 Authentication failed. Disconnecting.")
-            self._auth_pending = False
-            self.add_channel(events=WRITE)
-            self.close_when_done()
+        if (
+            self.attempted_logins >= self.max_login_attempts
+            or self._disconnect_after_failure
+        ):
+            self._respond_and_close("530 Authentication failed. Disconnecting.")
             return
         self.respond("530 Authentication failed.")
         self._resume_input()
 
-    def _login_succeeded(self, username: str) -> None:
-        home = self.gateway.home_for(username)
+    def _respond_and_close(self, reply: str) -> None:
+        """Send a last reply on a paused session, then close it."""
+        self.respond(reply)
+        self._auth_pending = False
+        if not self._closed:
+            self.add_channel(events=WRITE)
+            self.close_when_done()
+
+    def _login_succeeded(self, username: str) -> bool:
+        """Open the session for ``username``, or refuse it over the user limit."""
+        gateway = self.gateway
+        refusal = gateway.limits.login(username)
+        if refusal is not None:
+            self.audit("login_failed", reason=refusal)
+            self.username = ""
+            self._respond_and_close(LIMIT_REPLIES[refusal])
+            return False
+        self._login_counted = username
+        self._pinned_gateway = gateway
+        self.authorizer = gateway.authorizer
+        self._apply_user_policy(gateway, username)
+        home = gateway.home_for(username)
         home.mkdir(mode=0o750, parents=True, exist_ok=True)
         if self._login_timer is not None and not self._login_timer.cancelled:
             self._login_timer.cancel()
         self.handle_auth_success(str(home), "", self.authorizer.get_msg_login(username))
         self.audit("login_ok")
+        return True
+
+    def _apply_user_policy(self, gateway: Gateway, username: str) -> None:
+        """Refine the network's data-connection policy with the user's settings."""
+        user = gateway.config.user(username)
+        network = self.network_policy
+        if user is None or network is None or self.tls_context is None:
+            return
+        policy = TLSPolicyTable.for_user(network, user)
+        self.data_policy = policy
+        if policy.max_version < network.max_version:
+            tls.set_data_max_version(self.tls_context, policy.max_version)
+        control_version = str(self.socket.version()).removeprefix("TLSv")
+        if policy.reuse == "required" and policy.max_version < control_version:
+            # A TLS 1.2 data connection cannot resume a TLS 1.3 session: every
+            # transfer would be refused. The operator must fix the config.
+            self.audit(
+                "policy_conflict", control_version=control_version,
+                data_max_version=policy.max_version, policy=policy.source,
+            )  # fmt: skip
 
     # --- passive data connections
 
     def _make_epasv(self, extmode: bool = False) -> None:
         """PASV/EPSV: one port from the range, the address for this client's network."""
+        self._data_failure_reply = None
         self._shutdown_connecting_dtp()
         if self.data_channel is not None:
             self.data_channel.close()
@@ -573,6 +766,31 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         if handler.connected:
             self._pending_data = handler
 
+    def accept_data_channel(self, handler: DataHandler) -> bool:
+        """Decide, right after its handshake, whether a data connection may be used.
+
+        The address was checked when it connected (``passive.PassiveListener``);
+        here the TLS session: under ``reuse = "required"`` it must have resumed this
+        control session's own session.
+        """
+        if handler is not self._pending_data:
+            return False
+        policy = self.data_policy or self.network_policy
+        if policy is not None and policy.reuse == "required" and not handler.resumed:
+            self._pending_data = None
+            self.audit(
+                "data_refused", reason="not-resumed",
+                version=handler.socket.version(), policy=policy.source,
+            )  # fmt: skip
+            self._fail_data_connection(NOT_RESUMED_REPLY)
+            return False
+        return True
+
+    def _fail_data_connection(self, reply: str) -> None:
+        """Answer the transfer waiting for this connection, or the next one."""
+        if not self._fail_queued_transfer(reply):
+            self._data_failure_reply = reply
+
     def on_data_channel_ready(self, handler: DataHandler) -> None:
         """TLS is up on the data connection: start the queued transfer, if any."""
         if handler is not self._pending_data:
@@ -592,7 +810,7 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             return
         self._pending_data = None
         self.audit("data_refused", reason=reason)
-        self._fail_queued_transfer(
+        self._fail_data_connection(
             "425 Can't open data connection: TLS negotiation failed."
         )
 
@@ -600,14 +818,14 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         """Nobody connected to the passive port in time."""
         self._dtp_acceptor = None
         self.audit("data_refused", reason="no-connection-within-timeout")
-        self._fail_queued_transfer("425 Can't open data connection: timed out.")
+        self._fail_data_connection("425 Can't open data connection: timed out.")
 
     def on_foreign_data_connection(self, peer_ip: str) -> None:
         """A foreign address connected here; the victim hears nothing."""
         self.audit("data_refused", reason="foreign-ip", peer_ip=peer_ip)
 
-    def _fail_queued_transfer(self, reply: str) -> None:
-        """Answer a transfer command that is waiting for a data connection."""
+    def _fail_queued_transfer(self, reply: str) -> bool:
+        """Answer a transfer command waiting for a data connection; False if none."""
         queued = False
         if self._out_dtp_queue is not None:
             file_obj = self._out_dtp_queue[2]
@@ -621,6 +839,7 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             queued = True
         if queued and not self._closed:
             self.respond(reply)
+        return queued
 
     # --- uploads
 
@@ -632,7 +851,7 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             self.respond("554 Resuming uploads is not supported; send the whole file.")
             return None
         if not self._data_path_arranged():
-            self.respond("425 Use PASV or EPSV first.")
+            self.respond(self._take_data_failure_reply())
             return None
         try:
             upload = self.fs.open_upload(file)

@@ -20,14 +20,21 @@ from ftps_gateway.errors import GatewayError
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-    from ftps_gateway.config import IPNetwork, PassiveSettings
+    from ftps_gateway.config import (
+        IPNetwork,
+        PassiveSettings,
+        TLSSettings,
+        UserSettings,
+    )
 
 __all__ = [
     "DEFAULT_DNS_TTL_SECONDS",
     "AccessList",
+    "DataChannelPolicy",
     "IPAddress",
     "PassiveAddressError",
     "PassiveAddressPolicy",
+    "TLSPolicyTable",
     "parse_ip",
     "parse_networks",
     "resolve_ipv4",
@@ -333,3 +340,64 @@ class PassiveAddressPolicy:
         if not isinstance(address, ipaddress.IPv4Address):
             raise ValueError("resolver did not return an IPv4 address")  # noqa: TRY004
         return str(address)
+
+
+@dataclass(frozen=True)
+class DataChannelPolicy:
+    """What one session's data connections must satisfy, and its TLS ceiling.
+
+    ``reuse`` is ``"required"`` (resume the control connection's own TLS session)
+    or ``"ip-match"`` (the address check only); ``max_version`` is ``"1.2"`` or
+    ``"1.3"``. ``source`` says which rule decided, for the audit log and SITE DIAG.
+    """
+
+    reuse: str
+    max_version: str
+    source: str = "default"
+
+
+class TLSPolicyTable:
+    """The TLS policy for a client network, then refined for the user who logs in.
+
+    The network part is decided when the client connects, before any TLS: it caps
+    the control connection's version. The user part is known only after login, so a
+    user's ``max_version`` can only cap its data connections (and a data connection
+    cannot resume a TLS 1.3 control session over TLS 1.2: ``conflict`` says so).
+    """
+
+    def __init__(self, settings: TLSSettings) -> None:
+        """Parse ``[tls]`` and its overrides once."""
+        self._default = DataChannelPolicy(settings.reuse, settings.max_version)
+        self._overrides = tuple(
+            (
+                tuple(_unmap_network(network) for network in override.networks),
+                override,
+            )
+            for override in settings.overrides
+        )
+
+    def for_client(self, client_ip: str) -> DataChannelPolicy:
+        """The policy for a client at ``client_ip`` (first matching override wins)."""
+        address = parse_ip(client_ip)
+        if address is not None:
+            for index, (networks, override) in enumerate(self._overrides, start=1):
+                network = _contains(networks, address)
+                if network is not None:
+                    return DataChannelPolicy(
+                        override.reuse or self._default.reuse,
+                        override.max_version or self._default.max_version,
+                        f"tls override #{index} ({network})",
+                    )
+        return self._default
+
+    @staticmethod
+    def for_user(network: DataChannelPolicy, user: UserSettings) -> DataChannelPolicy:
+        """Refine the network's policy with the user's own settings, if any."""
+        if user.reuse is None and user.max_version is None:
+            return network
+        max_version = network.max_version
+        if user.max_version is not None:
+            max_version = min(max_version, user.max_version)
+        return DataChannelPolicy(
+            user.reuse or network.reuse, max_version, f"user {user.name}"
+        )

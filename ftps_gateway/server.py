@@ -1,9 +1,15 @@
 """Build a running gateway from a validated config: listeners, loop, workers, homes.
 
 pyftpdlib keeps all settings in class attributes, so any change is global. Each
-``GatewayServer`` therefore builds its own handler subclass that carries a ``Gateway``
-(the runtime objects sessions share), and its own IO loop: two servers in one process
-(as in the tests) never see each other's settings.
+``GatewayServer`` therefore builds its own handler subclasses that carry a
+``GatewayHolder``, and its own IO loop: two servers in one process (as in the tests)
+never see each other's settings.
+
+Reload (SIGHUP, ``ftps-gateway reload``) builds a complete new ``Gateway`` from the
+config file first and swaps it in only if that worked: an invalid config changes
+nothing. Sessions that have logged in keep the ``Gateway`` they logged in under; the
+defender's bans and the session counts belong to the server, not to a config, and
+carry over.
 """
 
 from __future__ import annotations
@@ -17,19 +23,24 @@ from typing import TYPE_CHECKING, Any
 from pyftpdlib.ioloop import IOLoop
 from pyftpdlib.servers import FTPServer
 
+from ftps_gateway import config as config_module
+from ftps_gateway.admin import AdminServer
 from ftps_gateway.audit import AuditLog
 from ftps_gateway.authorizer import GatewayAuthorizer
-from ftps_gateway.errors import StartupError
-from ftps_gateway.handler import ControlHandler, DataHandler
+from ftps_gateway.config import endpoint
+from ftps_gateway.defender import Defender, SessionLimits
+from ftps_gateway.errors import ConfigError, GatewayError, StartupError
+from ftps_gateway.handler import ControlHandler
 from ftps_gateway.loopwaker import LoopWaker
-from ftps_gateway.netpolicy import PassiveAddressPolicy
+from ftps_gateway.netpolicy import AccessList, PassiveAddressPolicy, TLSPolicyTable
 from ftps_gateway.passwords import PasswordVerifier
-from ftps_gateway.tls import TLSContextFactory
+from ftps_gateway.tls import TLSContextFactory, prove_session_binding
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
 
-    from ftps_gateway.config import GatewayConfig
+    from ftps_gateway.config import GatewayConfig, ListenAddress
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -40,19 +51,80 @@ PASSWORD_WORKERS = 2
 
 @dataclass
 class Gateway:
-    """What every session of one server shares."""
+    """What the sessions under one configuration share.
+
+    The first group is rebuilt from the config on reload; the second is the
+    server's own and carried over to each new ``Gateway``.
+    """
 
     config: GatewayConfig
     tls: TLSContextFactory
+    tls_policies: TLSPolicyTable
     passive_policy: PassiveAddressPolicy
+    access: AccessList
+    authorizer: GatewayAuthorizer
+
     verifier: PasswordVerifier
     executor: ThreadPoolExecutor
     waker: LoopWaker
     audit: AuditLog
+    defender: Defender
+    limits: SessionLimits
 
     def home_for(self, username: str) -> Path:
         """``<storage.root>/home/<user>``."""
         return home_dir(self.config, username)
+
+
+@dataclass
+class GatewayHolder:
+    """The current ``Gateway``: what new sessions see (swapped on reload)."""
+
+    current: Gateway
+
+
+def build_gateway(
+    config: GatewayConfig, shared: Gateway | None = None, **parts: Any
+) -> Gateway:
+    """A ``Gateway`` for ``config``; the server's own parts come from ``shared``.
+
+    Raises:
+        ConfigError: the certificate or key is unusable.
+        StartupError: TLS session binding cannot be enforced on this runtime.
+    """
+    tls_factory = TLSContextFactory(config.tls)
+    prove_session_binding(tls_factory)
+    server = config.server
+    if shared is not None:
+        shared.defender.update(config.defender, config.access.safe)
+        shared.limits.update(
+            server.max_sessions,
+            server.max_sessions_per_ip,
+            server.max_sessions_per_user,
+        )
+        parts = {
+            name: getattr(shared, name)
+            for name in ("verifier", "executor", "waker", "audit", "defender", "limits")
+        }
+    else:
+        parts.setdefault("defender", Defender(config.defender, config.access.safe))
+        parts.setdefault(
+            "limits",
+            SessionLimits(
+                server.max_sessions,
+                server.max_sessions_per_ip,
+                server.max_sessions_per_user,
+            ),
+        )
+    return Gateway(
+        config=config,
+        tls=tls_factory,
+        tls_policies=TLSPolicyTable(config.tls),
+        passive_policy=PassiveAddressPolicy(config.passive),
+        access=AccessList(config.access.allow),
+        authorizer=GatewayAuthorizer(frozenset(u.name for u in config.users)),
+        **parts,
+    )
 
 
 def home_dir(config: GatewayConfig, username: str) -> Path:
@@ -82,45 +154,110 @@ class GatewayServer:
         verifier: PasswordVerifier | None = None,
         audit: AuditLog | None = None,
     ) -> None:
-        self.config = config
         prepare_homes(config)
         self.ioloop = IOLoop()
-        tls_factory = TLSContextFactory(config.tls)
-        self.gateway = Gateway(
-            config=config,
-            tls=tls_factory,
-            passive_policy=PassiveAddressPolicy(config.passive),
-            verifier=verifier or PasswordVerifier(),
-            executor=ThreadPoolExecutor(PASSWORD_WORKERS, thread_name_prefix="argon2"),
-            waker=LoopWaker(self.ioloop),
-            audit=audit or AuditLog(),
-        )
-        self.handler_class = build_handler_class(self.gateway)
-        self.listeners: list[FTPServer] = []
+        executor = ThreadPoolExecutor(PASSWORD_WORKERS, thread_name_prefix="argon2")
         try:
-            for listen in config.server.listen:
-                listener = FTPServer(
-                    (listen.host, listen.port), self.handler_class, ioloop=self.ioloop
-                )
-                listener.max_cons = config.server.max_sessions
-                self.listeners.append(listener)
-        except OSError as err:
-            self._release()
-            raise StartupError(
-                f"server.listen: cannot listen on {listen.host}:{listen.port}: "
-                f"{err.strerror}"
-            ) from err
+            gateway = build_gateway(
+                config,
+                verifier=verifier or PasswordVerifier(),
+                executor=executor,
+                waker=LoopWaker(self.ioloop),
+                audit=audit or AuditLog(),
+            )
+        except GatewayError:
+            executor.shutdown(wait=False)
+            self.ioloop.close()
+            raise
+        self.holder = GatewayHolder(gateway)
+        self.listeners: list[FTPServer] = []
+        self.implicit_listeners: list[FTPServer] = []
+        self.admin: AdminServer | None = None
         self._stopped = threading.Event()
+        try:
+            self._listen(config.server.listen, implicit=False)
+            self._listen(config.server.implicit_listen, implicit=True)
+            self.admin = AdminServer(config.admin.socket, self)
+        except BaseException:
+            self._release()
+            raise
+
+    def _listen(self, addresses: Sequence[ListenAddress], *, implicit: bool) -> None:
+        handler_class = build_handler_class(self.holder, implicit=implicit)
+        key = "server.implicit_listen" if implicit else "server.listen"
+        for listen in addresses:
+            try:
+                listener = FTPServer(
+                    (listen.host, listen.port), handler_class, ioloop=self.ioloop
+                )
+            except OSError as err:
+                raise StartupError(
+                    f"{key}: cannot listen on {endpoint(listen)}: {err.strerror}"
+                ) from err
+            listener.max_cons = 0  # SessionLimits counts sessions, not sockets
+            (self.implicit_listeners if implicit else self.listeners).append(listener)
+
+    @property
+    def gateway(self) -> Gateway:
+        """The current configuration's runtime objects."""
+        return self.holder.current
+
+    @property
+    def config(self) -> GatewayConfig:
+        """The current configuration."""
+        return self.holder.current.config
+
+    def reload(self) -> list[str]:
+        """Re-read the config file and apply it to new sessions; run on the IO loop.
+
+        Returns:
+            The problems that kept the new config out (empty: it is in force).
+        """
+        current = self.holder.current
+        source = current.config.source
+        audit = current.audit
+        if source is None:
+            problems = ["the built-in demo has no config file to reload"]
+        else:
+            try:
+                new_config = config_module.load(source)
+                problems = _unreloadable_changes(current.config, new_config)
+                if not problems:
+                    prepare_homes(new_config)
+                    self.holder.current = build_gateway(new_config, shared=current)
+            except ConfigError as err:
+                problems = list(err.problems)
+            except GatewayError as err:
+                problems = [str(err)]
+        if problems:
+            audit.event("config_reload", result="refused", problems=problems)
+            for problem in problems:
+                logger.error("reload refused: %s", problem)
+        else:
+            audit.event("config_reload", result="ok", source=str(source))
+            logger.info("configuration reloaded from %s", source)
+        return problems
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        """The bound (host, port) of each listener (useful with port 0)."""
+        """The bound (host, port) of each explicit listener (useful with port 0)."""
         return [(server.address[0], server.address[1]) for server in self.listeners]
+
+    @property
+    def implicit_addresses(self) -> list[tuple[str, int]]:
+        """The bound (host, port) of each implicit-TLS listener."""
+        return [
+            (server.address[0], server.address[1]) for server in self.implicit_listeners
+        ]
 
     def serve_forever(self) -> None:
         """Run the IO loop until ``stop``."""
         for host, port in self.addresses:
             logger.info("listening for explicit FTPS on %s:%s", host, port)
+        for host, port in self.implicit_addresses:
+            logger.info("listening for implicit FTPS on %s:%s", host, port)
+        if self.admin is not None:
+            self.admin.start()
         try:
             self.ioloop.loop()
         finally:
@@ -133,25 +270,40 @@ class GatewayServer:
         self._stopped.wait(timeout)
 
     def _release(self) -> None:
-        self.gateway.executor.shutdown(wait=False, cancel_futures=True)
-        self.gateway.tls.close()
+        if self.admin is not None:
+            self.admin.close()
+        gateway = self.holder.current
+        gateway.executor.shutdown(wait=False, cancel_futures=True)
+        gateway.tls.close()
         if self.ioloop.socket_map:
             self.ioloop.close()
 
 
-def build_handler_class(gateway: Gateway) -> type[ControlHandler]:
-    """A ControlHandler subclass carrying this server's settings (never global)."""
-    settings = gateway.config.server
-    data_class: type[Any] = type(
-        "GatewayDataHandler", (DataHandler,), {"timeout": settings.idle_timeout_seconds}
-    )
+def _unreloadable_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """Settings a reload cannot apply (bound sockets); a restart is needed."""
+    problems = []
+    for key, before, after in (
+        ("server.listen", old.server.listen, new.server.listen),
+        ("server.implicit_listen", old.server.implicit_listen,
+         new.server.implicit_listen),
+        ("admin.socket", old.admin.socket, new.admin.socket),
+    ):  # fmt: skip
+        if before != after:
+            problems.append(f"{key}: changed; listeners change only on restart")
+    return problems
+
+
+def build_handler_class(
+    holder: GatewayHolder, *, implicit: bool = False
+) -> type[ControlHandler]:
+    """A ControlHandler subclass carrying this server's holder (never global).
+
+    Banner and timeouts are properties that read the session's configuration, so
+    a reload changes them for new sessions.
+    """
     attributes: dict[str, Any] = {
-        "gateway": gateway,
-        "authorizer": GatewayAuthorizer(
-            frozenset(u.name for u in gateway.config.users)
-        ),
-        "banner": settings.banner,
-        "timeout": settings.idle_timeout_seconds,
-        "dtp_handler": data_class,
+        "gateways": holder,
+        "implicit_tls": implicit,
+        "authorizer": holder.current.authorizer,
     }
     return type("GatewayControlHandler", (ControlHandler,), attributes)

@@ -23,11 +23,12 @@ from __future__ import annotations
 import os
 import ssl
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ftps_gateway import certs
-from ftps_gateway.errors import ConfigError
+from ftps_gateway.errors import ConfigError, StartupError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -46,7 +47,7 @@ CONTROL_TICKETS = 2
 
 @dataclass(frozen=True)
 class TLSPolicy:
-    """Protocol bounds for one session (later: per partner)."""
+    """Protocol bounds for one session."""
 
     min_version: str = "1.2"
     max_version: str = "1.3"
@@ -88,14 +89,22 @@ class TLSContextFactory:
         )
         if problems:
             raise ConfigError([f"{key}: {problem}" for key, problem in problems])
-        self.default_policy = TLSPolicy(min_version=settings.min_version)
+        self.default_policy = TLSPolicy(settings.min_version, settings.max_version)
+        self.min_version = settings.min_version
         self._snapshot = _PemSnapshot(settings.certificate, settings.private_key)
+        # The descriptor goes with the factory: after a reload, the old factory lives
+        # as long as sessions that have not done AUTH TLS yet still refer to it.
+        weakref.finalize(self, self._snapshot.close)
         # Fail at start-up, not at the first client, if OpenSSL refuses the material.
         try:
             self.session_context()
         except ssl.SSLError as err:
             self._snapshot.close()
             raise ConfigError([f"tls.certificate: OpenSSL refused it: {err}"]) from err
+
+    def policy(self, max_version: str) -> TLSPolicy:
+        """The bounds for a session capped at ``max_version``."""
+        return TLSPolicy(self.min_version, max_version)
 
     def session_context(self, policy: TLSPolicy | None = None) -> ssl.SSLContext:
         """Return a new context for one control session and its data connections."""
@@ -126,3 +135,106 @@ def seal_for_data_connections(context: ssl.SSLContext) -> None:
     tickets and every later data connection gets none.
     """
     context.num_tickets = 0
+
+
+def set_data_max_version(context: ssl.SSLContext, max_version: str) -> None:
+    """Cap the TLS version of data connections created on ``context`` from now on.
+
+    Like ``num_tickets``, OpenSSL copies the version bounds into each connection at
+    creation, so the control connection keeps what it negotiated.
+    """
+    context.maximum_version = _VERSIONS[max_version]
+
+
+# --- start-up proof ------------------------------------------------------------------
+
+_HANDSHAKE_ROUNDS = 10
+
+
+def prove_session_binding(factory: TLSContextFactory) -> None:
+    """Prove with real handshakes in memory that the session binding holds here.
+
+    For each TLS version: a data connection on its control session's context resumes
+    (``session_reused``) and receives no session ticket; on another session's
+    context the same session does not resume. If a Python or OpenSSL build behaves
+    differently, the server refuses to start rather than enforce a policy that would
+    refuse every partner or, worse, accept strangers.
+
+    Raises:
+        StartupError: naming what did not hold.
+    """
+    for attribute in ("session_reused", "session"):
+        if not hasattr(ssl.SSLSocket, attribute):
+            raise StartupError(f"this Python's ssl module lacks SSLSocket.{attribute}")
+    if not hasattr(ssl.SSLContext, "num_tickets"):
+        raise StartupError("this Python's ssl module lacks SSLContext.num_tickets")
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    versions = [v for v in TLS_VERSION_NAMES if v >= factory.min_version]
+    for version in versions:
+        context = factory.session_context(factory.policy(version))
+        control, control_tail = _memory_handshake(context, client, None)
+        seal_for_data_connections(context)
+        session = control.session
+        data, data_tail = _memory_handshake(context, client, session)
+        stranger, _ = _memory_handshake(
+            factory.session_context(factory.policy(version)), client, session
+        )
+        problems = []
+        if not data.session_reused:
+            problems.append("a data connection did not resume its control session")
+        if stranger.session_reused:
+            problems.append("another session's context resumed the session")
+        if version == "1.3" and not control_tail:
+            problems.append("the control connection received no session ticket")
+        if data_tail:
+            problems.append("a data connection received session tickets")
+        if problems:
+            raise StartupError(
+                f"TLS {version} session binding does not hold with "
+                f"{ssl.OPENSSL_VERSION}: {'; '.join(problems)}"
+            )
+
+
+TLS_VERSION_NAMES = tuple(_VERSIONS)
+
+
+def _memory_handshake(
+    server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+    session: ssl.SSLSession | None,
+) -> tuple[ssl.SSLObject, int]:
+    """Handshake two SSLObjects over memory BIOs.
+
+    Returns the client end and how many bytes the server sent after its handshake
+    completed (TLS 1.3 session tickets, or nothing).
+    """
+    server_in, server_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client_in, client_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_context.wrap_bio(server_in, server_out, server_side=True)
+    client = client_context.wrap_bio(client_in, client_out, session=session)
+    done = {"client": False, "server": False}
+    tail = 0
+    for _ in range(_HANDSHAKE_ROUNDS):
+        for name, end in (("client", client), ("server", server)):
+            if done[name]:
+                continue
+            try:
+                end.do_handshake()
+            except ssl.SSLWantReadError:
+                continue
+            done[name] = True
+            if name == "server":
+                tail = server_out.pending
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+        if all(done.values()):
+            break
+    else:
+        raise StartupError("TLS self-check: the in-memory handshake did not finish")
+    # Let the client read what followed the handshake (tickets) into its session.
+    server.write(b".")
+    client_in.write(server_out.read())
+    client.read(1)
+    return client, tail

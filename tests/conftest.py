@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -96,6 +98,8 @@ def write_config(
     passive_ports: str = "40000-40999",
     users: str | None = None,
     server_extra: str = "",
+    tls_extra: str = "",
+    sections: str = "",
 ) -> Path:
     """Write a gateway.toml for tests and return its path."""
     chain, key, _ = cert_files
@@ -111,6 +115,7 @@ listen = ["127.0.0.1:0"]
 [tls]
 certificate = "{chain}"
 private_key = "{key}"
+{tls_extra}
 [passive]
 ports = "{passive_ports}"
 {"" if "connect_timeout_seconds" in extra else "connect_timeout_seconds = 5"}
@@ -118,10 +123,18 @@ ports = "{passive_ports}"
 [storage]
 root = "{directory / "storage"}"
 {users}
+{sections}
+{"" if "[admin]" in sections else f'[admin]{chr(10)}socket = "{admin_socket_path(directory)}"'}
 """
     path = directory / "gateway.toml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def admin_socket_path(directory: Path) -> Path:
+    """A short admin socket path for ``directory`` (sun_path holds 107 bytes)."""
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"ftpsgw-{digest}.sock"
 
 
 @pytest.fixture

@@ -13,12 +13,16 @@ import trustme
 
 from ftps_gateway import certs, config
 from ftps_gateway.config import (
+    AccessSettings,
+    AdminSettings,
+    DefenderSettings,
     GatewayConfig,
     ListenAddress,
     PassiveOverride,
     PassiveSettings,
     ServerSettings,
     StorageSettings,
+    TLSOverride,
     TLSSettings,
     UserSettings,
 )
@@ -113,7 +117,9 @@ LONG_NAME = "a" * 65
 REJECTED = [
     # server section
     pytest.param(
-        {LISTEN: ""}, ["server.listen: required key is missing"], id="listen-missing"
+        {LISTEN: ""},
+        ["server.listen: no listener: give listen, implicit_listen or both"],
+        id="listen-missing",
     ),
     pytest.param(
         {LISTEN: 'listen = "127.0.0.1:2121"\n'},
@@ -122,7 +128,7 @@ REJECTED = [
     ),
     pytest.param(
         {LISTEN: "listen = []\n"},
-        ["server.listen: must not be empty (got [])"],
+        ["server.listen: no listener: give listen, implicit_listen or both"],
         id="listen-empty",
     ),
     pytest.param(
@@ -263,7 +269,7 @@ REJECTED = [
         {f"[server]\n{LISTEN}": 'server = "0.0.0.0:21"\n'},
         [
             "server: must be a table (got '0.0.0.0:21')",
-            "server.listen: required key is missing",
+            "server.listen: no listener: give listen, implicit_listen or both",
         ],
         id="server-not-table",
     ),
@@ -586,6 +592,89 @@ REJECTED = [
         ["metrics: unknown key"],
         id="unknown-section",
     ),
+    # issue 3: TLS policy, access, defender, admin, per-user policy
+    pytest.param(
+        _add("tls", 'reuse = "sometimes"'),
+        ["tls.reuse: must be one of required, ip-match (got 'sometimes')"],
+        id="tls-reuse-unknown",
+    ),
+    pytest.param(
+        _add("tls", 'min_version = "1.3"\nmax_version = "1.2"'),
+        ["tls.max_version: below tls.min_version 1.3 (got '1.2')"],
+        id="tls-max-below-min",
+    ),
+    pytest.param(
+        _before_storage('[[tls.overrides]]\nnetworks = ["10.0.0.0/8"]\n\n'),
+        ["tls.overrides[0]: sets neither reuse nor max_version"],
+        id="tls-override-empty",
+    ),
+    pytest.param(
+        _before_storage(
+            '[[tls.overrides]]\nnetworks = ["10.0.0.0/8"]\nreuse = "ip-match"\n'
+            '[[tls.overrides]]\nnetworks = ["10.0.0.0/8"]\nmax_version = "1.2"\n\n'
+        ),
+        [
+            "tls.overrides[1].networks[0]: network listed twice, first at "
+            "tls.overrides[0].networks[0] (got '10.0.0.0/8')"
+        ],
+        id="tls-override-network-twice",
+    ),
+    pytest.param(
+        _before_storage('[access]\nallow = ["10.0.0.1/8"]\n\n'),
+        [
+            "access.allow[0]: host bits set; the network would be 10.0.0.0/8 "
+            "(got '10.0.0.1/8')"
+        ],
+        id="access-allow-host-bits",
+    ),
+    pytest.param(
+        _before_storage('[access]\nallow = "10.0.0.0/8"\n\n'),
+        ["access.allow: must be an array (got '10.0.0.0/8')"],
+        id="access-allow-not-array",
+    ),
+    pytest.param(
+        _before_storage("[defender]\nban_seconds = 600\nmax_ban_seconds = 60\n\n"),
+        ["defender.max_ban_seconds: below defender.ban_seconds (600) (got 60)"],
+        id="defender-max-below-ban",
+    ),
+    pytest.param(
+        _before_storage("[defender]\nmax_failures = 0\n\n"),
+        ["defender.max_failures: must be 1 to 1000 (got 0)"],
+        id="defender-zero-failures",
+    ),
+    pytest.param(
+        _add("server", 'implicit_listen = ["127.0.0.1:2121"]'),
+        [
+            "server.implicit_listen[0]: duplicate listener, same as server.listen "
+            "(got '127.0.0.1:2121')"
+        ],
+        id="implicit-same-as-explicit",
+    ),
+    pytest.param(
+        _before_storage(f'[admin]\nsocket = "/{"s" * 120}"\n\n'),
+        [
+            "admin.socket: longer than 107 bytes, too long for a socket "
+            f"(got '/{'s' * 120}')"
+        ],
+        id="admin-socket-too-long",
+    ),
+    pytest.param(
+        {USER: USER + 'allow = ["example.com"]\nreuse = "never"\n'},
+        [
+            "users[0].allow[0]: not an IP network (CIDR like 10.0.0.0/8, or one IP) "
+            "(got 'example.com')",
+            "users[0].reuse: must be one of required, ip-match (got 'never')",
+        ],
+        id="user-policy-invalid",
+    ),
+    pytest.param(
+        {
+            USER: USER + 'max_version = "1.2"\n',
+            "[tls]\n": '[tls]\nmin_version = "1.3"\n',
+        },
+        ["users[0].max_version: below tls.min_version 1.3 (got '1.2')"],
+        id="user-max-below-min",
+    ),
 ]
 
 
@@ -684,12 +773,35 @@ banner = "Acme exchange"
 idle_timeout_seconds = 600
 login_timeout_seconds = 20
 max_sessions = 64
+max_sessions_per_ip = 4
+max_sessions_per_user = 2
 allow_active_mode = true
+implicit_listen = ["0.0.0.0:990"]
 
 [tls]
 certificate = "certs/server.crt"
 private_key = "certs/server.key"
-min_version = "1.3"
+min_version = "1.2"
+max_version = "1.3"
+reuse = "ip-match"
+
+[[tls.overrides]]
+networks = ["198.51.100.0/24"]
+max_version = "1.2"
+
+[access]
+allow = ["198.51.100.0/24", "10.0.0.0/8"]
+safe = ["10.1.0.0/16"]
+
+[defender]
+enabled = false
+max_failures = 3
+window_seconds = 60
+ban_seconds = 120
+max_ban_seconds = 600
+
+[admin]
+socket = "run/admin.sock"
 
 [passive]
 ports = "50000-50009"
@@ -713,6 +825,9 @@ password = "{HASH}"
 [[users]]
 name = "globex.corp"
 password = "{HASH}"
+allow = ["198.51.100.7"]
+reuse = "required"
+max_version = "1.2"
 """
     path = _write(config_dir, text)
     expected = GatewayConfig(
@@ -723,12 +838,22 @@ password = "{HASH}"
             idle_timeout_seconds=600,
             login_timeout_seconds=20,
             max_sessions=64,
+            max_sessions_per_ip=4,
+            max_sessions_per_user=2,
             allow_active_mode=True,
+            implicit_listen=(ListenAddress("0.0.0.0", 990),),
         ),
         tls=TLSSettings(
             certificate=config_dir / "certs" / "server.crt",
             private_key=config_dir / "certs" / "server.key",
-            min_version="1.3",
+            min_version="1.2",
+            max_version="1.3",
+            reuse="ip-match",
+            overrides=(
+                TLSOverride(
+                    (ipaddress.IPv4Network("198.51.100.0/24"),), max_version="1.2"
+                ),
+            ),
         ),
         passive=PassiveSettings(
             port_min=50000,
@@ -746,7 +871,31 @@ password = "{HASH}"
             connect_timeout_seconds=15,
         ),
         storage=StorageSettings(root=config_dir / "data"),
-        users=(UserSettings("acme", HASH), UserSettings("globex.corp", HASH)),
+        users=(
+            UserSettings("acme", HASH),
+            UserSettings(
+                "globex.corp",
+                HASH,
+                (ipaddress.IPv4Network("198.51.100.7/32"),),
+                reuse="required",
+                max_version="1.2",
+            ),
+        ),
+        access=AccessSettings(
+            allow=(
+                ipaddress.IPv4Network("198.51.100.0/24"),
+                ipaddress.IPv4Network("10.0.0.0/8"),
+            ),
+            safe=(ipaddress.IPv4Network("10.1.0.0/16"),),
+        ),
+        defender=DefenderSettings(
+            enabled=False,
+            max_failures=3,
+            window_seconds=60,
+            ban_seconds=120,
+            max_ban_seconds=600,
+        ),
+        admin=AdminSettings(config_dir / "run" / "admin.sock"),
         log_level="debug",
     )
     assert config.load(path) == expected
@@ -915,18 +1064,32 @@ def test_summary(config_dir: Path) -> None:
     local = "local address of the control connection"
     assert report.splitlines() == [
         f"Configuration: {path}",
-        "Listeners: 127.0.0.1:2121",
+        "Listeners (explicit TLS): 127.0.0.1:2121",
+        "Listeners (implicit TLS): none",
         "Banner: Partner file exchange",
-        "Sessions: at most 512, login timeout 30 s, idle timeout 300 s",
+        (
+            "Sessions: at most 512, 16 per client address, 8 per user; "
+            "login timeout 30 s, idle timeout 300 s"
+        ),
         "Active mode (PORT/EPRT): refused",
         (
+            "Access: WARNING: every client address may connect "
+            "(access.allow is empty; list your partners' networks)"
+        ),
+        (
+            "Defender: ban after 5 failed logins within 300 s, for 900 s "
+            "(doubling on repeat, at most 86400 s)"
+        ),
+        (
             f"TLS: certificate {certs_dir / 'server.crt'}, "
-            f"private key {certs_dir / 'server.key'}, minimum version TLS 1.2"
+            f"private key {certs_dir / 'server.key'}, versions 1.2-1.3, "
+            "data connections: must resume the control connection's TLS session"
         ),
         "Passive ports: 50000-50099 (100 ports), connect timeout 30 s",
         "Passive address: 203.0.113.7",
         f"Passive override: 10.0.0.0/8, ::1/128 -> {local}",
         f"Storage root: {config_dir / 'data'}",
+        f"Admin socket: {config_dir / 'data' / '.ftps-gateway' / 'admin.sock'}",
         "Users (2): acme, globex",
         "Log level: info",
     ]
@@ -946,10 +1109,19 @@ def test_example_file_loads(config_dir: Path) -> None:
     placeholder = "PASTE-OUTPUT-OF-ftps-gateway-hash-password"
     assert placeholder in text
     text = re.sub(
-        r"^# (\[\[users\]\]|name = |password = )", r"\1", text, flags=re.MULTILINE
+        r"^# (\[\[users\]\]|name = |password = |allow = |reuse = |max_version = )",
+        r"\1",
+        text,
+        flags=re.MULTILINE,
     )
     cfg = config.load(_write(config_dir, text.replace(placeholder, HASH)))
-    assert cfg.users == (UserSettings("acme", HASH),)
+    assert cfg.users == (
+        UserSettings(
+            "acme", HASH, (ipaddress.IPv4Network("198.51.100.0/24"),),
+            reuse="required", max_version="1.3",
+        ),
+    )  # fmt: skip
+    assert not config.summary(cfg).count("WARNING")
     assert cfg.tls.certificate == config_dir / "certs" / "server.crt"
     assert cfg.passive.address == "203.0.113.7"
     assert [override.address for override in cfg.passive.overrides] == [""]
@@ -965,10 +1137,23 @@ def test_example_file_documents_every_key() -> None:
         "idle_timeout_seconds",
         "login_timeout_seconds",
         "max_sessions",
+        "max_sessions_per_ip",
+        "max_sessions_per_user",
+        "implicit_listen",
         "allow_active_mode",
         "certificate",
         "private_key",
         "min_version",
+        "max_version",
+        "reuse",
+        "allow",
+        "safe",
+        "enabled",
+        "max_failures",
+        "window_seconds",
+        "ban_seconds",
+        "max_ban_seconds",
+        "socket",
         "ports",
         "address",
         "connect_timeout_seconds",

@@ -1,0 +1,195 @@
+"""The local admin socket: list and lift bans, reload, status, for the CLI.
+
+A Unix socket (mode 0600, in a 0700 directory) rather than a network port: only
+the service account and root can reach it, and no credentials are needed or stored.
+One JSON object per line each way; a thread of its own serves it, so a slow admin
+client never holds up the IO loop. Anything that changes sessions' state (reload)
+is handed to the IO loop and waited for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import socketserver
+import stat
+import threading
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from ftps_gateway.errors import GatewayError, StartupError
+from ftps_gateway.netpolicy import parse_ip
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ftps_gateway.server import GatewayServer
+
+logger = logging.getLogger("ftps_gateway")
+
+MAX_REQUEST_BYTES = 4096
+CLIENT_TIMEOUT_SECONDS = 10.0
+RELOAD_TIMEOUT_SECONDS = 30.0
+
+
+class AdminError(GatewayError):
+    """The admin socket could not be reached or answered an error."""
+
+
+class AdminServer:
+    """Serves admin requests for one ``GatewayServer`` on a Unix socket."""
+
+    def __init__(self, path: Path, server: GatewayServer) -> None:
+        """Bind the socket now, so a start-up problem is reported at start-up."""
+        self.path = path
+        self._server = server
+        _prepare_socket_path(path)
+        handler = type("_Handler", (_RequestHandler,), {"admin": self})
+        try:
+            self._unix = socketserver.ThreadingUnixStreamServer(str(path), handler)
+        except OSError as err:
+            raise StartupError(
+                f"admin.socket: cannot listen on {path}: {err.strerror}"
+            ) from err
+        self._unix.daemon_threads = True
+        path.chmod(0o600)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Serve in a daemon thread."""
+        self._thread = threading.Thread(
+            target=self._unix.serve_forever, name="admin-socket", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and remove the socket file."""
+        if self._thread is not None:
+            self._unix.shutdown()
+            self._thread.join(5)
+            self._thread = None
+        self._unix.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Carry out one request; errors come back as ``{"error": ...}``."""
+        command = request.get("command")
+        defender = self._server.gateway.defender
+        if command == "bans":
+            return {"bans": [_ban_fields(ban) for ban in defender.bans()]}
+        if command == "unban":
+            ip = request.get("ip")
+            address = parse_ip(ip) if isinstance(ip, str) else None
+            if address is None:
+                return {"error": f"not an IP address: {ip!r}"}
+            removed = defender.remove(str(address))
+            if removed:
+                self._server.gateway.audit.event("unban", banned_ip=str(address))
+            return {"removed": removed, "ip": str(address)}
+        if command == "reload":
+            return {"problems": self._on_loop(self._server.reload)}
+        if command == "status":
+            total, per_ip, per_user = self._server.gateway.limits.snapshot()
+            return {
+                "sessions": total,
+                "addresses": len(per_ip),
+                "users_logged_in": sum(per_user.values()),
+                "bans": defender.active_count(),
+            }
+        return {"error": f"unknown command: {command!r}"}
+
+    def _on_loop(self, call: Any) -> Any:
+        """Run ``call`` on the IO loop thread and wait for its result."""
+        done: Future[Any] = Future()
+
+        def run() -> None:
+            try:
+                done.set_result(call())
+            except Exception as err:  # noqa: BLE001 - handed to the waiting thread
+                done.set_exception(err)
+
+        self._server.gateway.waker.call_soon_threadsafe(run)
+        return done.result(RELOAD_TIMEOUT_SECONDS)
+
+
+class _RequestHandler(socketserver.StreamRequestHandler):
+    admin: AdminServer
+    timeout = CLIENT_TIMEOUT_SECONDS
+
+    def handle(self) -> None:
+        line = self.rfile.readline(MAX_REQUEST_BYTES)
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise TypeError("not an object")  # noqa: TRY301
+            reply = self.admin.answer(request)
+        except (ValueError, TypeError):
+            reply = {"error": "a request is one JSON object on one line"}
+        except Exception as err:
+            logger.exception("admin request failed")
+            reply = {"error": f"request failed: {err}"}
+        self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+
+def _ban_fields(ban: Any) -> dict[str, Any]:
+    return {
+        "ip": ban.ip,
+        "remaining_seconds": round(ban.remaining_seconds),
+        "offences": ban.offences,
+        "until": ban.until,
+    }
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """Make the 0700 directory; clear a stale socket, refuse a live one."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise StartupError(f"admin.socket: {path.parent}: {err.strerror}") from err
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"admin.socket: {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # left behind by a server that died
+    else:
+        raise StartupError(
+            f"admin.socket: {path} is in use: is another ftps-gateway running?"
+        )
+    finally:
+        probe.close()
+
+
+def request(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """Send one request to a running server's admin socket and return its answer.
+
+    Raises:
+        AdminError: no server answers on ``path``, or it answered an error.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(RELOAD_TIMEOUT_SECONDS + 5)
+            client.connect(str(path))
+            client.sendall(json.dumps(payload).encode() + b"\n")
+            reply = client.makefile("rb").readline(1 << 20)
+    except OSError as err:
+        raise AdminError(
+            f"no server answers on {path} ({err.strerror or err}); is it running, "
+            "and is this its config?"
+        ) from err
+    try:
+        answer = json.loads(reply)
+    except ValueError as err:
+        raise AdminError(f"unreadable answer from {path}") from err
+    if not isinstance(answer, dict):
+        raise AdminError(f"unreadable answer from {path}")
+    if "error" in answer:
+        raise AdminError(str(answer["error"]))
+    return answer

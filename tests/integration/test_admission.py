@@ -1,0 +1,289 @@
+"""Who may connect and log in: allowlists, the defender's bans, session limits.
+
+Loopback addresses other than 127.0.0.1 stand in for other client networks (Linux
+routes all of 127.0.0.0/8 to ``lo``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ftplib
+import io
+import json
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pytest
+from conftest import PASSWORD, PASSWORD_HASH, RunningGateway
+from ftps_helpers import raw_connect, read_until_quiet
+
+from ftps_gateway import cli
+from ftps_gateway.client import ImplicitFTP_TLS
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.integration
+
+StartGateway = Callable[..., RunningGateway]
+Records = Callable[[], list[dict[str, object]]]
+
+
+def _events(records: Records, name: str) -> list[dict[str, object]]:
+    return [r for r in records() if r["event"] == name]
+
+
+def _fast_failures(gw: RunningGateway) -> None:
+    """Answer failed logins after 0.1 s instead of 3 s (RFC 2577's delay)."""
+    for listener in gw.server.listeners:
+        listener.handler.auth_failed_timeout = 0.1
+
+
+def _fail_login(gw: RunningGateway, source_ip: str = "127.0.0.1") -> None:
+    ftp = gw.client(login=False, source_ip=source_ip)
+    with pytest.raises(ftplib.error_perm, match="^530 Authentication failed"):
+        ftp.login("acme", "wrong password")
+    ftp.close()
+
+
+def _is_dropped(gw: RunningGateway, source_ip: str = "127.0.0.1") -> bool:
+    """True if the server closes the connection without sending a single byte."""
+    sock = raw_connect((gw.host, gw.port), source_ip)
+    try:
+        return read_until_quiet(sock, 3.0) == b""
+    finally:
+        sock.close()
+
+
+def _greeting(gw: RunningGateway, source_ip: str) -> bytes:
+    """What a new connection from ``source_ip`` hears before the server closes it."""
+    sock = raw_connect((gw.host, gw.port), source_ip)
+    try:
+        return read_until_quiet(sock, 3.0)
+    finally:
+        sock.close()
+
+
+# --- access.allow
+
+
+def test_connection_from_outside_access_allow_is_dropped_before_the_banner(
+    start_gateway: StartGateway, audit_records: Records
+) -> None:
+    gw = start_gateway(sections='[access]\nallow = ["127.0.0.2/32"]')
+    sock = raw_connect((gw.host, gw.port), "127.0.0.1")
+    # Whatever the client sends (here a TLS ClientHello's first bytes), nothing comes
+    # back: no banner, no TLS record, only the close.
+    with contextlib.suppress(OSError):  # the server may already have closed
+        sock.sendall(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03")
+    assert read_until_quiet(sock, 3.0) == b""
+    sock.close()
+    allowed = gw.client(source_ip="127.0.0.2")
+    allowed.quit()
+    refused = _events(audit_records, "connection_refused")
+    assert [(r["client_ip"], r["reason"]) for r in refused] == [
+        ("127.0.0.1", "not-allowed")
+    ]
+    assert not any(
+        r["event"] == "connect" and r["client_ip"] == "127.0.0.1"
+        for r in audit_records()
+    )
+
+
+def test_user_allow_networks_are_checked_at_login(
+    start_gateway: StartGateway, audit_records: Records
+) -> None:
+    users = (
+        f'[[users]]\nname = "acme"\npassword = "{PASSWORD_HASH}"\n'
+        'allow = ["127.0.0.2/32"]\n'
+    )
+    gw = start_gateway(users=users)
+    _fast_failures(gw)
+    ftp = gw.client(login=False, source_ip="127.0.0.1")
+    # The reply is that of a wrong password: the client learns nothing more.
+    with pytest.raises(ftplib.error_perm, match="^530 Authentication failed.$"):
+        ftp.login("acme", PASSWORD)
+    ftp.close()
+    gw.client(source_ip="127.0.0.2").quit()
+    failed = _events(audit_records, "login_failed")
+    assert [r["reason"] for r in failed] == ["network-not-allowed"]
+
+
+# --- pre-login
+
+
+@pytest.mark.parametrize("command", ["STAT", "HELP", "SITE HELP", "MDTM x", "SIZE x"])
+def test_nothing_is_described_before_login(
+    gateway: RunningGateway, command: str
+) -> None:
+    ftp = gateway.client(login=False)
+    ftp.auth()
+    with pytest.raises(ftplib.error_perm, match="^530 "):
+        ftp.sendcmd(command)
+    ftp.quit()
+
+
+def test_banner_reveals_no_software(gateway: RunningGateway) -> None:
+    ftp = gateway.client(login=False)
+    assert ftp.welcome == "220 Partner file exchange"
+    ftp.quit()
+
+
+# --- defender
+
+
+def test_ban_after_failures_then_expiry(
+    start_gateway: StartGateway, audit_records: Records
+) -> None:
+    gw = start_gateway(
+        sections="[defender]\nmax_failures = 2\nwindow_seconds = 60\nban_seconds = 2"
+    )
+    _fast_failures(gw)
+    _fail_login(gw)
+    assert not _is_dropped(gw)
+    ftp = gw.client(login=False)
+    # The failure that earns the ban also ends its session.
+    with pytest.raises(
+        ftplib.error_perm, match="^530 Authentication failed. Disconnecting."
+    ):
+        ftp.login("acme", "wrong again")
+    ftp.close()
+    assert _is_dropped(gw)
+    assert not _is_dropped(gw, "127.0.0.2"), "only the offending address is banned"
+    bans = _events(audit_records, "ban")
+    assert [(b["banned_ip"], b["seconds"], b["offences"]) for b in bans] == [
+        ("127.0.0.1", 2, 1)
+    ]
+    time.sleep(2.2)
+    gw.client().quit()
+
+
+def test_safe_networks_are_never_banned(start_gateway: StartGateway) -> None:
+    gw = start_gateway(
+        sections='[access]\nsafe = ["127.0.0.1/32"]\n[defender]\nmax_failures = 1'
+    )
+    _fast_failures(gw)
+    for _ in range(3):
+        _fail_login(gw)
+    gw.client().quit()
+
+
+def test_ban_list_and_remove_through_the_cli(
+    start_gateway: StartGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw = start_gateway(sections="[defender]\nmax_failures = 1\nban_seconds = 600")
+    _fast_failures(gw)
+    _fail_login(gw, "127.0.0.3")
+    config_path = gw.root.parent / "gateway.toml"
+    assert cli.main(["ban", "list", "--config", str(config_path), "--json"]) == 0
+    bans = json.loads(capsys.readouterr().out)
+    assert [(b["ip"], b["offences"]) for b in bans] == [("127.0.0.3", 1)]
+    assert 590 <= bans[0]["remaining_seconds"] <= 600
+    assert cli.main(["ban", "list", "--config", str(config_path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["ADDRESS", "REMAINING", "OFFENCES", "UNTIL", "(UTC)"]
+    assert table[1].startswith("127.0.0.3 ")
+    assert _is_dropped(gw, "127.0.0.3")
+    assert cli.main(["ban", "remove", "127.0.0.3", "--config", str(config_path)]) == 0
+    assert capsys.readouterr().out == "ban on 127.0.0.3 lifted\n"
+    assert not _is_dropped(gw, "127.0.0.3")
+    assert cli.main(["ban", "remove", "127.0.0.3", "--config", str(config_path)]) == 1
+    assert "127.0.0.3 is not banned" in capsys.readouterr().err
+    assert cli.main(["ban", "list", "--config", str(config_path)]) == 0
+    assert capsys.readouterr().out == "no address is banned\n"
+
+
+def test_ban_cli_without_a_running_server(
+    tmp_path: Path,
+    cert_files: tuple[Path, Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from conftest import write_config
+
+    config_path = write_config(tmp_path, cert_files)
+    assert cli.main(["ban", "list", "--config", str(config_path)]) == cli.EXIT_FAILURE
+    assert "no server answers on" in capsys.readouterr().err
+
+
+# --- limits
+
+
+def test_session_limits_each_with_their_own_reply(
+    start_gateway: StartGateway, audit_records: Records
+) -> None:
+    gw = start_gateway(
+        server_extra=(
+            "login_timeout_seconds = 20\nmax_sessions = 3\n"
+            "max_sessions_per_ip = 2\nmax_sessions_per_user = 1"
+        )
+    )
+    first = gw.client()  # acme logged in from 127.0.0.1
+    second = gw.client(login=False)
+    assert _greeting(gw, "127.0.0.1").startswith(
+        b"421 Too many sessions from your address"
+    )
+    third = gw.client(login=False, source_ip="127.0.0.2")
+    assert _greeting(gw, "127.0.0.3").startswith(b"421 Too many sessions; try again")
+    with pytest.raises(ftplib.error_temp, match="^421 Too many sessions for this user"):
+        third.login("acme", PASSWORD)
+    for ftp in (first, second):
+        ftp.quit()
+    third.close()
+    time.sleep(0.3)  # the server sees the closes
+    # Freed slots are usable again.
+    fourth = gw.client(source_ip="127.0.0.3")
+    fourth.storbinary("STOR ok.bin", io.BytesIO(b"ok"))
+    fourth.quit()
+    reasons = [r["reason"] for r in _events(audit_records, "connection_refused")]
+    assert reasons == ["limit-per-ip", "limit-total"]
+    failed = [r["reason"] for r in _events(audit_records, "login_failed")]
+    assert failed == ["limit-per-user"]
+    time.sleep(0.3)
+    assert gw.server.gateway.limits.snapshot() == (0, {}, {})
+
+
+def test_unauthenticated_session_is_closed_by_the_login_timer(
+    start_gateway: StartGateway,
+) -> None:
+    gw = start_gateway(server_extra="login_timeout_seconds = 1")
+    sock = raw_connect((gw.host, gw.port))
+    received = read_until_quiet(sock, 4.0)
+    sock.close()
+    assert received.startswith(b"220 ")
+    assert b"421 Login timed out" in received
+
+
+def _implicit_client(gw: RunningGateway, port: int) -> ftplib.FTP_TLS:
+    ftp = ImplicitFTP_TLS(
+        context=ssl.create_default_context(cafile=str(gw.ca_file)), timeout=10
+    )
+    ftp.connect(gw.host, port)
+    return ftp
+
+
+def test_implicit_tls_listener(
+    start_gateway: StartGateway, audit_records: Records
+) -> None:
+    """TLS from the first byte; data protected without PBSZ/PROT; AUTH refused."""
+    gw = start_gateway(server_extra='implicit_listen = ["127.0.0.1:0"]')
+    (port,) = [port for _host, port in gw.server.implicit_addresses]
+    # A plain-text client hears nothing it can read: the server waits for a ClientHello.
+    sock = socket.create_connection((gw.host, port), timeout=5)
+    sock.sendall(b"USER acme\r\n")
+    assert not read_until_quiet(sock, 2.0).startswith(b"220")
+    sock.close()
+    ftp = _implicit_client(gw, port)
+    assert ftp.welcome == "220 Partner file exchange"
+    assert ftp.sock.version() == "TLSv1.3"
+    with pytest.raises(ftplib.error_perm, match="^503 Already using TLS."):
+        ftp.sendcmd("AUTH TLS")
+    ftp.login("acme", PASSWORD)
+    ftp.storbinary("STOR implicit.bin", io.BytesIO(b"implicit"))
+    assert ftp.nlst() == ["implicit.bin"]
+    ftp.quit()
+    assert (gw.home() / "implicit.bin").read_bytes() == b"implicit"
+    connects = _events(audit_records, "connect")
+    assert connects[-1]["listener"] == "implicit"

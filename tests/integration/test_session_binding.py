@@ -1,0 +1,294 @@
+"""Data connections bound to their own control session, and per-partner TLS policy.
+
+Every data connection here is a real TLS connection to a real passive port. The
+attacker cases use the same source address as the victim, so only the TLS session
+binding (not the address check) can stop them.
+"""
+
+from __future__ import annotations
+
+import ftplib
+import io
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import PASSWORD, RunningGateway
+from ftps_helpers import read_until_quiet
+
+from ftps_gateway.client import ReusingFTP_TLS
+
+pytestmark = pytest.mark.integration
+
+StartGateway = Callable[..., RunningGateway]
+NOT_RESUMED = (
+    "425 Can't open data connection: TLS session of data connection not resumed."
+)
+SECRET = b"partner payroll " * 4096
+
+
+def _context(gw: RunningGateway) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(gw.ca_file))
+
+
+def plain_ftplib(gw: RunningGateway, source_ip: str = "127.0.0.1") -> ftplib.FTP_TLS:
+    """Stock ``ftplib.FTP_TLS``: every data connection is a brand-new TLS session."""
+    ftp = ftplib.FTP_TLS(context=_context(gw), timeout=10)
+    ftp.connect(gw.host, gw.port, source_address=(source_ip, 0))
+    ftp.login("acme", PASSWORD)
+    ftp.prot_p()
+    return ftp
+
+
+class SessionOfferingFTP_TLS(ReusingFTP_TLS):  # noqa: N801 - mirrors ftplib
+    """Offers a chosen TLS session (another control session's) on data connections."""
+
+    offered: ssl.SSLSession | None = None
+
+    def ntransfercmd(self, cmd: str, rest: int | str | None = None) -> tuple[Any, Any]:
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        conn = self.context.wrap_socket(
+            conn, server_hostname=self.host, session=self.offered
+        )
+        return conn, size
+
+
+def _put_secret(gw: RunningGateway) -> None:
+    (gw.home() / "secret.bin").write_bytes(SECRET)
+
+
+def _data_events(
+    records: Callable[[], list[dict[str, object]]],
+) -> list[dict[str, object]]:
+    return [
+        r
+        for r in records()
+        if r["event"] == "data_refused"
+        or (r["event"] == "tls_established" and r.get("channel") == "data")
+    ]
+
+
+def _pasv_port(ftp: ftplib.FTP) -> int:
+    reply = ftp.sendcmd("EPSV")
+    return int(reply.split("|")[-2])
+
+
+def _attacker_handshake(gw: RunningGateway, port: int) -> tuple[ssl.SSLSocket, bytes]:
+    """Connect to ``port`` from the victim's address with a fresh TLS session."""
+    raw = socket.create_connection((gw.host, port), timeout=5)
+    conn = _context(gw).wrap_socket(raw, server_hostname="localhost")
+    return conn, read_until_quiet(conn, 2.0)
+
+
+def test_same_ip_attacker_racing_to_the_passive_port_gets_nothing(
+    gateway: RunningGateway,
+    audit_records: Callable[[], list[dict[str, object]]],
+) -> None:
+    """The attacker wins the race to the port, completes TLS, and receives 0 bytes."""
+    _put_secret(gateway)
+    victim = gateway.client()
+    port = _pasv_port(victim)
+    # The victim's RETR is queued, waiting for a data connection.
+    victim.putcmd("RETR secret.bin")
+    assert victim.getresp().startswith("150")
+    conn, stolen = _attacker_handshake(gateway, port)
+    conn.close()
+    assert stolen == b""
+    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+        victim.voidresp()
+    refused = [r for r in audit_records() if r["event"] == "data_refused"]
+    assert [r["reason"] for r in refused] == ["not-resumed"]
+    # The victim's session is intact: the next transfer works.
+    out = io.BytesIO()
+    victim.retrbinary("RETR secret.bin", out.write)
+    assert out.getvalue() == SECRET
+    victim.quit()
+
+
+def test_attacker_before_the_transfer_command_gets_nothing(
+    gateway: RunningGateway,
+) -> None:
+    """Connected and refused before RETR: RETR then hears why, and nothing leaks."""
+    _put_secret(gateway)
+    victim = gateway.client()
+    port = _pasv_port(victim)
+    conn, stolen = _attacker_handshake(gateway, port)
+    conn.close()
+    assert stolen == b""
+    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+        victim.sendcmd("RETR secret.bin")
+    # Only once: the following command without PASV gets the usual answer.
+    with pytest.raises(ftplib.error_temp, match="^425 Use PASV or EPSV first."):
+        victim.sendcmd("RETR secret.bin")
+    victim.quit()
+
+
+def test_data_connection_offering_another_sessions_tls_session_is_refused(
+    gateway: RunningGateway,
+    audit_records: Callable[[], list[dict[str, object]]],
+) -> None:
+    """A session the server issued, but to another control connection, is refused."""
+    _put_secret(gateway)
+    shared_context = _context(gateway)  # Python resumes only on the same context
+    other = ReusingFTP_TLS(context=shared_context, timeout=10)
+    other.connect(gateway.host, gateway.port)
+    other.login("acme", PASSWORD)
+    other.prot_p()
+    other.retrbinary("RETR secret.bin", lambda _data: None)  # has a resumable session
+    thief = SessionOfferingFTP_TLS(context=shared_context, timeout=10)
+    thief.connect(gateway.host, gateway.port)
+    thief.login("acme", PASSWORD)
+    thief.prot_p()
+    thief.offered = other.sock.session
+    received = bytearray()
+    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+        thief.retrbinary("RETR secret.bin", received.extend)
+    assert received == b""
+    # The same client offering its own control session is accepted.
+    thief.offered = thief.sock.session
+    out = io.BytesIO()
+    thief.retrbinary("RETR secret.bin", out.write)
+    assert out.getvalue() == SECRET
+    events = _data_events(audit_records)
+    assert [e.get("reason", e.get("resumed")) for e in events] == [
+        True,
+        "not-resumed",
+        True,
+    ]
+    other.quit()
+    thief.quit()
+
+
+def test_stock_ftplib_is_refused_under_required(gateway: RunningGateway) -> None:
+    """Plain ftplib never resumes: refused by default, uploads and listings alike."""
+    ftp = plain_ftplib(gateway)
+    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+        ftp.storbinary("STOR up.bin", io.BytesIO(b"data"))
+    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+        ftp.nlst()
+    ftp.quit()
+    assert not (gateway.home() / "up.bin").exists()
+
+
+def test_stock_ftplib_passes_with_ip_match(start_gateway: StartGateway) -> None:
+    gw = start_gateway(tls_extra='reuse = "ip-match"')
+    ftp = plain_ftplib(gw)
+    ftp.storbinary("STOR up.bin", io.BytesIO(b"data"))
+    assert ftp.nlst() == ["up.bin"]
+    ftp.quit()
+    assert (gw.home() / "up.bin").read_bytes() == b"data"
+
+
+def test_ip_match_for_one_network_only(start_gateway: StartGateway) -> None:
+    """An override relaxes the check for its network; everyone else stays strict."""
+    gw = start_gateway(
+        tls_extra='[[tls.overrides]]\nnetworks = ["127.0.0.2/32"]\nreuse = "ip-match"'
+    )
+    relaxed = plain_ftplib(gw, source_ip="127.0.0.2")
+    relaxed.storbinary("STOR a.bin", io.BytesIO(b"a"))
+    relaxed.quit()
+    strict = plain_ftplib(gw, source_ip="127.0.0.1")
+    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+        strict.storbinary("STOR b.bin", io.BytesIO(b"b"))
+    strict.quit()
+
+
+def test_ip_match_for_one_user_only(start_gateway: StartGateway) -> None:
+    from conftest import PASSWORD_HASH
+
+    users = (
+        f'[[users]]\nname = "acme"\npassword = "{PASSWORD_HASH}"\nreuse = "ip-match"\n'
+        f'[[users]]\nname = "globex"\npassword = "{PASSWORD_HASH}"\n'
+    )
+    gw = start_gateway(users=users)
+    relaxed = plain_ftplib(gw)
+    relaxed.storbinary("STOR a.bin", io.BytesIO(b"a"))
+    relaxed.quit()
+    strict = ftplib.FTP_TLS(context=_context(gw), timeout=10)
+    strict.connect(gw.host, gw.port)
+    strict.login("globex", PASSWORD)
+    strict.prot_p()
+    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+        strict.nlst()
+    strict.quit()
+
+
+def test_max_version_per_network(start_gateway: StartGateway) -> None:
+    """A partner network capped at TLS 1.2; the data connections resume at 1.2 too."""
+    gw = start_gateway(
+        tls_extra='[[tls.overrides]]\nnetworks = ["127.0.0.2/32"]\nmax_version = "1.2"'
+    )
+    capped = gw.client(source_ip="127.0.0.2")
+    assert capped.sock.version() == "TLSv1.2"
+    capped.storbinary("STOR a.bin", io.BytesIO(b"a"))
+    capped.quit()
+    other = gw.client()
+    assert other.sock.version() == "TLSv1.3"
+    other.quit()
+
+
+def test_user_max_version_caps_data_connections(
+    start_gateway: StartGateway,
+    audit_records: Callable[[], list[dict[str, object]]],
+) -> None:
+    """Known only after login, a user's cap applies to its data connections."""
+    from conftest import PASSWORD_HASH
+
+    users = (
+        f'[[users]]\nname = "acme"\npassword = "{PASSWORD_HASH}"\n'
+        'reuse = "ip-match"\nmax_version = "1.2"\n'
+    )
+    gw = start_gateway(users=users)
+    ftp = plain_ftplib(gw)
+    versions: list[str] = []
+    conn, _ = ftp.ntransfercmd("NLST")
+    versions.append(conn.version())
+    conn.close()
+    ftp.voidresp()
+    ftp.quit()
+    assert versions == ["TLSv1.2"]
+    data = [
+        r
+        for r in audit_records()
+        if r["event"] == "tls_established" and r["channel"] == "data"
+    ]
+    assert [r["version"] for r in data] == ["TLSv1.2"]
+
+
+def test_user_cap_that_cannot_resume_is_reported(
+    start_gateway: StartGateway,
+    audit_records: Callable[[], list[dict[str, object]]],
+) -> None:
+    """A 1.2 data cap under "required" cannot resume a 1.3 control session: say so."""
+    from conftest import PASSWORD_HASH
+
+    users = (
+        f'[[users]]\nname = "acme"\npassword = "{PASSWORD_HASH}"\nmax_version = "1.2"\n'
+    )
+    gw = start_gateway(users=users)
+    ftp = gw.client()
+    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+        ftp.nlst()
+    ftp.quit()
+    conflicts = [r for r in audit_records() if r["event"] == "policy_conflict"]
+    assert len(conflicts) == 1
+    assert conflicts[0]["control_version"] == "1.3"
+    assert conflicts[0]["data_max_version"] == "1.2"
+
+
+def test_tls12_and_tls13_sessions_resume(start_gateway: StartGateway) -> None:
+    """The resuming client works at both versions under the default policy."""
+    gw = start_gateway()
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        context = _context(gw)
+        context.maximum_version = version
+        ftp = ReusingFTP_TLS(context=context, timeout=10)
+        ftp.connect(gw.host, gw.port)
+        ftp.login("acme", PASSWORD)
+        ftp.prot_p()
+        for index in range(5):
+            ftp.storbinary(f"STOR f{index}.bin", io.BytesIO(b"x" * 70_000))
+        assert sorted(ftp.nlst()) == [f"f{index}.bin" for index in range(5)]
+        ftp.quit()

@@ -1,0 +1,191 @@
+"""Bans and session limits, on a fake clock."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from ftps_gateway.config import DefenderSettings
+from ftps_gateway.defender import (
+    LIMIT_PER_IP,
+    LIMIT_PER_USER,
+    LIMIT_TOTAL,
+    Defender,
+    SessionLimits,
+)
+
+
+class Clock:
+    """Monotonic and wall time that only move when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return 1_700_000_000.0 + self.now
+
+
+SETTINGS = DefenderSettings(
+    max_failures=3, window_seconds=60, ban_seconds=100, max_ban_seconds=350
+)
+
+
+def _defender(clock: Clock, **changes: object) -> Defender:
+    settings = DefenderSettings(**{**SETTINGS.__dict__, **changes})  # type: ignore[arg-type]
+    safe = (ipaddress.ip_network("10.9.0.0/16"),)
+    return Defender(settings, safe, clock=clock, wall_clock=clock.wall)
+
+
+def test_ban_after_max_failures_within_window() -> None:
+    clock = Clock()
+    defender = _defender(clock)
+    assert defender.record_failure("198.51.100.7") is None
+    clock.now += 10
+    assert defender.record_failure("198.51.100.7") is None
+    assert not defender.is_banned("198.51.100.7")
+    ban = defender.record_failure("198.51.100.7")
+    assert ban is not None
+    assert (ban.ip, ban.remaining_seconds, ban.offences) == ("198.51.100.7", 100, 1)
+    assert ban.until == clock.wall() + 100
+    assert defender.is_banned("198.51.100.7")
+    assert not defender.is_banned("198.51.100.8")
+    clock.now += 100
+    assert not defender.is_banned("198.51.100.7")
+
+
+def test_failures_outside_the_window_do_not_count() -> None:
+    clock = Clock()
+    defender = _defender(clock)
+    for _ in range(10):
+        assert defender.record_failure("198.51.100.7") is None
+        clock.now += 31  # two failures per 60 s window at most
+
+
+def test_repeat_offences_double_the_ban_up_to_the_cap() -> None:
+    clock = Clock()
+    defender = _defender(clock)
+    lengths = []
+    for _ in range(4):
+        ban = None
+        for _ in range(3):
+            ban = defender.record_failure("203.0.113.5")
+        assert ban is not None
+        lengths.append(ban.remaining_seconds)
+        clock.now += ban.remaining_seconds
+    assert lengths == [100, 200, 350, 350]
+
+
+def test_offences_are_forgotten_after_good_behaviour() -> None:
+    clock = Clock()
+    defender = _defender(clock)
+    for _ in range(3):
+        defender.record_failure("203.0.113.5")
+    clock.now += 100 + 351  # ban over, then max_ban_seconds of quiet
+    ban = None
+    for _ in range(3):
+        ban = defender.record_failure("203.0.113.5")
+    assert ban is not None
+    assert ban.offences == 1
+    assert ban.remaining_seconds == 100
+
+
+def test_safe_networks_are_never_banned() -> None:
+    clock = Clock()
+    defender = _defender(clock)
+    for _ in range(20):
+        assert defender.record_failure("10.9.1.1") is None
+    assert not defender.is_banned("10.9.1.1")
+    assert defender.is_safe("10.9.1.1")
+    assert not defender.is_safe("10.8.1.1")
+
+
+def test_no_safe_networks_means_nobody_is_safe() -> None:
+    defender = Defender(SETTINGS, ())
+    assert not defender.is_safe("10.9.1.1")
+
+
+def test_disabled_defender_never_bans() -> None:
+    clock = Clock()
+    defender = _defender(clock, enabled=False)
+    for _ in range(10):
+        assert defender.record_failure("198.51.100.7") is None
+    assert defender.bans() == []
+
+
+def test_mapped_addresses_are_the_same_offender() -> None:
+    clock = Clock()
+    defender = _defender(clock)
+    defender.record_failure("::ffff:198.51.100.7")
+    defender.record_failure("198.51.100.7")
+    assert defender.record_failure("::ffff:198.51.100.7") is not None
+    assert defender.is_banned("198.51.100.7")
+
+
+def test_list_and_remove() -> None:
+    clock = Clock()
+    defender = _defender(clock)
+    for ip in ("198.51.100.1", "198.51.100.2"):
+        for _ in range(3):
+            defender.record_failure(ip)
+        clock.now += 10
+    assert [ban.ip for ban in defender.bans()] == ["198.51.100.1", "198.51.100.2"]
+    assert defender.active_count() == 2
+    assert defender.remove("198.51.100.1")
+    assert not defender.remove("198.51.100.1")
+    assert not defender.is_banned("198.51.100.1")
+    assert [ban.ip for ban in defender.bans()] == ["198.51.100.2"]
+
+
+def test_update_keeps_bans_and_applies_new_settings() -> None:
+    clock = Clock()
+    defender = _defender(clock)
+    for _ in range(3):
+        defender.record_failure("198.51.100.1")
+    defender.update(
+        DefenderSettings(max_failures=1, ban_seconds=5, max_ban_seconds=5), ()
+    )
+    assert defender.is_banned("198.51.100.1")
+    assert defender.record_failure("198.51.100.2") is not None
+
+
+@pytest.mark.parametrize("ip", ["not-an-ip", ""])
+def test_unparsable_addresses_do_not_crash(ip: str) -> None:
+    defender = _defender(Clock())
+    defender.record_failure(ip)
+    assert not defender.is_banned("198.51.100.1")
+
+
+def test_session_limits_total_per_ip_per_user() -> None:
+    limits = SessionLimits(total=3, per_ip=2, per_user=1)
+    assert limits.open("198.51.100.1") is None
+    assert limits.open("::ffff:198.51.100.1") is None
+    assert limits.open("198.51.100.1") == LIMIT_PER_IP
+    assert limits.open("198.51.100.2") is None
+    assert limits.open("198.51.100.3") == LIMIT_TOTAL
+    limits.close("198.51.100.1")
+    assert limits.open("198.51.100.3") is None
+    assert limits.login("acme") is None
+    assert limits.login("acme") == LIMIT_PER_USER
+    assert limits.login("globex") is None
+    limits.logout("acme")
+    assert limits.login("acme") is None
+    total, per_ip, per_user = limits.snapshot()
+    assert total == 3
+    assert per_ip == {"198.51.100.1": 1, "198.51.100.2": 1, "198.51.100.3": 1}
+    assert per_user == {"acme": 1, "globex": 1}
+
+
+def test_lower_limits_never_cut_open_sessions() -> None:
+    limits = SessionLimits(total=5, per_ip=5, per_user=5)
+    for _ in range(3):
+        assert limits.open("198.51.100.1") is None
+    limits.update(total=1, per_ip=1, per_user=1)
+    assert limits.snapshot()[0] == 3
+    assert limits.open("198.51.100.2") == LIMIT_TOTAL
+    for _ in range(3):
+        limits.close("198.51.100.1")
+    assert limits.open("198.51.100.2") is None
