@@ -582,8 +582,8 @@ REJECTED = [
     ),
     # top level
     pytest.param(
-        {"[storage]\n": "[metrics]\nport = 9100\n\n[storage]\n"},
-        ["metrics: unknown key"],
+        {"[storage]\n": "[quota]\nbytes = 9100\n\n[storage]\n"},
+        ["quota: unknown key"],
         id="unknown-section",
     ),
 ]
@@ -929,6 +929,7 @@ def test_summary(config_dir: Path) -> None:
         f"Storage root: {config_dir / 'data'}",
         "Users (2): acme, globex",
         "Log level: info",
+        "Metrics: off",
     ]
     assert "argon2" not in report
     assert HASH not in report
@@ -975,6 +976,8 @@ def test_example_file_documents_every_key() -> None:
         "networks",
         "root",
         "level",
+        "per_user_labels",
+        "allow_public",
         "name",
         "password",
     }
