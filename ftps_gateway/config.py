@@ -138,6 +138,22 @@ class UserSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """``[metrics]``: the Prometheus and health HTTP endpoint (off by default)."""
+
+    # IP:PORT serving /metrics, /healthz and /readyz; None (key absent or "") = off.
+    # Plain HTTP without authentication: loopback or a private network only, unless
+    # allow_public says otherwise.
+    listen: ListenAddress | None = None
+    # Label transfer metrics with the user name too; off: one series per user
+    # costs memory in Prometheus, and user names are partner data.
+    per_user_labels: bool = False
+    # Accept a public (or every-interface) listen address; off: the endpoint has no
+    # TLS and no login, and shows partner names when per_user_labels is on.
+    allow_public: bool = False
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """The whole, validated configuration."""
 
@@ -151,6 +167,7 @@ class GatewayConfig:
     defender: DefenderSettings = DefenderSettings()
     admin: AdminSettings = AdminSettings(Path())
     log_level: str = "info"  # [logging] level: debug, info, warning, error
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def user(self, name: str) -> UserSettings | None:
         """Return the user called ``name``, or None."""
@@ -171,6 +188,20 @@ PASSIVE_PORT_MIN: Final = 1024  # below this are privileged ports other services
 MAX_PASSIVE_PORTS: Final = 10_000  # each one is a firewall/NAT rule somewhere
 
 NOT_ARGON2ID: Final = "not an argon2id hash (make one with: ftps-gateway hash-password)"
+
+# Where an unauthenticated HTTP endpoint may listen without metrics.allow_public.
+# Spelt out rather than ip.is_private: that also counts 0.0.0.0 and :: (every
+# interface, public ones included) and the documentation ranges, and its meaning has
+# shifted between Python versions.
+_INTERNAL_NETWORKS: Final[tuple[IPNetwork, ...]] = tuple(
+    ipaddress.ip_network(network)
+    for network in (
+        "127.0.0.0/8", "::1/128",  # loopback
+        "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # RFC 1918
+        "fc00::/7",  # RFC 4193 unique local
+        "169.254.0.0/16", "fe80::/10",  # link-local: never routed
+    )
+)  # fmt: skip
 
 _PORT = re.compile(r"[0-9]{1,5}")
 _PORT_RANGE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})")
@@ -292,6 +323,7 @@ def summary(cfg: GatewayConfig) -> str:
             if user.allow or user.reuse or user.max_version
         ),
         f"Log level: {cfg.log_level}",
+        f"Metrics: {_metrics_summary(cfg.metrics)}",
     ]
     return "\n".join(lines)
 
@@ -345,6 +377,17 @@ def endpoint(address: ListenAddress) -> str:
     """Write a listener the way the config does: ``IP:port``, ``[IPv6]:port``."""
     host = f"[{address.host}]" if ":" in address.host else address.host
     return f"{host}:{address.port}"
+
+
+def _metrics_summary(metrics: MetricsSettings) -> str:
+    if metrics.listen is None:
+        return "off"
+    where = endpoint(metrics.listen)
+    text = f"http://{where}/metrics (also /healthz, /readyz)"
+    if not _is_internal(metrics.listen.host):
+        text += ", public (metrics.allow_public)"
+    labels = "on" if metrics.per_user_labels else "off"
+    return f"{text}, per-user labels {labels}"
 
 
 def _advertised(address: str) -> str:
@@ -541,11 +584,15 @@ def _gateway(root: _Table, source: Path) -> GatewayConfig:
     defender = _defender(root.table("defender"))
     admin = _admin(root.table("admin"), base, storage.root)
     log_level = _logging(root.table("logging"))
+    metrics = _metrics(
+        root.table("metrics"), server.listen + server.implicit_listen, passive
+    )
     users = _users(root, tls.min_version)
     root.close()
     return GatewayConfig(
         source, server, tls, passive, storage, users,
         access=access, defender=defender, admin=admin, log_level=log_level,
+        metrics=metrics,
     )  # fmt: skip
 
 
@@ -767,6 +814,61 @@ def _logging(table: _Table) -> str:
     return level
 
 
+def _metrics(
+    table: _Table, listeners: Sequence[ListenAddress], passive: PassiveSettings
+) -> MetricsSettings:
+    listen = table.optional("listen", _parse_optional_listen, None)
+    per_user_labels = table.flag("per_user_labels", MetricsSettings.per_user_labels)
+    allow_public = table.flag("allow_public", MetricsSettings.allow_public)
+    table.close()
+    if listen is not None:
+        _check_metrics_listen(table, listen, listeners, passive, allow_public)
+    return MetricsSettings(listen, per_user_labels, allow_public)
+
+
+def _check_metrics_listen(
+    table: _Table,
+    listen: ListenAddress,
+    listeners: Sequence[ListenAddress],
+    passive: PassiveSettings,
+    allow_public: bool,
+) -> None:
+    key, shown = table.key("listen"), endpoint(listen)
+    if not allow_public and not _is_internal(listen.host):
+        # Plain HTTP, no login: anyone who reaches it learns partner activity and,
+        # with per-user labels, partner names.
+        problem = (
+            "a public or every-interface address; use loopback or a private"
+            " address, or set metrics.allow_public = true"
+        )
+        table.problems.add(key, problem, shown)
+    if listen.port == 0:
+        return
+    if passive.port_min <= listen.port <= passive.port_max:
+        # A passive listener could take the port first (or be refused it), at random.
+        table.problems.add(key, "port inside passive.ports", shown)
+    for listener in listeners:
+        if listener.port == listen.port and _hosts_overlap(listener.host, listen.host):
+            problem = f"same port as the control listener {endpoint(listener)}"
+            table.problems.add(key, problem, shown)
+
+
+def _is_internal(host: str) -> bool:
+    """Loopback, link-local or a private network; never "every interface"."""
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in _INTERNAL_NETWORKS)
+
+
+def _hosts_overlap(first: str, second: str) -> bool:
+    """Whether two listeners on the same port would collide."""
+    a, b = ipaddress.ip_address(first), ipaddress.ip_address(second)
+    if a == b or a == ipaddress.IPv6Address("::") or b == ipaddress.IPv6Address("::"):
+        return True  # "::" is dual-stack on Linux: it takes IPv4 ports too
+    return a.version == b.version and (a.is_unspecified or b.is_unspecified)
+
+
 def _users(root: _Table, min_version: str) -> tuple[UserSettings, ...]:
     first: dict[str, str] = {}  # lower-cased name -> name as first written
     users: list[UserSettings] = []
@@ -822,6 +924,11 @@ def _parse_listen(text: str) -> ListenAddress:
     if not _PORT.fullmatch(port) or not 0 <= int(port) <= PORT_MAX:
         raise _BadValueError(f"port must be 0 to {PORT_MAX} (0: any free port)")
     return ListenAddress(str(ip), int(port))
+
+
+def _parse_optional_listen(text: str) -> ListenAddress | None:
+    """``IP:PORT`` as for ``server.listen``; "" means "off"."""
+    return _parse_listen(text) if text else None
 
 
 def _parse_port_range(text: str) -> tuple[int, int]:

@@ -588,8 +588,8 @@ REJECTED = [
     ),
     # top level
     pytest.param(
-        {"[storage]\n": "[metrics]\nport = 9100\n\n[storage]\n"},
-        ["metrics: unknown key"],
+        {"[storage]\n": "[quota]\nbytes = 9100\n\n[storage]\n"},
+        ["quota: unknown key"],
         id="unknown-section",
     ),
     # issue 3: TLS policy, access, defender, admin, per-user policy
@@ -1092,6 +1092,7 @@ def test_summary(config_dir: Path) -> None:
         f"Admin socket: {config_dir / 'data' / '.ftps-gateway' / 'admin.sock'}",
         "Users (2): acme, globex",
         "Log level: info",
+        "Metrics: off",
     ]
     assert "argon2" not in report
     assert HASH not in report
@@ -1160,6 +1161,8 @@ def test_example_file_documents_every_key() -> None:
         "networks",
         "root",
         "level",
+        "per_user_labels",
+        "allow_public",
         "name",
         "password",
     }

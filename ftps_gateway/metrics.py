@@ -1,0 +1,622 @@
+"""Prometheus metrics: a private registry, and the verbs that sessions call.
+
+Handlers call verbs (``login("ok")``, ``transfer_finished(...)``) and never touch a
+prometheus object, so metric names and label vocabularies live here only, as in
+sftpgo's ``internal/metric``. No pyftpdlib import; the HTTP side is ``health``.
+
+Naming follows Prometheus: ``ftps_gateway_`` prefix, counters end in ``_total``,
+units are spelled out (``_seconds``, ``_bytes``). Every label takes its value from a
+fixed vocabulary below; anything else is counted as ``other`` (and logged once), so a
+caller's bug or a peer-controlled string cannot create unbounded series.
+
+Several worker processes (issue 8): every series here is a counter, a histogram or a
+gauge whose per-process values add up (sessions active, passive ports in use), so a
+sum across workers is the gateway's figure. Two ways to get there, neither built yet:
+
+- prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before the
+  first import, a ``MultiProcessCollector`` on the scraping side). Counters and
+  histograms then sum by themselves; ``sessions_active`` needs
+  ``multiprocess_mode="livesum"`` and ``build_info`` ``"max"``; the scrape-time
+  callbacks (``_ScrapeTimeGauges``) do not exist in that mode and move to the parent.
+- or each worker keeps this registry and the parent scrapes them over a pipe and adds
+  the samples (simple, since nothing here is a ratio or an average).
+
+Either way, what all workers share (bans, the certificate, config reloads and their
+timestamp, build info) must be reported by one process only, or a sum would count
+it once per worker; ``process_*`` series stay per process (a ``worker`` label).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import platform
+import threading
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from importlib import metadata
+from typing import Final, TypeVar
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+import ftps_gateway
+
+logger = logging.getLogger("ftps_gateway")
+
+PREFIX: Final = "ftps_gateway_"
+OTHER: Final = "other"  # the label value for anything outside a vocabulary
+
+# --- vocabularies: the handler, the tests and the dashboard use these names ----------
+
+CHANNELS: Final = ("control", "data")
+
+# How an opened session ended (``session_closed``).
+SESSION_RESULTS: Final = (
+    "ok",  # logged in, then QUIT or a client disconnect
+    "no-login",  # the client left before logging in
+    "login-failed",  # too many failed logins
+    "login-timeout",  # no login within server.login_timeout_seconds
+    "idle-timeout",  # no command within server.idle_timeout_seconds
+    "tls-failed",  # the control channel's TLS handshake failed
+    "refused",  # opened, then refused by policy (e.g. limit-per-user at login)
+    "shutdown",  # the server stopped (drain grace period over)
+    "error",  # an unexpected exception closed it
+)
+
+# Why a session was refused (``session_refused``).
+SESSION_REFUSALS: Final = (
+    "not-allowed",  # client IP in no allowed network
+    "banned",  # client IP (or user) banned after failures
+    "limit-total",  # server.max_sessions reached
+    "limit-per-ip",
+    "limit-per-user",
+    "draining",  # SIGTERM received: no new sessions
+)
+
+# Login outcomes (``login``). The client hears one generic 530 for all failures;
+# the real reason is here and in the audit log.
+LOGIN_RESULTS: Final = (
+    "ok",
+    "bad-credentials",  # unknown user or wrong password (not told apart: enumeration)
+    "not-allowed-from-network",  # the user may not log in from this client IP
+    "banned",
+    "limit",  # a session limit refused the login
+)
+
+# ``ssl.SSLSocket.version()`` spelling, so the handler passes it through as is.
+TLS_VERSIONS: Final = ("TLSv1.2", "TLSv1.3")
+
+# TLS failures, grouped into causes an operator can act on. ``tls_failure`` accepts
+# these or the raw reason from ``tlsmixin.describe_tls_error`` (see
+# ``classify_tls_failure``).
+TLS_FAILURE_REASONS: Final = (
+    "timeout",  # no handshake within the time allowed
+    "peer-closed",  # the client went away mid-handshake
+    "not-tls",  # plain text, HTTP or garbage where a ClientHello belongs
+    "protocol-version",  # client's TLS version below tls.min_version (or too old)
+    "no-shared-cipher",  # no common cipher suite, group or signature algorithm
+    "certificate-rejected",  # the client does not trust our certificate
+)
+
+# Why a data connection was refused or failed (``data_connection_refused``).
+DATA_REFUSALS: Final = (
+    "not-resumed",  # TLS session not resumed from the control session (RFC 4217 s. 10)
+    "foreign-ip",  # the connection came from another IP than the control connection
+    "prot-c",  # PROT C attempted (refused, 534)
+    "prot-p-required",  # PASV/EPSV/PORT before PROT P (521)
+    "active-mode-disabled",  # PORT/EPRT while server.allow_active_mode is off
+    "passive-range-exhausted",  # no free port in passive.ports (425)
+    "passive-address",  # no IPv4 address to advertise in a 227 reply
+    "timeout",  # nobody connected to the passive port in time
+    "tls-handshake-failed",  # the data channel's TLS handshake failed or timed out
+)
+
+# A listing (LIST, NLST, MLSD) uses a data connection too and fails the same ways.
+TRANSFER_DIRECTIONS: Final = ("upload", "download", "listing")
+
+TRANSFER_RESULTS: Final = (
+    "ok",  # complete (uploads: close_notify arrived, file renamed into place)
+    "aborted",  # ABOR, or the control session went away
+    "truncated",  # connection reset or closed without TLS close_notify
+    "timeout",  # the data channel was idle too long
+    "local-error",  # the server could not read or store the file
+    "error",
+)
+
+RELOAD_RESULTS: Final = ("ok", "invalid-config", "error")
+
+# --- limits ---------------------------------------------------------------------------
+
+# Distinct users that get their own label value when per-user labels are on; later
+# users share OTHER_USER. Each user costs about a dozen series.
+MAX_USER_LABELS: Final = 100
+# Not "other": that is a valid user name; parentheses are not (config._USER_NAME).
+OTHER_USER: Final = "(other)"
+
+# From a small listing to a multi-gigabyte upload over a slow partner line.
+TRANSFER_SECONDS_BUCKETS: Final = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0
+)  # fmt: skip
+
+_MAX_LOGGED_LABEL_CHARS: Final = 64
+
+_T = TypeVar("_T")
+
+PassivePortsSource = Callable[[], tuple[int, int]]  # (in use, size of the range)
+Timestamp = datetime | float  # aware datetime, or seconds since the epoch
+
+
+def _as_frozen(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(values)
+
+
+_CHANNELS = _as_frozen(CHANNELS)
+_SESSION_RESULTS = _as_frozen(SESSION_RESULTS)
+_SESSION_REFUSALS = _as_frozen(SESSION_REFUSALS)
+_LOGIN_RESULTS = _as_frozen(LOGIN_RESULTS)
+_TLS_VERSIONS = _as_frozen(TLS_VERSIONS)
+_TLS_FAILURE_REASONS = _as_frozen(TLS_FAILURE_REASONS)
+_DATA_REFUSALS = _as_frozen(DATA_REFUSALS)
+_TRANSFER_DIRECTIONS = _as_frozen(TRANSFER_DIRECTIONS)
+_TRANSFER_RESULTS = _as_frozen(TRANSFER_RESULTS)
+_RELOAD_RESULTS = _as_frozen(RELOAD_RESULTS)
+
+# OpenSSL reason fragments (lower case, "_" as "-", as describe_tls_error writes them)
+# and the cause each one points to. First match wins.
+_TLS_REASON_RULES: Final = (
+    ("timeout", "timeout"),
+    ("eof", "peer-closed"),
+    ("disconnected", "peer-closed"),
+    ("connection-reset", "peer-closed"),
+    ("wrong-version-number", "not-tls"),
+    ("http-request", "not-tls"),
+    ("https-proxy-request", "not-tls"),
+    ("packet-length-too-long", "not-tls"),
+    ("record-layer-failure", "not-tls"),
+    ("protocol-version", "protocol-version"),
+    ("unsupported-protocol", "protocol-version"),
+    ("version-too-low", "protocol-version"),
+    ("no-protocols-available", "protocol-version"),
+    ("inappropriate-fallback", "protocol-version"),
+    ("cipher", "no-shared-cipher"),
+    ("no-suitable", "no-shared-cipher"),
+    ("no-shared-group", "no-shared-cipher"),
+    ("certificate", "certificate-rejected"),
+    ("unknown-ca", "certificate-rejected"),
+)
+
+
+def classify_tls_failure(reason: str) -> str:
+    """Map a raw TLS failure reason to one of ``TLS_FAILURE_REASONS`` or ``OTHER``.
+
+    OpenSSL has hundreds of reason codes; a dashboard needs the handful of causes an
+    operator can act on. The raw reason belongs in the audit log.
+    """
+    text = reason.lower().replace("_", "-").removeprefix("tls-handshake: ")
+    if text in _TLS_FAILURE_REASONS:
+        return text
+    for fragment, cause in _TLS_REASON_RULES:
+        if fragment in text:
+            return cause
+    return OTHER
+
+
+def build_version() -> str:
+    """The installed distribution's version; the package's own when not installed."""
+    try:
+        return metadata.version("ftps-gateway")
+    except metadata.PackageNotFoundError:
+        return ftps_gateway.__version__
+
+
+class GatewayMetrics:
+    """Every metric of one gateway, in its own ``CollectorRegistry``.
+
+    Never the global registry: two gateways in one process (tests) must not share
+    counters or clash on registration. All verbs are thread-safe and cheap (a lock and
+    an addition), so the IO loop may call them directly. Construct one even when no
+    endpoint is configured: counting costs next to nothing, and the handler then needs
+    no "metrics off" branch.
+    """
+
+    def __init__(
+        self,
+        *,
+        per_user_labels: bool = False,
+        max_user_labels: int = MAX_USER_LABELS,
+        process_metrics: bool = True,
+    ) -> None:
+        """Create and register every metric, with each known label value at zero.
+
+        Series that exist from the start make ``rate()`` and "absent means zero"
+        dashboards work before the first event.
+
+        Args:
+            per_user_labels: also count transfers per user (config
+                ``metrics.per_user_labels``).
+            max_user_labels: distinct users that get their own label value.
+            process_metrics: add the standard ``process_*`` series (CPU, memory, fds).
+        """
+        self.registry = CollectorRegistry()
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+        self._users: set[str] = set()
+        self._max_users = max_user_labels
+        registry = self.registry
+
+        self._sessions_active = Gauge(
+            f"{PREFIX}sessions_active",
+            "Control sessions open now.",
+            registry=registry,
+        )
+        self._sessions = Counter(
+            f"{PREFIX}sessions_total",
+            "Control sessions ended, by how they ended.",
+            ["result"],
+            registry=registry,
+        )
+        self._refusals = Counter(
+            f"{PREFIX}sessions_refused_total",
+            "Control connections or logins refused by policy, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self._logins = Counter(
+            f"{PREFIX}logins_total",
+            "Login attempts, by result (clients see one generic failure reply).",
+            ["result"],
+            registry=registry,
+        )
+        self._handshakes = Counter(
+            f"{PREFIX}tls_handshakes_total",
+            "Completed TLS handshakes, by channel, protocol version and resumption.",
+            ["channel", "version", "resumed"],
+            registry=registry,
+        )
+        self._tls_failures = Counter(
+            f"{PREFIX}tls_failures_total",
+            "Failed TLS handshakes, by channel and cause.",
+            ["channel", "reason"],
+            registry=registry,
+        )
+        self._data_refusals = Counter(
+            f"{PREFIX}data_connections_refused_total",
+            "Data connections refused or failed before a transfer, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self._transfers = Counter(
+            f"{PREFIX}transfers_total",
+            "Transfers ended, by direction and result.",
+            ["direction", "result"],
+            registry=registry,
+        )
+        self._transfer_bytes = Counter(
+            f"{PREFIX}transfer_bytes_total",
+            "Payload bytes moved over data connections, failed transfers included.",
+            ["direction"],
+            registry=registry,
+        )
+        self._durations = Histogram(
+            f"{PREFIX}transfer_duration_seconds",
+            "Duration of completed transfers (result ok), by direction.",
+            ["direction"],
+            buckets=TRANSFER_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self._reloads = Counter(
+            f"{PREFIX}config_reloads_total",
+            "Configuration reloads (SIGHUP), by result.",
+            ["result"],
+            registry=registry,
+        )
+        self._last_reload = Gauge(
+            f"{PREFIX}config_last_reload_success_timestamp_seconds",
+            "When the configuration in force was loaded (start or last good reload).",
+            registry=registry,
+        )
+        self._last_reload.set_to_current_time()
+        build = Gauge(
+            f"{PREFIX}build_info",
+            "Always 1; the labels say which build and Python runs.",
+            ["version", "python"],
+            registry=registry,
+        )
+        build.labels(build_version(), platform.python_version()).set(1)
+
+        self._user_transfers: Counter | None = None
+        self._user_bytes: Counter | None = None
+        if per_user_labels:
+            self._user_transfers = Counter(
+                f"{PREFIX}user_transfers_total",
+                f"Transfers ended, by user, direction and result (users beyond "
+                f"{max_user_labels} share {OTHER_USER}).",
+                ["user", "direction", "result"],
+                registry=registry,
+            )
+            self._user_bytes = Counter(
+                f"{PREFIX}user_transfer_bytes_total",
+                "Payload bytes moved, by user and direction.",
+                ["user", "direction"],
+                registry=registry,
+            )
+
+        self._scrape_time = _ScrapeTimeGauges()
+        registry.register(self._scrape_time)
+        if process_metrics:
+            ProcessCollector(registry=registry)
+        self._initialise_series()
+
+    def _initialise_series(self) -> None:
+        with_other = {
+            name: (*values, OTHER)
+            for name, values in (
+                ("session", SESSION_RESULTS),
+                ("refusal", SESSION_REFUSALS),
+                ("login", LOGIN_RESULTS),
+                ("version", TLS_VERSIONS),
+                ("tls", TLS_FAILURE_REASONS),
+                ("data", DATA_REFUSALS),
+                ("transfer", TRANSFER_RESULTS),
+                ("reload", RELOAD_RESULTS),
+            )
+        }
+        series: list[tuple[Counter | Histogram, tuple[tuple[str, ...], ...]]] = [
+            (self._sessions, (with_other["session"],)),
+            (self._refusals, (with_other["refusal"],)),
+            (self._logins, (with_other["login"],)),
+            (self._handshakes, (CHANNELS, with_other["version"], ("true", "false"))),
+            (self._tls_failures, (CHANNELS, with_other["tls"])),
+            (self._data_refusals, (with_other["data"],)),
+            (self._transfers, (TRANSFER_DIRECTIONS, with_other["transfer"])),
+            (self._transfer_bytes, (TRANSFER_DIRECTIONS,)),
+            (self._durations, (TRANSFER_DIRECTIONS,)),
+            (self._reloads, (with_other["reload"],)),
+        ]
+        for metric, label_values in series:
+            for labels in itertools.product(*label_values):
+                metric.labels(*labels)
+
+    # --- sessions -------------------------------------------------------------------
+
+    def session_opened(self) -> None:
+        """A control connection was accepted (after the connection-level checks).
+
+        Call exactly once per session, and ``session_closed`` exactly once later.
+        """
+        self._sessions_active.inc()
+
+    def session_closed(self, result: str) -> None:
+        """An opened session ended; ``result`` is one of ``SESSION_RESULTS``."""
+        self._sessions_active.dec()
+        self._sessions.labels(
+            self._known("session result", result, _SESSION_RESULTS)
+        ).inc()
+
+    def session_refused(self, reason: str) -> None:
+        """A connection or login was refused by policy (``SESSION_REFUSALS``)."""
+        self._refusals.labels(
+            self._known("session refusal", reason, _SESSION_REFUSALS)
+        ).inc()
+
+    def login(self, result: str) -> None:
+        """A login attempt was decided; ``result`` is one of ``LOGIN_RESULTS``."""
+        self._logins.labels(self._known("login result", result, _LOGIN_RESULTS)).inc()
+
+    # --- TLS and data connections -----------------------------------------------------
+
+    def tls_handshake(self, channel: str, version: str | None, resumed: bool) -> None:
+        """A TLS handshake completed.
+
+        Args:
+            channel: ``"control"`` or ``"data"``.
+            version: ``SSLSocket.version()`` as returned (``"TLSv1.3"``).
+            resumed: the session was resumed (always False on the control channel).
+        """
+        self._handshakes.labels(
+            self._known("TLS channel", channel, _CHANNELS),
+            self._known("TLS version", version or "", _TLS_VERSIONS),
+            "true" if resumed else "false",
+        ).inc()
+
+    def tls_failure(self, channel: str, reason: str) -> None:
+        """A TLS handshake failed; ``reason`` is a cause or a raw OpenSSL reason."""
+        self._tls_failures.labels(
+            self._known("TLS channel", channel, _CHANNELS), classify_tls_failure(reason)
+        ).inc()
+
+    def data_connection_refused(self, reason: str) -> None:
+        """A data connection was refused or failed (``DATA_REFUSALS``)."""
+        label = self._known("data refusal", reason, _DATA_REFUSALS)
+        self._data_refusals.labels(label).inc()
+
+    # --- transfers ------------------------------------------------------------------
+
+    def transfer_finished(
+        self,
+        direction: str,
+        result: str,
+        nbytes: int,
+        seconds: float,
+        user: str | None = None,
+    ) -> None:
+        """A transfer ended, completed or not.
+
+        Args:
+            direction: one of ``TRANSFER_DIRECTIONS``.
+            result: one of ``TRANSFER_RESULTS``.
+            nbytes: payload bytes moved, even if the transfer failed.
+            seconds: from the data connection's start to its end.
+            user: the session's user; used only when per-user labels are on.
+        """
+        direction = self._known("transfer direction", direction, _TRANSFER_DIRECTIONS)
+        result = self._known("transfer result", result, _TRANSFER_RESULTS)
+        nbytes = max(nbytes, 0)
+        self._transfers.labels(direction, result).inc()
+        self._transfer_bytes.labels(direction).inc(nbytes)
+        if result == "ok":
+            self._durations.labels(direction).observe(max(seconds, 0.0))
+        if user and self._user_transfers is not None and self._user_bytes is not None:
+            who = self._user_label(user)
+            self._user_transfers.labels(who, direction, result).inc()
+            self._user_bytes.labels(who, direction).inc(nbytes)
+
+    def _user_label(self, user: str) -> str:
+        with self._lock:
+            if user in self._users:
+                return user
+            if len(self._users) < self._max_users:
+                self._users.add(user)
+                return user
+        self._warn_once(
+            "user-cap",
+            "metrics: more than %d users; the rest are counted as %s",
+            self._max_users,
+            OTHER_USER,
+        )
+        return OTHER_USER
+
+    # --- configuration and scrape-time values -----------------------------------------
+
+    def config_reloaded(self, result: str) -> None:
+        """A reload (SIGHUP) finished; ``result`` is one of ``RELOAD_RESULTS``."""
+        label = self._known("reload result", result, _RELOAD_RESULTS)
+        self._reloads.labels(label).inc()
+        if label == "ok":
+            self._last_reload.set_to_current_time()
+
+    def track_passive_ports(self, source: PassivePortsSource) -> None:
+        """Report passive ports at each scrape from ``source() -> (in_use, total)``.
+
+        ``source`` runs on the HTTP thread: it must be cheap and only read state.
+        """
+        self._scrape_time.passive_ports = source
+
+    def track_bans(self, source: Callable[[], int]) -> None:
+        """Report the number of active bans at each scrape from ``source()``."""
+        self._scrape_time.bans = source
+
+    def track_certificate_expiry(
+        self, source: Timestamp | Callable[[], Timestamp]
+    ) -> None:
+        """Report when the served certificate expires.
+
+        Pass a callable to follow certificate reloads, or a fixed value to set it.
+        """
+        self._scrape_time.certificate_expiry = (
+            source if callable(source) else (lambda: source)
+        )
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition of this registry and its content type.
+
+        ``accept`` is the scraper's Accept header: OpenMetrics if it asks for it,
+        the Prometheus text format otherwise.
+        """
+        encoder, content_type = choose_encoder(accept)
+        return encoder(_WithoutCreated(self.registry)), content_type
+
+    # --- label hygiene ----------------------------------------------------------------
+
+    def _known(self, what: str, value: str, allowed: frozenset[str]) -> str:
+        if value in allowed:
+            return value
+        # A caller's bug: count it, say so once, never mint a new series.
+        self._warn_once(
+            what,
+            "metrics: unknown %s %r counted as %r",
+            what,
+            value[:_MAX_LOGGED_LABEL_CHARS],
+            OTHER,
+        )
+        return OTHER
+
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        with self._lock:
+            if key in self._warned:  # keys are fixed strings: the set stays small
+                return
+            self._warned.add(key)
+        logger.warning(message, *args)
+
+
+class _WithoutCreated(Collector):
+    """A view of a registry without the ``*_created`` samples.
+
+    prometheus-client adds a creation timestamp next to every labelled counter and
+    histogram, which doubles the exposition for a value no dashboard here uses; its
+    switch for that (``disable_created_metrics``) is process-global.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        """The registry's metrics, ``_created`` samples dropped."""
+        for family in self._registry.collect():
+            created = f"{family.name}_created"
+            family.samples = [s for s in family.samples if s.name != created]
+            yield family
+
+
+class _ScrapeTimeGauges(Collector):
+    """Gauges read from their owners when Prometheus scrapes, not pushed by events.
+
+    A failing source drops its series from that scrape (a gap is honest; a stale
+    or zero value would not be) and is logged once.
+    """
+
+    def __init__(self) -> None:
+        self.passive_ports: PassivePortsSource | None = None
+        self.bans: Callable[[], int] | None = None
+        self.certificate_expiry: Callable[[], Timestamp] | None = None
+        self._failed: set[str] = set()
+
+    def collect(self) -> Iterable[Metric]:
+        """Yield the gauges whose sources are set and answered."""
+        if self.passive_ports is not None:
+            ports = self._read("passive ports", self.passive_ports)
+            if ports is not None:
+                in_use, total = ports
+                yield GaugeMetricFamily(
+                    f"{PREFIX}passive_ports_in_use",
+                    "Passive data ports listening or connected now.",
+                    value=in_use,
+                )
+                yield GaugeMetricFamily(
+                    f"{PREFIX}passive_ports_free",
+                    "Passive data ports free for the next PASV/EPSV.",
+                    value=max(total - in_use, 0),
+                )
+        if self.bans is not None:
+            bans = self._read("bans", self.bans)
+            if bans is not None:
+                yield GaugeMetricFamily(
+                    f"{PREFIX}bans_active", "Bans in force now.", value=bans
+                )
+        if self.certificate_expiry is not None:
+            expiry = self._read("certificate expiry", self.certificate_expiry)
+            if expiry is not None:
+                seconds = expiry.timestamp() if isinstance(expiry, datetime) else expiry
+                yield GaugeMetricFamily(
+                    f"{PREFIX}tls_certificate_expiry_timestamp_seconds",
+                    "When the served certificate expires (Unix time).",
+                    value=seconds,
+                )
+
+    def _read(self, what: str, source: Callable[[], _T]) -> _T | None:
+        try:
+            return source()
+        except Exception:
+            if what not in self._failed:
+                self._failed.add(what)
+                logger.warning("metrics: reading %s failed", what, exc_info=True)
+            return None
