@@ -68,6 +68,14 @@ PASSIVE_COMMANDS = frozenset({"PASV", "EPSV"})
 ACTIVE_COMMANDS = frozenset({"PORT", "EPRT"})
 UNSUPPORTED_COMMANDS = frozenset({"STOU", "APPE"})  # both bypass atomic uploads
 
+# Audit reasons of failed logins -> the metrics' login results.
+LOGIN_RESULTS = {
+    "bad-password": "bad-credentials",
+    "unknown-user": "bad-credentials",
+    "network-not-allowed": "not-allowed-from-network",
+    "banned": "banned",
+}
+
 NOT_RESUMED_REPLY = (
     "425 Can't open data connection: TLS session of data connection not resumed."
 )
@@ -275,6 +283,8 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         self._limit_refusal: str | None = None
         self._data_failure_reply: str | None = None
         self._disconnect_after_failure = False
+        self._session_open = False  # counted by metrics.session_opened
+        self.close_result = ""  # why the session ended, for the metrics
         self._pbsz = False
         self._prot = False
         self._pending_data: DataHandler | None = None
@@ -335,6 +345,11 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         self._admitted = True
         self._limit_refusal = gateway.limits.open(ip)
         self._session_counted = self._limit_refusal is None
+        if self._limit_refusal is None:
+            self._session_open = True
+            gateway.metrics.session_opened()
+        else:
+            gateway.metrics.session_refused(self._limit_refusal)
         listener = "implicit" if self.implicit_tls else "explicit"
         self.audit("connect", listener=listener)
         self._login_timer = self.call_later(
@@ -350,6 +365,7 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
     def _drop(self, reason: str) -> None:
         """Close before the banner and before TLS: the client learns nothing."""
         self.audit("connection_refused", reason=reason)
+        self.gateway.metrics.session_refused(reason)
         self.close()
 
     def _refuse_over_limit(self, reason: str) -> None:
@@ -361,6 +377,7 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         if self.authenticated or self._closed:
             return
         self.audit("login_timeout")
+        self.close_result = "login-timeout"
         if self.tls_state in (TLSState.PLAIN, TLSState.ESTABLISHED):
             self.respond("421 Login timed out; closing control connection.")
             self.close_when_done()
@@ -381,6 +398,10 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         if self._login_counted:
             limits.logout(self._login_counted)
             self._login_counted = ""
+        if self._session_open:
+            self._session_open = False
+            result = self.close_result or ("ok" if self.authenticated else "no-login")
+            self.gateway.metrics.session_closed(result)
         if self._admitted:
             self.audit("disconnect")
         self.tls_close()
@@ -426,10 +447,12 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
 
     def handle_tls_established(self) -> None:
         """Control channel is encrypted; an implicit-TLS session is greeted now."""
+        version = self.socket.version()
         self.audit(
             "tls_established", channel="control",
-            version=self.socket.version(), cipher=self.socket.cipher()[0],
+            version=version, cipher=self.socket.cipher()[0],
         )  # fmt: skip
+        self.gateway.metrics.tls_handshake("control", version, resumed=False)
         self._set_io_events(READ | (WRITE if self.producer_fifo else 0))
         if self.implicit_tls:
             # Implicit FTPS protects data connections from the start (what clients
@@ -443,7 +466,15 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
     def handle_tls_failed(self, reason: str) -> None:
         """No reply is possible on a channel whose handshake failed."""
         self.audit("tls_failed", channel="control", reason=reason)
+        self.gateway.metrics.tls_failure("control", reason)
+        self.close_result = "tls-failed"
         self.close()
+
+    def handle_timeout(self) -> None:
+        """The logged-in session sat idle too long (pyftpdlib replies 421)."""
+        self.close_result = "idle-timeout"
+        self.audit("idle_timeout")
+        super().handle_timeout()
 
     def ftp_PBSZ(self, line: str) -> None:
         """RFC 4217: only 0 is meaningful for TLS."""
@@ -465,6 +496,7 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             self.respond("200 Protection set to Private.")
         elif level == "C":
             self.audit("prot_c_refused")
+            self.gateway.metrics.data_connection_refused("prot-c")
             self.respond("534 PROT C refused: data connections must be encrypted.")
         elif level in ("S", "E"):
             self.respond(f"536 PROT {level} not supported; use PROT P.")
@@ -512,9 +544,11 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             self.respond("530 Log in with USER and PASS first.")
             return
         if cmd in ACTIVE_COMMANDS and not self.gateway.config.server.allow_active_mode:
+            self.gateway.metrics.data_connection_refused("active-mode-disabled")
             self.respond("502 Active mode is disabled; use PASV or EPSV.")
             return
         if (cmd in PASSIVE_COMMANDS or cmd in ACTIVE_COMMANDS) and not self._prot:
+            self.gateway.metrics.data_connection_refused("prot-p-required")
             self.respond(
                 "521 Data connections must be encrypted: send PBSZ 0 and PROT P."
             )
@@ -642,6 +676,7 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         so a client cannot tell a wrong password from a refused network.
         """
         self.audit("login_failed", reason=reason)
+        self.gateway.metrics.login(LOGIN_RESULTS[reason])
         ban = self.gateway.defender.record_failure(self.client_ip)
         if ban is not None:
             self.audit(
@@ -649,6 +684,10 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
                 offences=ban.offences,
             )  # fmt: skip
         self._disconnect_after_failure = reason == "banned" or ban is not None
+        if self._disconnect_after_failure or (
+            self.attempted_logins + 1 >= self.max_login_attempts
+        ):
+            self.close_result = "login-failed"
         self.username = ""
         self.attempted_logins += 1
         self.call_later(self.auth_failed_timeout, self._reply_login_failed)
@@ -677,6 +716,9 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         refusal = gateway.limits.login(username)
         if refusal is not None:
             self.audit("login_failed", reason=refusal)
+            gateway.metrics.login("limit")
+            gateway.metrics.session_refused(refusal)
+            self.close_result = "refused"
             self.username = ""
             self._respond_and_close(LIMIT_REPLIES[refusal])
             return False
@@ -690,6 +732,7 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             self._login_timer.cancel()
         self.handle_auth_success(str(home), "", self.authorizer.get_msg_login(username))
         self.audit("login_ok")
+        gateway.metrics.login("ok")
         return True
 
     def _apply_user_policy(self, gateway: Gateway, username: str) -> None:
@@ -725,6 +768,7 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             listener = PassiveListener(self, passive.port_min, passive.port_max)
         except PassivePortsExhausted:
             self.audit("data_refused", reason="passive-range-exhausted")
+            self.gateway.metrics.data_connection_refused("passive-range-exhausted")
             self.respond("425 Can't open data connection: no passive port free.")
             return
         if extmode:
@@ -736,6 +780,7 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             except PassiveAddressError as err:
                 listener.close()
                 self.audit("data_refused", reason="passive-address", detail=str(err))
+                self.gateway.metrics.data_connection_refused("passive-address")
                 self.respond("425 Can't open data connection; use EPSV.")
                 return
             reply = pasv_reply(address, listener.port)
@@ -775,13 +820,16 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         """
         if handler is not self._pending_data:
             return False
+        version = handler.socket.version()
+        self.gateway.metrics.tls_handshake("data", version, bool(handler.resumed))
         policy = self.data_policy or self.network_policy
         if policy is not None and policy.reuse == "required" and not handler.resumed:
             self._pending_data = None
             self.audit(
-                "data_refused", reason="not-resumed",
-                version=handler.socket.version(), policy=policy.source,
+                "data_refused", reason="not-resumed", version=version,
+                policy=policy.source,
             )  # fmt: skip
+            self.gateway.metrics.data_connection_refused("not-resumed")
             self._fail_data_connection(NOT_RESUMED_REPLY)
             return False
         return True
@@ -810,6 +858,8 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             return
         self._pending_data = None
         self.audit("data_refused", reason=reason)
+        self.gateway.metrics.tls_failure("data", reason)
+        self.gateway.metrics.data_connection_refused("tls-handshake-failed")
         self._fail_data_connection(
             "425 Can't open data connection: TLS negotiation failed."
         )
@@ -818,11 +868,13 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         """Nobody connected to the passive port in time."""
         self._dtp_acceptor = None
         self.audit("data_refused", reason="no-connection-within-timeout")
+        self.gateway.metrics.data_connection_refused("timeout")
         self._fail_data_connection("425 Can't open data connection: timed out.")
 
     def on_foreign_data_connection(self, peer_ip: str) -> None:
         """A foreign address connected here; the victim hears nothing."""
         self.audit("data_refused", reason="foreign-ip", peer_ip=peer_ip)
+        self.gateway.metrics.data_connection_refused("foreign-ip")
 
     def _fail_queued_transfer(self, reply: str) -> bool:
         """Answer a transfer command waiting for a data connection; False if none."""
@@ -868,23 +920,29 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
             self._in_dtp_queue = (upload, "STOR")
         return file
 
-    # --- transfer outcomes, for the audit trail
+    # --- transfer outcomes, for the audit trail and the metrics
 
-    def on_file_received(self, file: str) -> None:
-        """An upload was renamed into place."""
-        self.audit("upload_completed", path=self.fs.fs2ftp(file) if self.fs else file)
-
-    def on_incomplete_file_received(self, file: str) -> None:
-        """An upload was discarded."""
-        self.audit("upload_failed", path=self.fs.fs2ftp(file) if self.fs else file)
-
-    def on_file_sent(self, file: str) -> None:
-        """A download completed."""
-        self.audit("download_completed", path=self.fs.fs2ftp(file) if self.fs else file)
-
-    def on_incomplete_file_sent(self, file: str) -> None:
-        """A download was cut short."""
-        self.audit("download_failed", path=self.fs.fs2ftp(file) if self.fs else file)
+    def log_transfer(
+        self, *, cmd: str, filename: str, receive: bool, completed: bool,
+        elapsed: float, bytes: int,  # noqa: A002 - pyftpdlib calls with keywords
+    ) -> None:  # fmt: skip
+        """One audit event and one metrics sample per file transfer (pyftpdlib hook)."""
+        channel = self.data_channel
+        direction = "upload" if receive else "download"
+        if completed:
+            result = "ok"
+        elif channel is not None and channel.tls_truncated:
+            result = "truncated"
+        else:
+            result = "aborted"
+        path = self.fs.fs2ftp(filename) if self.fs else filename  # uploads: final name
+        self.audit(
+            f"{direction}_{'completed' if completed else 'failed'}", path=path,
+            bytes=bytes, seconds=elapsed, **({} if completed else {"result": result}),
+        )  # fmt: skip
+        self.gateway.metrics.transfer_finished(
+            direction, result, bytes, elapsed, user=self.username or None
+        )
 
     def on_login_failed(self, username: str, password: str) -> None:
         """pyftpdlib hands this the clear-text attempt: ignored on purpose."""

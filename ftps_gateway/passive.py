@@ -40,6 +40,16 @@ def epsv_reply(port: int) -> str:
     return f"229 Entering Extended Passive Mode (|||{port}|)."
 
 
+class PortsInUse:
+    """How many passive listeners are open now (for metrics and readiness).
+
+    Changed on the IO loop only; read from the metrics thread (an int read is atomic).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class PassiveListener(Acceptor):
     """Listens on one port of the range until the session's client connects."""
 
@@ -54,6 +64,8 @@ class PassiveListener(Acceptor):
         self.accepting = True
         self.port: int = sock.getsockname()[1]
         self._timer: Any = None
+        self._in_use: PortsInUse | None = control.gateway.passive_ports
+        self._in_use.count += 1
 
     @staticmethod
     def _listen_in_range(
@@ -112,6 +124,10 @@ class PassiveListener(Acceptor):
         """Stop listening and cancel the timer."""
         if self._timer_pending():
             self._timer.cancel()
+        in_use = getattr(self, "_in_use", None)
+        if in_use is not None:
+            in_use.count -= 1
+            self._in_use = None
         super().close()
 
     def _timer_pending(self) -> bool:

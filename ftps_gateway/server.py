@@ -18,6 +18,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pyftpdlib.ioloop import IOLoop
@@ -31,8 +32,11 @@ from ftps_gateway.config import endpoint
 from ftps_gateway.defender import Defender, SessionLimits
 from ftps_gateway.errors import ConfigError, GatewayError, StartupError
 from ftps_gateway.handler import ControlHandler
+from ftps_gateway.health import HealthServer, ReadinessState
 from ftps_gateway.loopwaker import LoopWaker
+from ftps_gateway.metrics import GatewayMetrics
 from ftps_gateway.netpolicy import AccessList, PassiveAddressPolicy, TLSPolicyTable
+from ftps_gateway.passive import PortsInUse
 from ftps_gateway.passwords import PasswordVerifier
 from ftps_gateway.tls import TLSContextFactory, prove_session_binding
 
@@ -70,10 +74,19 @@ class Gateway:
     audit: AuditLog
     defender: Defender
     limits: SessionLimits
+    metrics: GatewayMetrics
+    passive_ports: PortsInUse
 
     def home_for(self, username: str) -> Path:
         """``<storage.root>/home/<user>``."""
         return home_dir(self.config, username)
+
+
+# The server's own parts of a Gateway, carried over by a reload.
+SHARED_PARTS = (
+    "verifier", "executor", "waker", "audit", "defender", "limits", "metrics",
+    "passive_ports",
+)  # fmt: skip
 
 
 @dataclass
@@ -102,12 +115,13 @@ def build_gateway(
             server.max_sessions_per_ip,
             server.max_sessions_per_user,
         )
-        parts = {
-            name: getattr(shared, name)
-            for name in ("verifier", "executor", "waker", "audit", "defender", "limits")
-        }
+        parts = {name: getattr(shared, name) for name in SHARED_PARTS}
     else:
         parts.setdefault("defender", Defender(config.defender, config.access.safe))
+        parts.setdefault(
+            "metrics", GatewayMetrics(per_user_labels=config.metrics.per_user_labels)
+        )
+        parts.setdefault("passive_ports", PortsInUse())
         parts.setdefault(
             "limits",
             SessionLimits(
@@ -173,11 +187,14 @@ class GatewayServer:
         self.listeners: list[FTPServer] = []
         self.implicit_listeners: list[FTPServer] = []
         self.admin: AdminServer | None = None
+        self.health: HealthServer | None = None
+        self.readiness = ReadinessState()
         self._stopped = threading.Event()
         try:
             self._listen(config.server.listen, implicit=False)
             self._listen(config.server.implicit_listen, implicit=True)
             self.admin = AdminServer(config.admin.socket, self)
+            self._start_monitoring(config)
         except BaseException:
             self._release()
             raise
@@ -196,6 +213,37 @@ class GatewayServer:
                 ) from err
             listener.max_cons = 0  # SessionLimits counts sessions, not sockets
             (self.implicit_listeners if implicit else self.listeners).append(listener)
+
+    def _start_monitoring(self, config: GatewayConfig) -> None:
+        """Metrics gauges read at scrape time, readiness checks, the HTTP endpoint."""
+        metrics = self.gateway.metrics
+        metrics.track_passive_ports(self._passive_ports)
+        metrics.track_bans(self.gateway.defender.active_count)
+        metrics.track_certificate_expiry(self._certificate_expiry)
+        self.readiness.add_check(self._passive_ports_problem)
+        self.readiness.add_check(self._certificate_problem)
+        listen = config.metrics.listen
+        if listen is not None:
+            self.health = HealthServer(
+                metrics, listen.host, listen.port, readiness=self.readiness
+            )
+            self.health.start()
+
+    def _passive_ports(self) -> tuple[int, int]:
+        passive = self.config.passive
+        return self.gateway.passive_ports.count, passive.port_max - passive.port_min + 1
+
+    def _passive_ports_problem(self) -> str | None:
+        in_use, total = self._passive_ports()
+        return "no passive port free" if in_use >= total else None
+
+    def _certificate_expiry(self) -> float:
+        return self.gateway.tls.not_after.timestamp()
+
+    def _certificate_problem(self) -> str | None:
+        if self.gateway.tls.not_after <= datetime.now(UTC):
+            return "the TLS certificate has expired"
+        return None
 
     @property
     def gateway(self) -> Gateway:
@@ -231,10 +279,12 @@ class GatewayServer:
                 problems = [str(err)]
         if problems:
             audit.event("config_reload", result="refused", problems=problems)
+            current.metrics.config_reloaded("invalid-config")
             for problem in problems:
                 logger.error("reload refused: %s", problem)
         else:
             audit.event("config_reload", result="ok", source=str(source))
+            current.metrics.config_reloaded("ok")
             logger.info("configuration reloaded from %s", source)
         return problems
 
@@ -270,8 +320,12 @@ class GatewayServer:
         self._stopped.wait(timeout)
 
     def _release(self) -> None:
+        if self.health is not None:
+            self.health.stop()
+            self.health = None
         if self.admin is not None:
             self.admin.close()
+            self.admin = None
         gateway = self.holder.current
         gateway.executor.shutdown(wait=False, cancel_futures=True)
         gateway.tls.close()

@@ -90,6 +90,7 @@ class TLSContextFactory:
         if problems:
             raise ConfigError([f"{key}: {problem}" for key, problem in problems])
         self.default_policy = TLSPolicy(settings.min_version, settings.max_version)
+        self.not_after = certs.certificate_not_after(settings.certificate)
         self.min_version = settings.min_version
         self._snapshot = _PemSnapshot(settings.certificate, settings.private_key)
         # The descriptor goes with the factory: after a reload, the old factory lives

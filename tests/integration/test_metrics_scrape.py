@@ -1,0 +1,93 @@
+"""Counters scraped over HTTP after real sessions: each refusal has its reason."""
+
+from __future__ import annotations
+
+import ftplib
+import io
+import ssl
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+from conftest import PASSWORD, RunningGateway
+from ftps_helpers import raw_connect, read_until_quiet
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.integration
+
+
+def scrape(gw: RunningGateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of ``/metrics``, keyed by name and sorted labels."""
+    assert gw.server.health is not None
+    host, port = gw.server.health.address
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_refusals_and_logins_are_counted_by_reason(
+    start_gateway: Callable[..., RunningGateway],
+) -> None:
+    gw = start_gateway(
+        sections=(
+            '[metrics]\nlisten = "127.0.0.1:0"\n'
+            '[access]\nallow = ["127.0.0.1/32", "127.0.0.2/32"]'
+        ),
+        server_extra="login_timeout_seconds = 20\nmax_sessions_per_ip = 2",
+    )
+    for listener in gw.server.listeners:
+        listener.handler.auth_failed_timeout = 0.1
+    # Not allowed: dropped before the banner.
+    sock = raw_connect((gw.host, gw.port), "127.0.0.3")
+    read_until_quiet(sock, 2.0)
+    sock.close()
+    # A bad password, then a good session whose stock-ftplib data connection is
+    # refused for not resuming, then a resuming transfer that works.
+    bad = gw.client(login=False)
+    with pytest.raises(ftplib.error_perm):
+        bad.login("acme", "wrong")
+    bad.close()
+    ftp = ftplib.FTP_TLS(
+        timeout=10, context=ssl.create_default_context(cafile=str(gw.ca_file))
+    )
+    ftp.connect(gw.host, gw.port)
+    ftp.login("acme", PASSWORD)
+    ftp.prot_p()
+    with pytest.raises(ftplib.error_temp, match="not resumed"):
+        ftp.nlst()
+    good = gw.client(source_ip="127.0.0.2")
+    good.storbinary("STOR a.bin", io.BytesIO(b"x" * 1000))
+    # A third session from 127.0.0.1 is over the per-address limit.
+    second = gw.client(login=False)
+    sock = raw_connect((gw.host, gw.port))
+    assert read_until_quiet(sock, 2.0).startswith(b"421")
+    sock.close()
+    second.quit()
+    ftp.quit()
+    good.quit()
+
+    samples = scrape(gw)
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    prefix = "ftps_gateway_"
+    assert value(f"{prefix}sessions_refused_total", reason="not-allowed") == 1
+    assert value(f"{prefix}sessions_refused_total", reason="limit-per-ip") == 1
+    assert value(f"{prefix}logins_total", result="bad-credentials") == 1
+    assert value(f"{prefix}logins_total", result="ok") == 2
+    assert value(f"{prefix}data_connections_refused_total", reason="not-resumed") == 1
+    assert value(f"{prefix}data_connections_refused_total", reason="foreign-ip") == 0
+    assert (
+        value(f"{prefix}tls_handshakes_total", channel="data", version="TLSv1.3",
+              resumed="true") == 1
+    )  # fmt: skip
+    assert value(f"{prefix}transfers_total", direction="upload", result="ok") == 1
+    assert value(f"{prefix}transfer_bytes_total", direction="upload") == 1000
+    assert value(f"{prefix}passive_ports_in_use") == 0
+    assert value(f"{prefix}bans_active") == 0
+    assert value(f"{prefix}tls_certificate_expiry_timestamp_seconds") > 0
