@@ -50,6 +50,7 @@ class ServerSettings:
     max_sessions_per_ip: int = 16  # from one client address
     max_sessions_per_user: int = 8  # logged in as one user
     allow_active_mode: bool = False  # PORT/EPRT; off: cannot work behind NAT
+    shutdown_grace_seconds: int = 30  # SIGTERM: running transfers may finish
     implicit_listen: tuple[ListenAddress, ...] = ()  # TLS from the first byte (990)
 
 
@@ -167,6 +168,8 @@ class GatewayConfig:
     defender: DefenderSettings = DefenderSettings()
     admin: AdminSettings = AdminSettings(Path())
     log_level: str = "info"  # [logging] level: debug, info, warning, error
+    audit_file: Path | None = None  # [logging] audit_file; None: stdout
+    xferlog_file: Path | None = None  # [logging] xferlog_file; None: no xferlog
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def user(self, name: str) -> UserSettings | None:
@@ -278,7 +281,8 @@ def summary(cfg: GatewayConfig) -> str:
             f"{server.max_sessions_per_ip} per client address, "
             f"{server.max_sessions_per_user} per user; "
             f"login timeout {server.login_timeout_seconds} s, "
-            f"idle timeout {server.idle_timeout_seconds} s"
+            f"idle timeout {server.idle_timeout_seconds} s, "
+            f"shutdown grace {server.shutdown_grace_seconds} s"
         ),
         f"Active mode (PORT/EPRT): {active}",
         _access_line(cfg.access),
@@ -323,6 +327,8 @@ def summary(cfg: GatewayConfig) -> str:
             if user.allow or user.reuse or user.max_version
         ),
         f"Log level: {cfg.log_level}",
+        f"Audit log: {cfg.audit_file or 'stdout'}",
+        f"xferlog: {cfg.xferlog_file or 'off'}",
         f"Metrics: {_metrics_summary(cfg.metrics)}",
     ]
     return "\n".join(lines)
@@ -583,7 +589,7 @@ def _gateway(root: _Table, source: Path) -> GatewayConfig:
     access = _access(root.table("access"))
     defender = _defender(root.table("defender"))
     admin = _admin(root.table("admin"), base, storage.root)
-    log_level = _logging(root.table("logging"))
+    log_level, audit_file, xferlog_file = _logging(root.table("logging"), base)
     metrics = _metrics(
         root.table("metrics"), server.listen + server.implicit_listen, passive
     )
@@ -592,7 +598,7 @@ def _gateway(root: _Table, source: Path) -> GatewayConfig:
     return GatewayConfig(
         source, server, tls, passive, storage, users,
         access=access, defender=defender, admin=admin, log_level=log_level,
-        metrics=metrics,
+        audit_file=audit_file, xferlog_file=xferlog_file, metrics=metrics,
     )  # fmt: skip
 
 
@@ -624,6 +630,9 @@ def _server(table: _Table) -> ServerSettings:
         ),
         allow_active_mode=table.flag(
             "allow_active_mode", ServerSettings.allow_active_mode
+        ),
+        shutdown_grace_seconds=table.integer(
+            "shutdown_grace_seconds", 0, 86_400, ServerSettings.shutdown_grace_seconds
         ),
     )
     table.close()
@@ -808,10 +817,12 @@ def _admin(table: _Table, base: Path, storage_root: Path) -> AdminSettings:
     return AdminSettings(socket)
 
 
-def _logging(table: _Table) -> str:
+def _logging(table: _Table, base: Path) -> tuple[str, Path | None, Path | None]:
     level = table.optional("level", _one_of(LOG_LEVELS), GatewayConfig.log_level)
+    audit_file = table.optional("audit_file", _path_under(base), None)
+    xferlog_file = table.optional("xferlog_file", _path_under(base), None)
     table.close()
-    return level
+    return level, audit_file, xferlog_file
 
 
 def _metrics(

@@ -1069,7 +1069,7 @@ def test_summary(config_dir: Path) -> None:
         "Banner: Partner file exchange",
         (
             "Sessions: at most 512, 16 per client address, 8 per user; "
-            "login timeout 30 s, idle timeout 300 s"
+            "login timeout 30 s, idle timeout 300 s, shutdown grace 30 s"
         ),
         "Active mode (PORT/EPRT): refused",
         (
@@ -1092,6 +1092,8 @@ def test_summary(config_dir: Path) -> None:
         f"Admin socket: {config_dir / 'data' / '.ftps-gateway' / 'admin.sock'}",
         "Users (2): acme, globex",
         "Log level: info",
+        "Audit log: stdout",
+        "xferlog: off",
         "Metrics: off",
     ]
     assert "argon2" not in report
@@ -1161,6 +1163,9 @@ def test_example_file_documents_every_key() -> None:
         "networks",
         "root",
         "level",
+        "audit_file",
+        "xferlog_file",
+        "shutdown_grace_seconds",
         "per_user_labels",
         "allow_public",
         "name",
