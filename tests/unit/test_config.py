@@ -566,8 +566,8 @@ REJECTED = [
         id="password-not-string",
     ),
     pytest.param(
-        {USER: USER + 'home = "/srv/acme"\n'},
-        ["users[0].home: unknown key"],
+        {USER: USER + 'homedir = "/srv/acme"\n'},
+        ["users[0].homedir: unknown key"],
         id="user-unknown-key",
     ),
     pytest.param(
