@@ -1,4 +1,5 @@
-"""Command line: ``serve``, ``check-config``, ``hash-password``, ``gen-cert``.
+"""Command line: ``serve``, ``check-config``, ``hash-password``, ``gen-cert``,
+``explain``.
 
 Only this module turns exceptions into exit codes. Expected errors print one line per
 problem and no traceback (``--debug`` adds it), as aiosmtpd's ``main`` does.
@@ -15,7 +16,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ftps_gateway import __version__, certs, config, demo, passwords
+from ftps_gateway import __version__, certs, config, demo, mounts, passwords
 from ftps_gateway.audit import AUDIT_LOGGER_NAME
 from ftps_gateway.errors import ConfigError, GatewayError, StartupError
 
@@ -65,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--hostname", required=True)
     gen.add_argument("--out", type=Path, required=True)
+
+    explain = verbs.add_parser(
+        "explain", help="show a user's effective tree: mounts, sources, permissions"
+    )
+    explain.add_argument("user")
+    explain.add_argument("--config", type=Path, required=True)
     return parser
 
 
@@ -76,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "check-config": lambda: _check_config(args.config),
         "hash-password": _hash_password,
         "gen-cert": lambda: _gen_cert(args.hostname, args.out),
+        "explain": lambda: _explain(args.config, args.user),
     }
     try:
         return verbs[args.verb]()
@@ -184,4 +192,15 @@ def _gen_cert(hostname: str, out: Path) -> int:
     cert_path, key_path = certs.generate_development_certificate(hostname, out)
     print(f"certificate: {cert_path}\nprivate key: {key_path} (mode 0600)")
     print("This certificate is self-signed: for development and tests only.")
+    return EXIT_OK
+
+
+def _explain(path: Path, user: str) -> int:
+    """Print what ``user`` sees, and why (issue 4)."""
+    cfg = config.load(path)
+    try:
+        print(mounts.explain(cfg, user))
+    except LookupError as err:
+        print(f"error: {err.args[0]}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK

@@ -370,10 +370,17 @@ class GatewayFS(AbstractedFS):
         return str(location.real)
 
     def _is_virtual_dir(self, path: str) -> bool:
+        """No real folder, but mount points below: a directory that only lists them
+        (``/`` without a home, or ``/a`` on the way to a mount at ``/a/b``)."""
         try:
-            return self.table.locate("/", path).real is None
+            location = self.table.locate("/", path)
         except vfs.PathRefused:
             return False
+        if location.real is None:
+            return True
+        return self.table.is_structural(location.virtual) and not os.path.isdir(
+            location.real
+        )
 
     # --- operations (pyftpdlib calls these with virtual paths)
 
@@ -389,7 +396,7 @@ class GatewayFS(AbstractedFS):
     def chdir(self, path: str) -> None:
         """Change the virtual cwd (the process cwd is never touched)."""
         location = self.table.locate("/", path)
-        if location.real is not None and not os.path.isdir(location.real):
+        if not self.isdir(location.virtual):
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         self.cwd = location.virtual
 
@@ -470,8 +477,8 @@ class GatewayFS(AbstractedFS):
         location = self.table.locate("/", path)
         children = self.table.children(location.virtual)
         names = set(children)
-        if location.real is not None and location.mount is not None:
-            real = str(location.real)
+        if location.mount is not None and not self._is_virtual_dir(location.virtual):
+            real = str(self._real(location.virtual))
             for name in os.listdir(real):
                 if name in children or not self._is_showable(name):
                     continue

@@ -945,11 +945,12 @@ def test_example_file_loads(config_dir: Path) -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     placeholder = "PASTE-OUTPUT-OF-ftps-gateway-hash-password"
     assert placeholder in text
-    text = re.sub(
-        r"^# (\[\[users\]\]|name = |password = )", r"\1", text, flags=re.MULTILINE
-    )
+    text = re.sub(r"^# (\[\[[a-z.]+\]\]$|[a-z_]+ = )", r"\1", text, flags=re.MULTILINE)
     cfg = config.load(_write(config_dir, text.replace(placeholder, HASH)))
-    assert cfg.users == (UserSettings("acme", HASH),)
+    assert [(u.name, u.password_hash, u.groups) for u in cfg.users] == [
+        ("acme", HASH, ("finance",))
+    ]
+    assert [m.path for m in cfg.groups[0].mounts] == ["/finance", "/outbound"]
     assert cfg.tls.certificate == config_dir / "certs" / "server.crt"
     assert cfg.passive.address == "203.0.113.7"
     assert [override.address for override in cfg.passive.overrides] == [""]
@@ -977,4 +978,13 @@ def test_example_file_documents_every_key() -> None:
         "level",
         "name",
         "password",
+        "partial_retention_seconds",
+        "path",
+        "source",
+        "permissions",
+        "quota_bytes",
+        "quota_files",
+        "groups",
+        "home",
+        "home_permissions",
     }
