@@ -3,17 +3,18 @@
 Password checks do not go through here: the control handler verifies argon2id hashes
 off the IO loop (``handler.ControlHandler.ftp_PASS``). What remains is pyftpdlib asking
 which permissions a logged-in user has. Every path it asks about has already been
-confined to the user's home by ``filesystem.GatewayFS``.
+mapped through the user's mount table and checked against that mount's permissions.
 """
 
 from __future__ import annotations
 
 from pyftpdlib.authorizers import AuthenticationFailed
 
-# e=CWD l=LIST r=RETR d=DELE/RMD f=RNFR/RNTO m=MKD w=STOR T=MFMT.
-# No "a" (APPE) and no "M" (SITE CHMOD): atomic uploads replace whole files, and
-# partners have no business with Unix modes.
-HOME_PERMISSIONS = "elrdfmwT"
+# Every letter pyftpdlib checks (e=CWD l=LIST r=RETR a=APPE d=DELE/RMD f=RNFR/RNTO
+# m=MKD w=STOR T=MFMT): the real decision is made before pyftpdlib asks, on the
+# virtual path and its mount's permission words (fileops.MountCommandsMixin). No "M"
+# (SITE CHMOD): partners have no business with Unix modes.
+SESSION_PERMISSIONS = "elradfmwT"
 
 
 class GatewayAuthorizer:
@@ -29,12 +30,12 @@ class GatewayAuthorizer:
         raise AuthenticationFailed("Authentication failed.")
 
     def has_perm(self, username: str, perm: str, path: str | None = None) -> bool:
-        """Permission ``perm`` inside the home (the path is already confined)."""
-        return username in self._usernames and perm in HOME_PERMISSIONS
+        """Letters pyftpdlib checks after the mount gate allowed the command."""
+        return username in self._usernames and perm in SESSION_PERMISSIONS
 
     def get_perms(self, username: str) -> str:
-        """The MLSD ``perm`` fact source."""
-        return HOME_PERMISSIONS if username in self._usernames else ""
+        """Unused for facts: GatewayFS.format_mlsx computes them per mount."""
+        return SESSION_PERMISSIONS if username in self._usernames else ""
 
     def get_msg_login(self, username: str) -> str:
         """230 text: no user details."""

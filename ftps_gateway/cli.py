@@ -1,5 +1,5 @@
 """Command line: ``serve``, ``check-config``, ``hash-password``, ``gen-cert``, ``ban``,
-``reload``.
+``reload``, ``explain``.
 
 Only this module turns exceptions into exit codes. Expected errors print one line per
 problem and no traceback (``--debug`` adds it), as aiosmtpd's ``main`` does.
@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ftps_gateway import __version__, admin, certs, config, demo, passwords
+from ftps_gateway import __version__, admin, certs, config, demo, mounts, passwords
 from ftps_gateway.audit import AUDIT_LOGGER_NAME
 from ftps_gateway.errors import ConfigError, GatewayError, StartupError
 
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         "reload", help="make a running server re-read its config (like SIGHUP)"
     )
     reload.add_argument("--config", type=Path, required=True)
+    explain = verbs.add_parser(
+        "explain", help="show a user's effective tree: mounts, sources, permissions"
+    )
+    explain.add_argument("user")
+    explain.add_argument("--config", type=Path, required=True)
     return parser
 
 
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "gen-cert": lambda: _gen_cert(args.hostname, args.out),
         "ban": lambda: _ban(args),
         "reload": lambda: _reload(args.config),
+        "explain": lambda: _explain(args.config, args.user),
     }
     try:
         return verbs[args.verb]()
@@ -251,4 +257,15 @@ def _gen_cert(hostname: str, out: Path) -> int:
     cert_path, key_path = certs.generate_development_certificate(hostname, out)
     print(f"certificate: {cert_path}\nprivate key: {key_path} (mode 0600)")
     print("This certificate is self-signed: for development and tests only.")
+    return EXIT_OK
+
+
+def _explain(path: Path, user: str) -> int:
+    """Print what ``user`` sees, and why (issue 4)."""
+    cfg = config.load(path)
+    try:
+        print(mounts.explain(cfg, user))
+    except LookupError as err:
+        print(f"error: {err.args[0]}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK

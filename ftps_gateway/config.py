@@ -10,11 +10,11 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Generic, TypeGuard, TypeVar
 
-from ftps_gateway import passwords
+from ftps_gateway import passwords, vfs
 from ftps_gateway.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -99,6 +99,32 @@ class StorageSettings:
     """``[storage]``: where homes live (``<root>/home/<user>``)."""
 
     root: Path
+    # Seconds an interrupted upload's data is kept (hidden) so that the same user can
+    # resume it; 0 = discard at once. Default 0.
+    partial_retention_seconds: int = 0
+
+
+# --- groups and mounts (issue 4) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MountSettings:
+    """``[[groups.mounts]]`` / ``[[users.mounts]]``: one virtual folder."""
+
+    path: str  # virtual, absolute, normalized: "/finance"
+    source: str  # as written: relative to storage.root or absolute; may hold {user}
+    permissions: frozenset[vfs.Permission]
+    key: str  # where it was configured, for messages: "groups[0].mounts[1]"
+    max_bytes: int | None = None  # quota_bytes; None = unlimited
+    max_files: int | None = None  # quota_files; None = unlimited
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """``[[groups]]``: mounts shared by every member."""
+
+    name: str
+    mounts: tuple[MountSettings, ...]
 
 
 @dataclass(frozen=True)
@@ -137,6 +163,14 @@ class UserSettings:
     reuse: str | None = None  # None: the network's or [tls] policy
     max_version: str | None = None  # caps data connections; None: network's/[tls]
 
+    # --- tree (issue 4)
+    groups: tuple[str, ...] = ()  # group names, in the order written
+    home: bool = True  # mount <storage.root>/home/<user> at "/"
+    home_permissions: frozenset[vfs.Permission] = vfs.ALL_PERMISSIONS
+    mounts: tuple[MountSettings, ...] = ()  # the user's own mounts
+    max_bytes: int | None = None  # quota_bytes over the user's own folders
+    max_files: int | None = None  # quota_files over the user's own folders
+
 
 @dataclass(frozen=True)
 class MetricsSettings:
@@ -171,6 +205,14 @@ class GatewayConfig:
     audit_file: Path | None = None  # [logging] audit_file; None: stdout
     xferlog_file: Path | None = None  # [logging] xferlog_file; None: no xferlog
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    groups: tuple[GroupSettings, ...] = ()
+
+    def group(self, name: str) -> GroupSettings | None:
+        """Return the group called ``name``, or None."""
+        for candidate in self.groups:
+            if candidate.name == name:
+                return candidate
+        return None
 
     def user(self, name: str) -> UserSettings | None:
         """Return the user called ``name``, or None."""
@@ -189,6 +231,8 @@ MAX_HOSTNAME_CHARS: Final = 253
 PORT_MAX: Final = 65535
 PASSIVE_PORT_MIN: Final = 1024  # below this are privileged ports other services own
 MAX_PASSIVE_PORTS: Final = 10_000  # each one is a firewall/NAT rule somewhere
+MAX_RETENTION_SECONDS: Final = 30 * 86_400
+MAX_QUOTA: Final = 2**62
 
 NOT_ARGON2ID: Final = "not an argon2id hash (make one with: ftps-gateway hash-password)"
 
@@ -531,6 +575,11 @@ class _Table:
                 entries.append(_Entry(key, item, value))
         return entries
 
+    def value(self, name: str) -> object | None:
+        """The raw value of ``name`` (any kind), or None if absent; marks it read."""
+        self._seen.add(name)
+        return self._data.get(name)
+
     def table(self, name: str) -> _Table:
         """The sub-table ``name``; an absent one reads as empty."""
         data = self.raw(name, dict, required=False)
@@ -593,13 +642,17 @@ def _gateway(root: _Table, source: Path) -> GatewayConfig:
     metrics = _metrics(
         root.table("metrics"), server.listen + server.implicit_listen, passive
     )
+    groups = _groups(root)
     users = _users(root, tls.min_version)
     root.close()
-    return GatewayConfig(
+    config = GatewayConfig(
         source, server, tls, passive, storage, users,
         access=access, defender=defender, admin=admin, log_level=log_level,
         audit_file=audit_file, xferlog_file=xferlog_file, metrics=metrics,
+        groups=groups,
     )  # fmt: skip
+    _check_trees(root.problems, config)
+    return config
 
 
 def _server(table: _Table) -> ServerSettings:
@@ -765,8 +818,12 @@ def _overrides(passive: _Table) -> tuple[PassiveOverride, ...]:
 
 def _storage(table: _Table, base: Path) -> StorageSettings:
     root = table.required("root", _path_under(base))
+    retention = table.integer(
+        "partial_retention_seconds", 0, MAX_RETENTION_SECONDS,
+        StorageSettings.partial_retention_seconds,
+    )  # fmt: skip
     table.close()
-    return StorageSettings(root or Path())
+    return StorageSettings(root or Path(), retention)
 
 
 def _access(table: _Table) -> AccessSettings:
@@ -889,15 +946,17 @@ def _users(root: _Table, min_version: str) -> tuple[UserSettings, ...]:
         allow = _unique_networks(table, "allow", {}, required=False)
         reuse = table.optional("reuse", _one_of(REUSE_POLICIES), None)
         max_version = table.optional("max_version", _one_of(TLS_VERSIONS), None)
+        user = _with_tree(
+            table,
+            UserSettings(name or "", password_hash or "", allow, reuse, max_version),
+        )
         table.close()
         if name is not None:
             _check_unique_user(table, name, first)
         if max_version is not None and max_version < min_version:
             problem = f"below tls.min_version {min_version}"
             table.problems.add(table.key("max_version"), problem, max_version)
-        users.append(
-            UserSettings(name or "", password_hash or "", allow, reuse, max_version)
-        )
+        users.append(user)
     return tuple(users)
 
 
@@ -912,6 +971,139 @@ def _check_unique_user(table: _Table, name: str, first: dict[str, str]) -> None:
     if existing != name:
         problem += f", differs only in case from {existing!r}"
     table.problems.add(table.key("name"), problem, name)
+
+
+# --- groups, mounts and each user's tree (issue 4) -----------------------------------
+
+
+def _groups(root: _Table) -> tuple[GroupSettings, ...]:
+    first: dict[str, str] = {}
+    groups: list[GroupSettings] = []
+    for table in root.tables("groups"):
+        name = table.required("name", _parse_user_name)
+        mounts = _mounts(table)
+        table.close()
+        if name is not None:
+            existing = first.get(name.lower())
+            if existing is not None:
+                table.problems.add(
+                    table.key("name"), f"duplicate group name, as {existing!r}", name
+                )
+            first.setdefault(name.lower(), name)
+        groups.append(GroupSettings(name or "", mounts))
+    return tuple(groups)
+
+
+def _mounts(owner: _Table) -> tuple[MountSettings, ...]:
+    mounts: list[MountSettings] = []
+    for table in owner.tables("mounts"):
+        path = table.required("path", _parse_mount_path)
+        source = table.required("source", _parse_source)
+        permissions = _permissions(table, "permissions", required=True)
+        max_bytes, max_files = _quota(table)
+        table.close()
+        if path is not None and source is not None:
+            mounts.append(
+                MountSettings(path, source, permissions, table.path,
+                              max_bytes, max_files)
+            )  # fmt: skip
+    return tuple(mounts)
+
+
+def _permissions(
+    table: _Table, name: str, *, required: bool
+) -> frozenset[vfs.Permission]:
+    value = table.value(name)
+    key = table.key(name)
+    if value is None:
+        if required:
+            table.problems.add(key, "required key is missing")
+        return vfs.ALL_PERMISSIONS if not required else frozenset()
+    words = [value] if isinstance(value, str) else value
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        problem = "must be a preset name or an array of permission words"
+        table.problems.add(key, problem, value)
+        return frozenset()
+    try:
+        return vfs.parse_permissions(words)
+    except ValueError as error:
+        table.problems.add(key, str(error))
+        return frozenset()
+
+
+def _quota(table: _Table) -> tuple[int | None, int | None]:
+    max_bytes = table.integer("quota_bytes", 1, MAX_QUOTA, 0)
+    max_files = table.integer("quota_files", 1, MAX_QUOTA, 0)
+    return max_bytes or None, max_files or None
+
+
+def _with_tree(table: _Table, user: UserSettings) -> UserSettings:
+    """``user`` with the issue-4 keys of its ``[[users]]`` table read."""
+    groups: list[str] = []
+    raw = table.value("groups")
+    if raw is not None:
+        if not isinstance(raw, list) or not all(isinstance(g, str) for g in raw):
+            table.problems.add(table.key("groups"), "must be an array of group names")
+        else:
+            for index, name in enumerate(raw):
+                if name in groups:
+                    table.problems.add(
+                        f"{table.key('groups')}[{index}]", "group listed twice", name
+                    )
+                else:
+                    groups.append(name)
+    max_bytes, max_files = _quota(table)
+    return replace(
+        user,
+        groups=tuple(groups),
+        home=table.flag("home", UserSettings.home),
+        home_permissions=_permissions(table, "home_permissions", required=False),
+        mounts=_mounts(table),
+        max_bytes=max_bytes,
+        max_files=max_files,
+    )
+
+
+def _check_trees(problems: _Problems, config: GatewayConfig) -> None:
+    """Every user's effective tree: known groups, no path mounted twice, safe sources.
+
+    Each problem is reported once, under the key that can fix it.
+    """
+    # Imported here: mounts imports this module (for types only at run time, but a
+    # late import keeps the dependency one-way whatever mounts grows into).
+    from ftps_gateway import mounts  # noqa: PLC0415
+
+    seen: set[tuple[str, str]] = set()
+    for index, user in enumerate(config.users):
+        plan = mounts.plan_tree(config, user, user_key=f"users[{index}]")
+        for key, problem in plan.problems:
+            if (key, problem) not in seen:
+                seen.add((key, problem))
+                problems.add(key, problem)
+
+
+def _parse_mount_path(text: str) -> str:
+    if not text.startswith("/"):
+        raise _BadValueError("must be an absolute virtual path such as /finance")
+    try:
+        normalized = vfs.normalize_virtual("/", text)
+    except vfs.PathRefused as refusal:
+        raise _BadValueError(f"not a usable path: {refusal.reason}") from None
+    if normalized != text:
+        raise _BadValueError(f"not in normal form; write {normalized!r}")
+    return text
+
+
+def _parse_source(text: str) -> str:
+    if not text:
+        raise _BadValueError("must not be empty")
+    if "\x00" in text:
+        raise _BadValueError("must not contain NUL")
+    try:
+        vfs.expand_source(text, "user", Path("/"))
+    except ValueError as error:
+        raise _BadValueError(str(error)) from None
+    return text
 
 
 # --- value parsers: str in, value out, or _BadValueError(problem) --------------------

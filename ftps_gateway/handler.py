@@ -18,7 +18,8 @@ gaps are listed in ARCHITECTURE.md):
 - argon2id verification off the IO loop; input pipelined behind PASS waits for it, so
   replies never get out of order.
 - A login grace timer that NOOP does not reset.
-- Uploads land atomically, and only when the client's close_notify arrived.
+- Uploads land atomically, and only when the client's close_notify arrived; file
+  commands, permissions, resume and quotas are in ``fileops.MountCommandsMixin``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pyftpdlib.handlers import DTPHandler, FTPHandler
 from pyftpdlib.ioloop import AsyncChat
 
 from ftps_gateway import tls, vfs
-from ftps_gateway.filesystem import AtomicUpload, GatewayFS
+from ftps_gateway.fileops import OVER_QUOTA, MountCommandsMixin
+from ftps_gateway.filesystem import AtomicUpload, GatewayFS, QuotaExceededError
 from ftps_gateway.netpolicy import (
     AccessList,
     DataChannelPolicy,
@@ -66,7 +68,7 @@ PRE_TLS_COMMANDS = frozenset(
 PRE_LOGIN_COMMANDS = PRE_TLS_COMMANDS | {"USER", "PASS", "OPTS", "TYPE"}
 PASSIVE_COMMANDS = frozenset({"PASV", "EPSV"})
 ACTIVE_COMMANDS = frozenset({"PORT", "EPRT"})
-UNSUPPORTED_COMMANDS = frozenset({"STOU", "APPE"})  # both bypass atomic uploads
+UNSUPPORTED_COMMANDS = frozenset({"STOU"})  # its unique names bypass atomic uploads
 
 # Audit reasons of failed logins -> the metrics' login results.
 LOGIN_RESULTS = {
@@ -176,8 +178,21 @@ class DataHandler(TLSChannelMixin, DTPHandler):
                 chunk = self._data_wrapper(chunk)
             try:
                 self.file_obj.write(chunk)
+            except QuotaExceededError as exceeded:
+                self._refuse_over_quota(exceeded)
+                return
             except OSError as err:
                 raise _FileReadWriteError(err) from err
+
+    def _refuse_over_quota(self, exceeded: QuotaExceededError) -> None:
+        """452, and the upload is discarded (not kept as a partial)."""
+        self.cmd_channel.audit(
+            "upload_refused", path=getattr(self.file_obj, "name", None),
+            reason="quota", scope=exceeded.scope,
+        )  # fmt: skip
+        self.transfer_finished = False
+        self._resp = (OVER_QUOTA, logger.info)
+        self.close()
 
     def handle_close(self) -> None:
         """An upload counts as complete only if the client's close_notify arrived."""
@@ -214,18 +229,22 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         if self.receive and self.transfer_finished and not self.tls_truncated:
             try:
                 upload.commit()
+            except FileExistsError:
+                # No overwrite permission, and the name appeared during the upload.
+                self.transfer_finished = False
+                self._resp = ("550 File exists; upload not stored.", logger.info)
             except OSError:
                 logger.exception("could not move upload into place: %s", upload.final)
                 self.transfer_finished = False
                 self._resp = ("451 Local error: upload not stored.", logger.error)
             return
-        upload.discard()
+        upload.discard()  # kept as a resumable partial if the config says so
         self.transfer_finished = False
         if not self._resp or self._resp[0].startswith("226"):
             self._resp = ("426 Transfer aborted.", logger.info)
 
 
-class ControlHandler(TLSChannelMixin, FTPHandler):
+class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
     """One partner session on the control port."""
 
     gateways: ClassVar[GatewayHolder]  # set per server by server.build_handler_class
@@ -530,6 +549,15 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
                 self.audit("path_refused", command=cmd, reason=str(refusal))
                 self.respond("550 Invalid path.")
                 return
+        # Mount permissions, on the virtual path (fileops.MountCommandsMixin).
+        if (
+            self.authenticated
+            and cmd in self.proto_cmds
+            and self.proto_cmds[cmd]["perm"]
+            and cmd not in UNSUPPORTED_COMMANDS
+            and not self.mount_gate(cmd, arg)
+        ):
+            return
         super().pre_process_command(line, cmd, arg)
 
     def process_command(self, cmd: str, *args: Any, **kwargs: Any) -> None:
@@ -585,10 +613,6 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
     def ftp_STOU(self, line: str) -> None:
         """STOU is off: its unique names bypass the atomic-upload contract."""
         self.respond("502 STOU not supported.")
-
-    def ftp_APPE(self, file: str) -> None:
-        """Appending would expose a growing file under its final name."""
-        self.respond("502 APPE not supported; upload the whole file with STOR.")
 
     # --- login
 
@@ -726,11 +750,15 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         self._pinned_gateway = gateway
         self.authorizer = gateway.authorizer
         self._apply_user_policy(gateway, username)
-        home = gateway.home_for(username)
-        home.mkdir(mode=0o750, parents=True, exist_ok=True)
+        try:
+            self.build_mount_table(username)  # the tree GatewayFS serves (fileops)
+        except LookupError:  # a reload removed the user while its password was checked
+            self.audit("login_failed", reason="unknown-user")
+            self._respond_and_close("530 Authentication failed. Disconnecting.")
+            return False
         if self._login_timer is not None and not self._login_timer.cancelled:
             self._login_timer.cancel()
-        self.handle_auth_success(str(home), "", self.authorizer.get_msg_login(username))
+        self.handle_auth_success("/", "", self.authorizer.get_msg_login(username))
         self.audit("login_ok")
         gateway.metrics.login("ok")
         return True
@@ -892,33 +920,6 @@ class ControlHandler(TLSChannelMixin, FTPHandler):
         if queued and not self._closed:
             self.respond(reply)
         return queued
-
-    # --- uploads
-
-    def ftp_STOR(self, file: str, mode: str = "w") -> str | None:
-        """Receive into a hidden temporary file, renamed to ``file`` when complete."""
-        rest = self._restart_position
-        self._restart_position = 0
-        if rest:
-            self.respond("554 Resuming uploads is not supported; send the whole file.")
-            return None
-        if not self._data_path_arranged():
-            self.respond(self._take_data_failure_reply())
-            return None
-        try:
-            upload = self.fs.open_upload(file)
-        except OSError as err:
-            self.audit("upload_refused", path=self.fs.fs2ftp(file), reason=err.strerror)
-            self.respond("550 Can't create file.")
-            return None
-        if self.data_channel is not None:
-            self.respond("125 Data connection already open. Transfer starting.")
-            self.data_channel.file_obj = upload
-            self.data_channel.enable_receiving(self._current_type, "STOR")
-        else:
-            self.respond("150 File status okay. About to open data connection.")
-            self._in_dtp_queue = (upload, "STOR")
-        return file
 
     # --- transfer outcomes, for the audit trail and the metrics
 

@@ -14,6 +14,7 @@ carry over.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +32,12 @@ from ftps_gateway.authorizer import GatewayAuthorizer
 from ftps_gateway.config import endpoint
 from ftps_gateway.defender import Defender, SessionLimits
 from ftps_gateway.errors import ConfigError, GatewayError, StartupError
+from ftps_gateway.filesystem import sweep_partials
 from ftps_gateway.handler import ControlHandler
 from ftps_gateway.health import HealthServer, ReadinessState
 from ftps_gateway.loopwaker import LoopWaker
 from ftps_gateway.metrics import GatewayMetrics
+from ftps_gateway.mounts import sweep_roots
 from ftps_gateway.netpolicy import AccessList, PassiveAddressPolicy, TLSPolicyTable
 from ftps_gateway.passive import PortsInUse
 from ftps_gateway.passwords import PasswordVerifier
@@ -47,6 +50,9 @@ if TYPE_CHECKING:
     from ftps_gateway.config import GatewayConfig, ListenAddress
 
 logger = logging.getLogger("ftps_gateway")
+
+# How often expired partial uploads are looked for (at most; see _start_sweeper).
+SWEEP_INTERVAL_SECONDS = 600
 
 # argon2id threads. Each verification holds its memory cost (64 MiB with the default
 # parameters) while it runs, so this also bounds login memory.
@@ -150,7 +156,10 @@ def prepare_homes(config: GatewayConfig) -> None:
     """Create every user's home (mode 0750, parents included) if missing."""
     try:
         for user in config.users:
-            home_dir(config, user.name).mkdir(mode=0o750, parents=True, exist_ok=True)
+            if user.home:  # other folders are created at login (they may hold {user})
+                home_dir(config, user.name).mkdir(
+                    mode=0o750, parents=True, exist_ok=True
+                )
     except OSError as err:
         raise StartupError(
             f"storage.root: cannot create user homes under {config.storage.root}: "
@@ -198,6 +207,7 @@ class GatewayServer:
         except BaseException:
             self._release()
             raise
+        self._start_sweeper()
 
     def _listen(self, addresses: Sequence[ListenAddress], *, implicit: bool) -> None:
         handler_class = build_handler_class(self.holder, implicit=implicit)
@@ -287,6 +297,23 @@ class GatewayServer:
             current.metrics.config_reloaded("ok")
             logger.info("configuration reloaded from %s", source)
         return problems
+
+    def _start_sweeper(self) -> None:
+        """Remove expired partial uploads (and crash leftovers) now and periodically.
+
+        The walk runs on the worker pool, off the IO loop: it touches every folder a
+        user can upload into.
+        """
+        roots = sweep_roots(self.config)
+        retention = self.config.storage.partial_retention_seconds
+        interval = min(SWEEP_INTERVAL_SECONDS, max(retention // 2, 60))
+
+        def sweep() -> None:
+            with contextlib.suppress(RuntimeError):  # the pool is shut down: stopping
+                self.gateway.executor.submit(sweep_partials, roots, retention)
+
+        sweep()
+        self.ioloop.call_every(interval, sweep)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

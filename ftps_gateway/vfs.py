@@ -1,32 +1,54 @@
-"""Virtual paths (what FTP clients send) to real paths, confined to one home.
+"""Virtual paths (what FTP clients send) to real paths, through a per-user mount table.
 
 Plain Python (no pyftpdlib import), so every rule here is unit-tested without a
 server. Everything a client sends is refused or confined before the disk is touched:
 a path that cannot be mapped safely raises ``PathRefused``, never maps "nearby".
+
+A user's tree is a ``MountTable``: virtual paths (``/``, ``/finance``) mapped to real
+source folders, each with its own permission words. The longest matching mount decides
+both where a path lives and what the user may do there, so permissions follow the
+virtual path and never the physical one. Each mount confines its paths with a
+``HomeTree`` over its source, so nothing (``..``, symlinks) leaves the mount.
 """
 
 from __future__ import annotations
 
+import enum
+import hashlib
 import os
 import re
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftps_gateway.errors import GatewayError
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from collections.abc import Iterable, Sequence
 
 __all__ = [
+    "ALL_PERMISSIONS",
     "MAX_NAME_BYTES",
     "MAX_PATH_CHARS",
+    "PRESETS",
     "UPLOAD_TEMP_PREFIX",
     "HomeTree",
+    "Mount",
+    "MountTable",
     "PathRefused",
+    "Permission",
+    "QuotaScope",
     "Resolved",
+    "Usage",
+    "describe_permissions",
+    "expand_source",
     "is_upload_temp",
     "normalize_virtual",
+    "parse_permissions",
+    "partial_token",
     "upload_temp_name",
+    "usage",
 ]
 
 # Uploads are written under this hidden name and renamed into place on success (see
@@ -268,3 +290,342 @@ class HomeTree:
             return os.path.commonpath([self._root_text, text]) == self._root_text
         except ValueError:  # mixing absolute and relative paths
             return False
+
+
+# --- permissions ----------------------------------------------------------------------
+
+
+class Permission(enum.StrEnum):
+    """What a user may do inside one mount, in words an operator understands."""
+
+    LIST = "list"  # LIST NLST MLSD MLST STAT; SIZE/MDTM
+    DOWNLOAD = "download"  # RETR; SIZE/MDTM
+    UPLOAD = "upload"  # STOR/APPE/REST+STOR of a new file (and resuming one's own)
+    OVERWRITE = "overwrite"  # replace an existing file (STOR, RNTO onto it, MFMT)
+    DELETE = "delete"  # DELE, RMD
+    RENAME = "rename"  # RNFR/RNTO, both names in the same mount
+    MKDIR = "mkdir"  # MKD
+
+
+ALL_PERMISSIONS = frozenset(Permission)
+
+# Presets name the common shapes; "dropbox" is the partner who delivers but can neither
+# list nor read back what was delivered (nor what anybody else delivered).
+PRESETS: dict[str, frozenset[Permission]] = {
+    "read": frozenset({Permission.LIST, Permission.DOWNLOAD}),
+    "dropbox": frozenset({Permission.UPLOAD}),
+    "read-write": ALL_PERMISSIONS,
+    "none": frozenset(),
+}
+
+
+def parse_permissions(words: str | Sequence[str]) -> frozenset[Permission]:
+    """A preset name, or a list of permission words (presets may appear in the list).
+
+    Raises:
+        ValueError: an unknown word, naming the known ones.
+    """
+    items = [words] if isinstance(words, str) else list(words)
+    granted: set[Permission] = set()
+    for word in items:
+        if word in PRESETS:
+            granted |= PRESETS[word]
+            continue
+        try:
+            granted.add(Permission(word))
+        except ValueError:
+            known = ", ".join([*PRESETS, *(p.value for p in Permission)])
+            raise ValueError(f"unknown permission {word!r} (known: {known})") from None
+    return frozenset(granted)
+
+
+def describe_permissions(granted: frozenset[Permission]) -> str:
+    """``read (list, download)`` or ``list, upload``: the preset name when one fits."""
+    words = ", ".join(p.value for p in Permission if p in granted) or "nothing"
+    for name, preset in PRESETS.items():
+        if preset == granted:
+            return name if name == "none" else f"{name} ({words})"
+    return words
+
+
+# --- sources and partial uploads ------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_source(template: str, user: str, storage_root: Path) -> Path:
+    """The real folder a mount's ``source`` names for ``user``.
+
+    ``{user}`` becomes the user name (config validated it as a safe path component);
+    a relative source is taken under ``storage_root``. The result is normalized
+    lexically (no disk access), so ``..`` in a source is visible to the checks that
+    keep sources away from the gateway's own files.
+
+    Raises:
+        ValueError: a placeholder other than ``{user}``, or a stray brace.
+    """
+    for match in _PLACEHOLDER.finditer(template):
+        if match[1] != "user":
+            raise ValueError(f"unknown placeholder {{{match[1]}}} (only {{user}})")
+    text = template.replace("{user}", user)
+    if "{" in text or "}" in text:
+        raise ValueError("unbalanced brace (the only placeholder is {user})")
+    path = Path(text)
+    if not path.is_absolute():
+        path = storage_root / path
+    return Path(os.path.normpath(path))
+
+
+def partial_token(user: str, final_name: str) -> str:
+    """The token of ``user``'s upload temporary for ``final_name``.
+
+    Deterministic, so an interrupted upload's temporary file is the partial that a
+    later session of the same user resumes; keyed by the user, so another user
+    uploading to the same name writes (and resumes) a different file; keyed by the
+    whole final name, because ``upload_temp_name`` may cut long names.
+    """
+    digest = hashlib.sha256(f"{user}\0{final_name}".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:24]
+
+
+# --- quotas ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Bytes and files under some folders."""
+
+    bytes: int = 0
+    files: int = 0
+
+
+def usage(roots: Iterable[Path]) -> Usage:
+    """Add up the regular files under ``roots`` (symlinks not followed).
+
+    Upload temporaries count as bytes (they occupy the disk) but not as files (they
+    are not files a partner delivered). A root that is inside another root is counted
+    once.
+    """
+    unique = sorted({os.path.normpath(root) for root in roots})
+    kept = [r for r in unique if not any(_is_under(r, o) for o in unique if o != r)]
+    total_bytes = total_files = 0
+    pending = list(kept)
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                pending.append(entry.path)
+            elif stat.S_ISREG(info.st_mode):
+                total_bytes += info.st_size
+                if not is_upload_temp(entry.name):
+                    total_files += 1
+    return Usage(total_bytes, total_files)
+
+
+def _is_under(path: str, root: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+@dataclass(frozen=True)
+class QuotaScope:
+    """A limit over some folders: one mount's source, or a user's own folders."""
+
+    name: str  # for audit lines and explain: "user acme", "mount /finance"
+    roots: tuple[Path, ...]
+    max_bytes: int | None
+    max_files: int | None
+
+
+# --- the mount table ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One virtual folder of a user's tree."""
+
+    virtual: str  # absolute, normalized: "/", "/finance"
+    source: Path  # real folder, absolute and normalized
+    permissions: frozenset[Permission]
+    origin: str  # where it came from, for explain and audit: "home", "group finance"
+    personal: bool = False  # counted in the user's own quota (home, {user}, own)
+    max_bytes: int | None = None  # this mount's quota
+    max_files: int | None = None
+
+
+@dataclass(frozen=True)
+class Location:
+    """A virtual path after mapping through a mount table.
+
+    ``mount`` is None for a purely virtual directory: an ancestor of mount points that
+    no mount covers (``/`` of a user with ``home = false``). Such a directory has no
+    real path and only lists its mount points.
+    """
+
+    virtual: str
+    mount: Mount | None
+    real: Path | None = field(default=None)
+
+    @property
+    def is_mount_point(self) -> bool:
+        """True for the virtual path a mount is attached at."""
+        return self.mount is not None and self.mount.virtual == self.virtual
+
+    @property
+    def permissions(self) -> frozenset[Permission]:
+        """What the user may do here (nothing but CWD/list in a virtual directory)."""
+        return self.mount.permissions if self.mount is not None else frozenset()
+
+
+class MountTable:
+    """One user's tree: virtual paths to real ones, with permissions per mount.
+
+    The longest mount path that is the virtual path or one of its ancestors decides
+    (so ``/finance/in`` belongs to ``/finance`` even though ``/`` is mounted too).
+    Mount points, and the virtual directories leading to them, are *structural*: they
+    appear in listings but cannot be created, deleted, renamed or uploaded over.
+    """
+
+    def __init__(
+        self,
+        mounts: Sequence[Mount],
+        *,
+        user_quota: tuple[int | None, int | None] = (None, None),
+        user: str = "",
+    ) -> None:
+        """Index ``mounts``.
+
+        Raises:
+            ValueError: a mount path that is not absolute and normalized, a source
+                that is not absolute, or two mounts at the same path.
+        """
+        by_path: dict[str, Mount] = {}
+        for mount in mounts:
+            if normalize_virtual("/", mount.virtual) != mount.virtual:
+                raise ValueError(f"mount path not normalized: {mount.virtual!r}")
+            if not mount.source.is_absolute():
+                raise ValueError(f"mount source not absolute: {mount.source}")
+            if mount.virtual in by_path:
+                first = by_path[mount.virtual]
+                raise ValueError(
+                    f"{mount.virtual} mounted twice: {first.origin} ({first.source})"
+                    f" and {mount.origin} ({mount.source})"
+                )
+            by_path[mount.virtual] = mount
+        self._mounts = by_path
+        # Ancestors of mount points: directories that must exist virtually.
+        self._structural: set[str] = set()
+        for path in by_path:
+            self._structural.update(_ancestors(path))
+            self._structural.add(path)
+        self._trees: dict[str, HomeTree] = {}
+        self.user = user
+        self.user_quota = user_quota
+
+    @property
+    def mounts(self) -> list[Mount]:
+        """The mounts, sorted by virtual path."""
+        return [self._mounts[path] for path in sorted(self._mounts)]
+
+    def normalize(self, cwd: str, path: str) -> str:
+        """See ``normalize_virtual``."""
+        return normalize_virtual(cwd, path)
+
+    def mount_for(self, virtual: str) -> Mount | None:
+        """The mount that ``virtual`` (normalized) lives in, or None."""
+        path = virtual
+        while True:
+            mount = self._mounts.get(path)
+            if mount is not None:
+                return mount
+            if path == "/":
+                return None
+            path = path.rsplit("/", 1)[0] or "/"
+
+    def is_structural(self, virtual: str) -> bool:
+        """True for a mount point or a virtual directory leading to one."""
+        return virtual in self._structural
+
+    def locate(self, cwd: str, path: str) -> Location:
+        """Map a client path (relative to ``cwd``) to its mount and real path.
+
+        The real path is checked against the mount's source on the disk: symlinks
+        that lead out of the mount (or into another mount's source) are refused.
+
+        Raises:
+            PathRefused: the string rules of ``normalize_virtual``; "outside home"
+                when the path resolves outside its mount; "no such folder" when no
+                mount covers it and it is not a virtual directory; "folder
+                unavailable" when the mount's source is missing.
+        """
+        virtual = normalize_virtual(cwd, path)
+        mount = self.mount_for(virtual)
+        if mount is None:
+            if virtual in self._structural:
+                return Location(virtual, None, None)
+            raise PathRefused("no such folder")
+        inner = virtual[len(mount.virtual) :] if mount.virtual != "/" else virtual
+        real = self._tree(mount).to_real(inner or "/")
+        return Location(virtual, mount, real)
+
+    def children(self, virtual: str) -> dict[str, Mount | None]:
+        """Names directly under ``virtual`` that are structural (mounts or ancestors).
+
+        Maps each name to its mount, or None for a virtual directory on the way to a
+        deeper mount point. Listings show these whatever the disk holds, and hide a
+        real entry of the same name (the mount shadows it).
+        """
+        prefix = virtual.rstrip("/") + "/"
+        names: dict[str, Mount | None] = {}
+        for path in self._structural:
+            if path != virtual and path.startswith(prefix):
+                name = path[len(prefix) :].split("/", 1)[0]
+                names.setdefault(name, None)
+                child = self._mounts.get(prefix + name)
+                if child is not None:
+                    names[name] = child
+        return names
+
+    def is_visible(self, mount: Mount, real: str) -> bool:
+        """True if ``real`` (symlinks resolved) stays inside ``mount``'s source."""
+        return self._tree(mount).is_inside(real)
+
+    def same_mount(self, first: Location, second: Location) -> bool:
+        """True if both locations are in one mount (renames may not cross mounts)."""
+        return first.mount is not None and first.mount is second.mount
+
+    def quota_scopes(self, mount: Mount) -> list[QuotaScope]:
+        """The limits an upload into ``mount`` counts against."""
+        scopes: list[QuotaScope] = []
+        if mount.max_bytes is not None or mount.max_files is not None:
+            scopes.append(
+                QuotaScope(f"mount {mount.virtual}", (mount.source,),
+                           mount.max_bytes, mount.max_files)
+            )  # fmt: skip
+        max_bytes, max_files = self.user_quota
+        if mount.personal and (max_bytes is not None or max_files is not None):
+            roots = tuple(m.source for m in self.mounts if m.personal)
+            scopes.append(QuotaScope(f"user {self.user}", roots, max_bytes, max_files))
+        return scopes
+
+    def _tree(self, mount: Mount) -> HomeTree:
+        tree = self._trees.get(mount.virtual)
+        if tree is None:
+            try:
+                tree = HomeTree(mount.source)
+            except (OSError, ValueError):
+                raise PathRefused("folder unavailable") from None
+            self._trees[mount.virtual] = tree
+        return tree
+
+
+def _ancestors(virtual: str) -> list[str]:
+    parts = [name for name in virtual.split("/") if name]
+    return ["/" + "/".join(parts[:depth]) for depth in range(len(parts))]

@@ -572,8 +572,8 @@ REJECTED = [
         id="password-not-string",
     ),
     pytest.param(
-        {USER: USER + 'home = "/srv/acme"\n'},
-        ["users[0].home: unknown key"],
+        {USER: USER + 'homedir = "/srv/acme"\n'},
+        ["users[0].homedir: unknown key"],
         id="user-unknown-key",
     ),
     pytest.param(
@@ -1111,19 +1111,15 @@ def test_example_file_loads(config_dir: Path) -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     placeholder = "PASTE-OUTPUT-OF-ftps-gateway-hash-password"
     assert placeholder in text
-    text = re.sub(
-        r"^# (\[\[users\]\]|name = |password = |allow = |reuse = |max_version = )",
-        r"\1",
-        text,
-        flags=re.MULTILINE,
-    )
+    text = re.sub(r"^# (\[\[[a-z.]+\]\]$|[a-z_]+ = )", r"\1", text, flags=re.MULTILINE)
     cfg = config.load(_write(config_dir, text.replace(placeholder, HASH)))
-    assert cfg.users == (
-        UserSettings(
-            "acme", HASH, (ipaddress.IPv4Network("198.51.100.0/24"),),
-            reuse="required", max_version="1.3",
-        ),
-    )  # fmt: skip
+    assert [(u.name, u.password_hash, u.groups) for u in cfg.users] == [
+        ("acme", HASH, ("finance",))
+    ]
+    (user,) = cfg.users
+    assert user.allow == (ipaddress.IPv4Network("198.51.100.0/24"),)
+    assert (user.reuse, user.max_version) == ("required", "1.3")
+    assert [m.path for m in cfg.groups[0].mounts] == ["/finance", "/outbound"]
     assert not config.summary(cfg).count("WARNING")
     assert cfg.tls.certificate == config_dir / "certs" / "server.crt"
     assert cfg.passive.address == "203.0.113.7"
@@ -1170,4 +1166,13 @@ def test_example_file_documents_every_key() -> None:
         "allow_public",
         "name",
         "password",
+        "partial_retention_seconds",
+        "path",
+        "source",
+        "permissions",
+        "quota_bytes",
+        "quota_files",
+        "groups",
+        "home",
+        "home_permissions",
     }
