@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 AUDIT_LOGGER_NAME = "ftps_gateway.audit"
+XFERLOG_LOGGER_NAME = "ftps_gateway.xferlog"
 
 # Field names that must never reach the audit log, whatever a caller passes.
 _SECRET_FIELDS = frozenset({"password", "password_hash", "hash", "secret"})
@@ -24,15 +26,68 @@ class AuditLog:
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self._logger = logger or logging.getLogger(AUDIT_LOGGER_NAME)
+        self._xferlog = logging.getLogger(XFERLOG_LOGGER_NAME)
 
     def event(self, name: str, **fields: Any) -> None:
         """Record event ``name`` with ``fields`` (secret-looking fields are dropped)."""
+        now = time.time()
         record: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-            + f".{int(time.time() * 1000) % 1000:03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            + f".{int(now * 1000) % 1000:03d}Z",
             "event": name,
         }
         record.update(
             (key, value) for key, value in fields.items() if key not in _SECRET_FIELDS
         )
         self._logger.info(json.dumps(record, default=str, separators=(",", ":")))
+
+    def xferlog(self, transfer: Transfer) -> None:
+        """The wu-ftpd xferlog line for ``transfer`` (if a handler is configured)."""
+        if self._xferlog.isEnabledFor(logging.INFO):
+            self._xferlog.info(xferlog_line(transfer))
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One finished file transfer, as the xferlog format describes it."""
+
+    end: float  # epoch seconds
+    seconds: float
+    client_ip: str
+    nbytes: int
+    path: str
+    upload: bool
+    user: str
+    completed: bool
+    binary: bool = True
+
+
+def xferlog_line(transfer: Transfer) -> str:
+    """Format ``transfer`` as one xferlog(5) line (wu-ftpd, ProFTPD, vsftpd).
+
+    Fields: time, transfer seconds, remote host, bytes, file name, type (a/b),
+    special action (_ = none), direction (i/o), access mode (r = real user),
+    user, service, authentication method (0 = none, as for other password logins),
+    authenticated user id (*), completion (c/i). Spaces in the file name become
+    underscores, as wu-ftpd does, so each line keeps its field count.
+    """
+    when = time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(transfer.end))
+    name = transfer.path.replace(" ", "_") or "-"
+    return " ".join(
+        (
+            when,
+            str(max(1, round(transfer.seconds))),
+            transfer.client_ip,
+            str(transfer.nbytes),
+            name,
+            "b" if transfer.binary else "a",
+            "_",
+            "i" if transfer.upload else "o",
+            "r",
+            transfer.user,
+            "ftp",
+            "0",
+            "*",
+            "c" if transfer.completed else "i",
+        )
+    )

@@ -11,15 +11,16 @@ import argparse
 import getpass
 import json
 import logging
+import logging.handlers
 import signal
 import sys
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from ftps_gateway import __version__, admin, certs, config, demo, mounts, passwords
-from ftps_gateway.audit import AUDIT_LOGGER_NAME
+from ftps_gateway.audit import AUDIT_LOGGER_NAME, XFERLOG_LOGGER_NAME
 from ftps_gateway.errors import ConfigError, GatewayError, StartupError
 
 if TYPE_CHECKING:
@@ -127,8 +128,17 @@ def _traceback_if(debug: bool, err: BaseException) -> None:
         traceback.print_exception(err, file=sys.stderr)
 
 
-def configure_logging(level: str, debug: bool) -> None:
-    """Diagnostics to stderr; the audit trail as bare JSON lines to stdout."""
+def configure_logging(
+    level: str,
+    debug: bool,
+    audit_file: Path | None = None,
+    xferlog_file: Path | None = None,
+) -> None:
+    """Diagnostics to stderr; the audit trail as bare JSON lines to stdout or a file.
+
+    Files are opened with ``WatchedFileHandler``: when logrotate moves one, the next
+    line goes to a new file under the configured name.
+    """
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -143,11 +153,31 @@ def configure_logging(level: str, debug: bool) -> None:
     logging.getLogger("pyftpdlib").setLevel(logging.DEBUG if debug else logging.WARNING)
     audit = logging.getLogger(AUDIT_LOGGER_NAME)
     if not audit.handlers:
-        stream = logging.StreamHandler(sys.stdout)
-        stream.setFormatter(logging.Formatter("%(message)s"))
-        audit.addHandler(stream)
+        audit.addHandler(_line_handler(audit_file, sys.stdout))
     audit.setLevel(logging.INFO)
     audit.propagate = False
+    xferlog = logging.getLogger(XFERLOG_LOGGER_NAME)
+    xferlog.propagate = False
+    if xferlog_file is None:
+        xferlog.setLevel(logging.CRITICAL)  # off: AuditLog.xferlog skips formatting
+    elif not xferlog.handlers:
+        xferlog.addHandler(_line_handler(xferlog_file, None))
+        xferlog.setLevel(logging.INFO)
+
+
+def _line_handler(path: Path | None, stream: TextIO | None) -> logging.Handler:
+    """One message per line, to ``path`` (created 0640 with its directory) or stream."""
+    if path is None:
+        handler: logging.Handler = logging.StreamHandler(stream)
+    else:
+        try:
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+            path.chmod(0o640)
+        except OSError as err:
+            raise StartupError(f"cannot write log file {path}: {err.strerror}") from err
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -160,17 +190,20 @@ def _serve(args: argparse.Namespace) -> int:
         cfg = prepared.config
     else:
         cfg = config.load(args.config)
-    configure_logging(cfg.log_level, args.debug)
+    configure_logging(cfg.log_level, args.debug, cfg.audit_file, cfg.xferlog_file)
     server = GatewayServer(cfg)
 
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        logger.info("received %s, stopping", signal.Signals(signum).name)
+    def _stop(_signum: int, _frame: FrameType | None) -> None:
         server.gateway.waker.request_stop()
+
+    def _drain(_signum: int, _frame: FrameType | None) -> None:
+        # No logging here: a handler's lock may be held by the interrupted code.
+        server.gateway.waker.call_soon_threadsafe(server.drain)
 
     def _reload(_signum: int, _frame: FrameType | None) -> None:
         server.gateway.waker.call_soon_threadsafe(server.reload)
 
-    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGTERM, _drain)
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGHUP, _reload)
     if prepared is not None:

@@ -204,6 +204,7 @@ class GatewayConfig:
     log_level: str = "info"  # [logging] level: debug, info, warning, error
     audit_file: Path | None = None  # [logging] audit_file; None: stdout
     xferlog_file: Path | None = None  # [logging] xferlog_file; None: no xferlog
+    upload_sha256: bool = True  # [logging] upload_sha256: digest in upload events
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     groups: tuple[GroupSettings, ...] = ()
 
@@ -373,6 +374,7 @@ def summary(cfg: GatewayConfig) -> str:
         f"Log level: {cfg.log_level}",
         f"Audit log: {cfg.audit_file or 'stdout'}",
         f"xferlog: {cfg.xferlog_file or 'off'}",
+        f"Upload sha256 in the audit log: {'on' if cfg.upload_sha256 else 'off'}",
         f"Metrics: {_metrics_summary(cfg.metrics)}",
     ]
     return "\n".join(lines)
@@ -638,7 +640,9 @@ def _gateway(root: _Table, source: Path) -> GatewayConfig:
     access = _access(root.table("access"))
     defender = _defender(root.table("defender"))
     admin = _admin(root.table("admin"), base, storage.root)
-    log_level, audit_file, xferlog_file = _logging(root.table("logging"), base)
+    log_level, audit_file, xferlog_file, upload_sha256 = _logging(
+        root.table("logging"), base
+    )
     metrics = _metrics(
         root.table("metrics"), server.listen + server.implicit_listen, passive
     )
@@ -648,7 +652,8 @@ def _gateway(root: _Table, source: Path) -> GatewayConfig:
     config = GatewayConfig(
         source, server, tls, passive, storage, users,
         access=access, defender=defender, admin=admin, log_level=log_level,
-        audit_file=audit_file, xferlog_file=xferlog_file, metrics=metrics,
+        audit_file=audit_file, xferlog_file=xferlog_file,
+        upload_sha256=upload_sha256, metrics=metrics,
         groups=groups,
     )  # fmt: skip
     _check_trees(root.problems, config)
@@ -874,12 +879,15 @@ def _admin(table: _Table, base: Path, storage_root: Path) -> AdminSettings:
     return AdminSettings(socket)
 
 
-def _logging(table: _Table, base: Path) -> tuple[str, Path | None, Path | None]:
+def _logging(
+    table: _Table, base: Path
+) -> tuple[str, Path | None, Path | None, bool]:
     level = table.optional("level", _one_of(LOG_LEVELS), GatewayConfig.log_level)
     audit_file = table.optional("audit_file", _path_under(base), None)
     xferlog_file = table.optional("xferlog_file", _path_under(base), None)
+    upload_sha256 = table.flag("upload_sha256", GatewayConfig.upload_sha256)
     table.close()
-    return level, audit_file, xferlog_file
+    return level, audit_file, xferlog_file, upload_sha256
 
 
 def _metrics(

@@ -229,6 +229,7 @@ class MountCommandsMixin:
                 retention_seconds=self.gateway.config.storage.partial_retention_seconds,
                 max_size=max_size, quota_scope=scope,
                 may_replace=P.OVERWRITE in location.permissions,
+                digest=self.gateway.config.upload_sha256,
             )  # fmt: skip
         except QuotaExceededError as exceeded:
             self.audit("upload_refused", path=location.virtual, reason="quota",

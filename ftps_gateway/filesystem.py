@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import stat
 import time
@@ -80,6 +81,7 @@ class AtomicUpload:
         max_size: int | None = None,
         quota_scope: str = "",
         may_replace: bool = True,
+        digest: bool = True,
     ) -> None:
         """Open (or reopen) the temporary file and position it.
 
@@ -91,6 +93,8 @@ class AtomicUpload:
             max_size: largest size the final file may reach (quotas); None: no limit.
             may_replace: False makes ``commit`` fail if the final name appeared
                 meanwhile (the user has no ``overwrite`` permission).
+            digest: compute the sha256 of the whole file (``sha256``) for the audit
+                log; a resumed upload re-reads the part already there.
 
         Raises:
             UploadBusyError, RestartOutOfRangeError, QuotaExceededError, OSError.
@@ -106,6 +110,7 @@ class AtomicUpload:
         self.may_replace = may_replace
         self.over_quota = False
         self._committed = False
+        self._hash = hashlib.sha256() if digest else None
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         self._fd = os.open(self.temp, flags, 0o640)
         try:
@@ -116,9 +121,28 @@ class AtomicUpload:
             raise UploadBusyError(str(final)) from None
         try:
             self.size = self._position(restart, append)
+            if self._hash is not None and self.size:
+                self._hash_existing(self.size)
         except BaseException:
             self.discard(keep=True)
             raise
+
+    @property
+    def sha256(self) -> str | None:
+        """Hex sha256 of the whole file as written so far (None: not computed)."""
+        return self._hash.hexdigest() if self._hash is not None else None
+
+    def _hash_existing(self, size: int) -> None:
+        """Hash the bytes a resumed upload starts from (they were written earlier)."""
+        if self._hash is None:
+            return
+        offset = 0
+        while offset < size:
+            chunk = os.pread(self._fd, min(_COPY_CHUNK, size - offset), offset)
+            if not chunk:
+                break
+            self._hash.update(chunk)
+            offset += len(chunk)
 
     @property
     def closed(self) -> bool:
@@ -190,6 +214,8 @@ class AtomicUpload:
         """
         self._check_quota(self.size + len(data))
         self._write_all(data)
+        if self._hash is not None:
+            self._hash.update(data)
         self.size += len(data)
         return len(data)
 

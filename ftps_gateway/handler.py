@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pyftpdlib.exceptions import _FileReadWriteError, _RetryError
@@ -33,6 +34,7 @@ from pyftpdlib.handlers import DTPHandler, FTPHandler
 from pyftpdlib.ioloop import AsyncChat
 
 from ftps_gateway import tls, vfs
+from ftps_gateway.audit import Transfer
 from ftps_gateway.fileops import OVER_QUOTA, MountCommandsMixin
 from ftps_gateway.filesystem import AtomicUpload, GatewayFS, QuotaExceededError
 from ftps_gateway.netpolicy import (
@@ -78,6 +80,10 @@ LOGIN_RESULTS = {
     "banned": "banned",
 }
 
+FIRST_ERROR_REPLY = 400  # 4xx and 5xx: the command failed
+# Commands that change the tree -> their audit event.
+TREE_EVENTS = {"DELE": "delete", "RMD": "rmdir", "MKD": "mkdir", "RNTO": "rename"}
+
 NOT_RESUMED_REPLY = (
     "425 Can't open data connection: TLS session of data connection not resumed."
 )
@@ -86,7 +92,9 @@ LIMIT_REPLIES = {
     "limit-total": "421 Too many sessions; try again later.",
     "limit-per-ip": "421 Too many sessions from your address; try again later.",
     "limit-per-user": "421 Too many sessions for this user; try again later.",
+    "draining": "421 Service restarting; try again shortly.",
 }
+SHUTDOWN_REPLY = "421 Service restarting; please reconnect."
 
 # Upload reads are looped up to this many bytes per readiness event: one SSL_read
 # returns one record (16 KiB at most), and returning to the poller for each one
@@ -302,6 +310,7 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         self._limit_refusal: str | None = None
         self._data_failure_reply: str | None = None
         self._disconnect_after_failure = False
+        self._rename_source: str | None = None
         self._session_open = False  # counted by metrics.session_opened
         self.close_result = ""  # why the session ended, for the metrics
         self._pbsz = False
@@ -362,10 +371,12 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             self._drop("banned")
             return
         self._admitted = True
-        self._limit_refusal = gateway.limits.open(ip)
+        self._limit_refusal = "draining" if self.gateways.draining else None
+        self._limit_refusal = self._limit_refusal or gateway.limits.open(ip)
         self._session_counted = self._limit_refusal is None
         if self._limit_refusal is None:
             self._session_open = True
+            self.gateways.sessions.add(self)
             gateway.metrics.session_opened()
         else:
             gateway.metrics.session_refused(self._limit_refusal)
@@ -380,6 +391,27 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             self._refuse_over_limit(self._limit_refusal)
         else:
             super().handle()
+
+    def transfer_in_progress(self) -> bool:
+        """A transfer is running or waiting for its data connection (for the drain)."""
+        return any(
+            item is not None
+            for item in (
+                self.data_channel,
+                self._pending_data,
+                self._in_dtp_queue,
+                self._out_dtp_queue,
+            )
+        )
+
+    def close_for_shutdown(self) -> None:
+        """Tell the client the server is going away, then close (the drain)."""
+        self.close_result = "shutdown"
+        if self._auth_pending:
+            self._respond_and_close(SHUTDOWN_REPLY)
+        elif not self._closed:
+            self.respond(SHUTDOWN_REPLY)
+            self.close_when_done()
 
     def _drop(self, reason: str) -> None:
         """Close before the banner and before TLS: the client learns nothing."""
@@ -419,6 +451,7 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             self._login_counted = ""
         if self._session_open:
             self._session_open = False
+            self.gateways.sessions.discard(self)
             result = self.close_result or ("ok" if self.authenticated else "no-login")
             self.gateway.metrics.session_closed(result)
         if self._admitted:
@@ -571,6 +604,8 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         if not self.authenticated and cmd not in PRE_LOGIN_COMMANDS:
             self.respond("530 Log in with USER and PASS first.")
             return
+        if cmd == "RNTO":
+            self._rename_source = self._rnfr  # pyftpdlib forgets it before log_cmd
         if cmd in ACTIVE_COMMANDS and not self.gateway.config.server.allow_active_mode:
             self.gateway.metrics.data_connection_refused("active-mode-disabled")
             self.respond("502 Active mode is disabled; use PASV or EPSV.")
@@ -937,13 +972,40 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         else:
             result = "aborted"
         path = self.fs.fs2ftp(filename) if self.fs else filename  # uploads: final name
+        extra: dict[str, Any] = {} if completed else {"result": result}
+        upload = channel.file_obj if channel is not None else None
+        if completed and isinstance(upload, AtomicUpload) and upload.sha256:
+            extra["sha256"] = upload.sha256
         self.audit(
             f"{direction}_{'completed' if completed else 'failed'}", path=path,
-            bytes=bytes, seconds=elapsed, **({} if completed else {"result": result}),
+            bytes=bytes, seconds=elapsed, **extra,
         )  # fmt: skip
         self.gateway.metrics.transfer_finished(
             direction, result, bytes, elapsed, user=self.username or None
         )
+        self.gateway.audit.xferlog(
+            Transfer(
+                end=time.time(), seconds=elapsed, client_ip=self.client_ip,
+                nbytes=bytes, path=path, upload=receive, user=self.username,
+                completed=completed, binary=self._current_type != "a",
+            )
+        )  # fmt: skip
+
+    def log_cmd(self, cmd: str, arg: str, respcode: int, respstr: str) -> None:
+        """Audit what changed the tree (pyftpdlib calls this after each command)."""
+        event = TREE_EVENTS.get(cmd)
+        if event is None:
+            return
+        ok = respcode < FIRST_ERROR_REPLY
+        fields: dict[str, Any] = {"path": self._virtual(arg), "ok": ok}
+        if cmd == "RNTO":
+            fields["from"] = self._virtual(self._rename_source or "")
+        if respcode >= FIRST_ERROR_REPLY:
+            fields["reply"] = respcode
+        self.audit(event, **fields)
+
+    def _virtual(self, path: str) -> str:
+        return self.fs.fs2ftp(path) if self.fs and path else path
 
     def on_login_failed(self, username: str, password: str) -> None:
         """pyftpdlib hands this the clear-text attempt: ignored on purpose."""

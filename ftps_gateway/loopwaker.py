@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import socket
-import threading
 from typing import TYPE_CHECKING
 
 from pyftpdlib.ioloop import AsyncChat
@@ -28,8 +27,10 @@ class LoopWaker(AsyncChat):
         self._reader, self._writer = socket.socketpair()
         self._reader.settimeout(0.0)
         self._writer.settimeout(0.0)
+        # deque.append and popleft are atomic in CPython: no lock, so a signal
+        # handler may queue a callback even while the loop thread is running them
+        # (a Lock there would deadlock the main thread against itself).
         self._callbacks: collections.deque[Callable[[], object]] = collections.deque()
-        self._lock = threading.Lock()
         self.stop_requested = False
         super().__init__(self._reader, ioloop=ioloop)
 
@@ -40,9 +41,8 @@ class LoopWaker(AsyncChat):
             self._writer.send(b"\0")
 
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
-        """Queue ``callback`` to run on the loop thread at its next iteration."""
-        with self._lock:
-            self._callbacks.append(callback)
+        """Queue ``callback`` to run on the loop thread; safe in a signal handler."""
+        self._callbacks.append(callback)
         # A full buffer means the loop is already awake; an error, that it is gone.
         with contextlib.suppress(OSError):
             self._writer.send(b"\0")
@@ -58,10 +58,10 @@ class LoopWaker(AsyncChat):
             self.ioloop.close()
             return
         while True:
-            with self._lock:
-                if not self._callbacks:
-                    return
+            try:
                 callback = self._callbacks.popleft()
+            except IndexError:
+                return
             try:
                 callback()
             except Exception:  # noqa: BLE001 - one callback's bug must not stop the loop

@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +55,9 @@ logger = logging.getLogger("ftps_gateway")
 
 # How often expired partial uploads are looked for (at most; see _start_sweeper).
 SWEEP_INTERVAL_SECONDS = 600
+
+# How often a drain looks for sessions whose transfer has finished.
+DRAIN_POLL_SECONDS = 0.2
 
 # argon2id threads. Each verification holds its memory cost (64 MiB with the default
 # parameters) while it runs, so this also bounds login memory.
@@ -97,9 +102,13 @@ SHARED_PARTS = (
 
 @dataclass
 class GatewayHolder:
-    """The current ``Gateway``: what new sessions see (swapped on reload)."""
+    """The current ``Gateway`` (swapped on reload) and the server's session state."""
 
     current: Gateway
+    # Admitted control sessions, for the drain; weak, so a session that is gone is
+    # never kept alive by this set.
+    sessions: weakref.WeakSet[ControlHandler] = field(default_factory=weakref.WeakSet)
+    draining: bool = False
 
 
 def build_gateway(
@@ -345,6 +354,45 @@ class GatewayServer:
         """Close every connection and end ``serve_forever``; safe from any thread."""
         self.gateway.waker.call_soon_threadsafe(self.ioloop.close)
         self._stopped.wait(timeout)
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Wait until ``serve_forever`` has returned; False on timeout."""
+        return self._stopped.wait(timeout)
+
+    def drain(self) -> None:
+        """Stop gracefully (SIGTERM); run on the IO loop.
+
+        ``/readyz`` fails at once so load balancers send no new sessions; new
+        connections get 421; sessions without a transfer are closed with 421;
+        running transfers may finish within ``server.shutdown_grace_seconds``; then
+        the loop ends. A second call (a second SIGTERM) stops at once.
+        """
+        if self.holder.draining:
+            logger.info("second stop request: closing all sessions now")
+            self.ioloop.close()
+            return
+        self.holder.draining = True
+        self.readiness.start_draining()
+        grace = self.config.server.shutdown_grace_seconds
+        self.gateway.audit.event(
+            "drain_started", sessions=len(self.holder.sessions), grace_seconds=grace
+        )
+        logger.info("draining: transfers may finish within %s s", grace)
+        self._drain_step(time.monotonic() + grace)
+
+    def _drain_step(self, deadline: float) -> None:
+        busy = 0
+        for session in list(self.holder.sessions):
+            if session.transfer_in_progress():
+                busy += 1
+            else:
+                session.close_for_shutdown()
+        if busy and time.monotonic() < deadline:
+            self.ioloop.call_later(DRAIN_POLL_SECONDS, self._drain_step, deadline)
+            return
+        self.gateway.audit.event("drain_finished", transfers_cut=busy)
+        # Let the last 421 replies leave before every channel is closed.
+        self.ioloop.call_later(DRAIN_POLL_SECONDS, self.ioloop.close)
 
     def _release(self) -> None:
         if self.health is not None:

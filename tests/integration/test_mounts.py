@@ -247,9 +247,11 @@ def _partials(directory: Path) -> list[Path]:
     return [p for p in directory.iterdir() if p.name.startswith(".ftps-upload-")]
 
 
-def test_resume_after_killed_client_with_rest_and_appe(tree: RunningGateway) -> None:
+def test_resume_after_killed_client_with_rest_and_appe(
+    tree: RunningGateway, audit_records: Callable[[], list[dict[str, object]]]
+) -> None:
     """An interrupted upload is kept hidden; SIZE gives the offset; REST+STOR and APPE
-    finish it and the result has the right sha256."""
+    finish it and the result (and the audit log's sha256 of it) is the whole file."""
     for verb in ("REST", "APPE"):
         name = f"resume-{verb}.bin"
         _killed_upload(tree, name, PAYLOAD[: 2 * 1024 * 1024])
@@ -266,6 +268,11 @@ def test_resume_after_killed_client_with_rest_and_appe(tree: RunningGateway) -> 
         else:
             ftp.storbinary(f"APPE {name}", io.BytesIO(rest))
         assert sha256((tree.home() / name).read_bytes()) == sha256(PAYLOAD)
+        completed = [
+            r for r in audit_records()
+            if r["event"] == "upload_completed" and r["path"] == f"/{name}"
+        ]  # fmt: skip
+        assert [r["sha256"] for r in completed] == [sha256(PAYLOAD)]
         assert _partials(tree.home()) == []
         assert int(ftp.sendcmd(f"SIZE {name}").split()[1]) == len(PAYLOAD)
         ftp.quit()

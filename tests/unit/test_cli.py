@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
+import logging
 import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,50 @@ def test_usage_errors_exit_2() -> None:
     with pytest.raises(SystemExit) as exited:
         cli.main([])
     assert exited.value.code == cli.EXIT_USAGE
+
+
+@pytest.fixture
+def restored_loggers() -> Iterator[None]:
+    """configure_logging changes process-wide loggers: put them back afterwards."""
+    names = ["", "ftps_gateway", "pyftpdlib", "ftps_gateway.audit", "ftps_gateway.xferlog"]
+    saved = {
+        name: (list(lg.handlers), lg.level, lg.propagate)
+        for name in names
+        for lg in [logging.getLogger(name)]
+    }
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        lg = logging.getLogger(name)
+        for handler in lg.handlers:
+            if handler not in handlers:
+                handler.close()
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
+@pytest.mark.usefixtures("restored_loggers")
+def test_audit_and_xferlog_files(tmp_path: Path) -> None:
+    """Both logs go to their files, one line per record, created with their folder."""
+    from ftps_gateway.audit import AuditLog, Transfer
+
+    audit_file = tmp_path / "logs" / "audit.jsonl"
+    xferlog_file = tmp_path / "logs" / "xferlog"
+    for name in ("ftps_gateway.audit", "ftps_gateway.xferlog"):
+        logging.getLogger(name).handlers.clear()
+    cli.configure_logging("info", False, audit_file, xferlog_file)
+    log = AuditLog()
+    log.event("login_ok", user="acme", password="never written")
+    log.xferlog(Transfer(0.0, 2.4, "198.51.100.7", 10, "/a b", True, "acme", True))
+    for handler in logging.getLogger("ftps_gateway.audit").handlers:
+        handler.flush()
+    (line,) = audit_file.read_text(encoding="utf-8").splitlines()
+    record = json.loads(line)
+    assert (record["event"], record["user"]) == ("login_ok", "acme")
+    assert "password" not in record
+    (xfer,) = xferlog_file.read_text(encoding="utf-8").splitlines()
+    assert xfer.split()[5:] == [
+        "2", "198.51.100.7", "10", "/a_b", "b", "_", "i", "r", "acme", "ftp", "0", "*",
+        "c",
+    ]  # fmt: skip
+    assert oct(audit_file.stat().st_mode & 0o777) == "0o640"

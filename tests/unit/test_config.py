@@ -1094,6 +1094,7 @@ def test_summary(config_dir: Path) -> None:
         "Log level: info",
         "Audit log: stdout",
         "xferlog: off",
+        "Upload sha256 in the audit log: on",
         "Metrics: off",
     ]
     assert "argon2" not in report
@@ -1129,7 +1130,7 @@ def test_example_file_loads(config_dir: Path) -> None:
 def test_example_file_documents_every_key() -> None:
     """Every key the loader reads appears, set, in the example file."""
     text = EXAMPLE.read_text(encoding="utf-8")
-    keys = set(re.findall(r"^#? ?([a-z_]+) = ", text, flags=re.MULTILINE))
+    keys = set(re.findall(r"^#? ?([a-z_0-9]+) = ", text, flags=re.MULTILINE))
     assert keys == {
         "listen",
         "banner",
@@ -1161,6 +1162,7 @@ def test_example_file_documents_every_key() -> None:
         "level",
         "audit_file",
         "xferlog_file",
+        "upload_sha256",
         "shutdown_grace_seconds",
         "per_user_labels",
         "allow_public",
