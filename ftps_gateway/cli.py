@@ -224,6 +224,9 @@ def _check_config(path: Path) -> int:
     print(config.summary(cfg))
     for warning in certs.certificate_warnings(cfg.tls.certificate, cfg.tls.private_key):
         print(f"warning: {warning}")
+    for user in cfg.users:
+        for warning in mounts.plan_tree(cfg, user).warnings:
+            print(f"warning: user {user.name}: {warning}")
     return EXIT_OK
 
 

@@ -256,10 +256,39 @@ def explain(cfg: GatewayConfig, name: str) -> str:
         if retention
         else "Interrupted uploads: discarded (storage.partial_retention_seconds = 0)"
     )
-    lines.append(f"TLS: minimum version {cfg.tls.min_version}")
+    lines.extend(_access_lines(cfg, user))
     lines.extend(f"problem: {key}: {problem}" for key, problem in plan.problems)
     lines.extend(f"warning: {warning}" for warning in plan.warnings)
     return "\n".join(lines)
+
+
+def _access_lines(cfg: GatewayConfig, user: UserSettings) -> list[str]:
+    """Where the user may log in from, its TLS policy and its session limit."""
+    everywhere = "every address" if not cfg.access.allow else "[access] allow"
+    networks = ", ".join(str(network) for network in user.allow)
+    login = f"{networks} (users allow), within {everywhere}" if networks else everywhere
+    reuse = user.reuse or cfg.tls.reuse
+    reuse_from = "user" if user.reuse else "[tls] reuse"
+    words = {
+        "required": "must resume the control connection's TLS session",
+        "ip-match": "need the control connection's address only",
+    }
+    tls_line = (
+        f"TLS: versions {cfg.tls.min_version}-{cfg.tls.max_version}; "
+        f"data connections {words[reuse]} ({reuse_from})"
+    )
+    if user.max_version is not None:
+        tls_line += f"; data connections at most TLS {user.max_version} (user)"
+    lines = [f"Login from: {login}", tls_line]
+    lines.extend(
+        "TLS override for clients in "
+        + ", ".join(str(network) for network in override.networks)
+        + (f": reuse {override.reuse}" if override.reuse else "")
+        + (f": at most TLS {override.max_version}" if override.max_version else "")
+        for override in cfg.tls.overrides
+    )
+    lines.append(f"Sessions: at most {cfg.server.max_sessions_per_user} at once")
+    return lines
 
 
 def _all_structural(table: vfs.MountTable) -> set[str]:

@@ -342,7 +342,10 @@ Tree (the longest matching path decides):
     counts in:   the user's quota
 User quota: 10 files
 Interrupted uploads: discarded (storage.partial_retention_seconds = 0)
-TLS: minimum version 1.2
+Login from: every address
+TLS: versions 1.2-1.3; data connections must resume the control connection's TLS \
+session ([tls] reuse)
+Sessions: at most 8 at once
 warning: /peek exposes the home of user 'beta' (read (list, download))
 """
     assert expected == out
@@ -372,3 +375,39 @@ def test_sweep_roots_are_upload_folders(
     assert mounts.sweep_roots(cfg) == sorted(
         [root / "home/acme", root / "shared/outbound/acme"]
     )
+
+
+def test_explain_shows_login_networks_and_tls_policy(
+    tmp_path: Path,
+    cert_files: tuple[Path, Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The partner-facing policy is part of a user's picture, not only its tree."""
+    path = load(tmp_path, cert_files, user(
+        "acme", 'allow = ["198.51.100.0/24"]\nreuse = "ip-match"\nmax_version = "1.2"'
+    ))  # fmt: skip
+    assert cli.main(["explain", "acme", "--config", str(path)]) == cli.EXIT_OK
+    out = capsys.readouterr().out.splitlines()
+    assert "Login from: 198.51.100.0/24 (users allow), within every address" in out
+    assert (
+        "TLS: versions 1.2-1.3; data connections need the control connection's "
+        "address only (user); data connections at most TLS 1.2 (user)"
+    ) in out
+
+
+def test_check_config_prints_tree_warnings(
+    tmp_path: Path,
+    cert_files: tuple[Path, Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An operator running check-config sees a mount that exposes another home."""
+    path = load(tmp_path, cert_files, user(
+        "acme",
+        '[[users.mounts]]\npath = "/peek"\nsource = "home/beta"\npermissions = "read"',
+    ) + user("beta"))  # fmt: skip
+    assert cli.main(["check-config", "--config", str(path)]) == cli.EXIT_OK
+    out = capsys.readouterr().out.splitlines()
+    assert (
+        "warning: user acme: /peek exposes the home of user 'beta' "
+        "(read (list, download))"
+    ) in out
