@@ -51,6 +51,7 @@ class ServerSettings:
     max_sessions_per_user: int = 8  # logged in as one user
     allow_active_mode: bool = False  # PORT/EPRT; off: cannot work behind NAT
     shutdown_grace_seconds: int = 30  # SIGTERM: running transfers may finish
+    node_name: str = ""  # shown in SITE DIAG and the audit log; "": the host name
     implicit_listen: tuple[ListenAddress, ...] = ()  # TLS from the first byte (990)
 
 
@@ -253,6 +254,7 @@ _INTERNAL_NETWORKS: Final[tuple[IPNetwork, ...]] = tuple(
 
 _PORT = re.compile(r"[0-9]{1,5}")
 _PORT_RANGE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})")
+_NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
 _USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # RFC 1123
 
@@ -321,6 +323,7 @@ def summary(cfg: GatewayConfig) -> str:
         f"Listeners (explicit TLS): {_endpoints(server.listen)}",
         f"Listeners (implicit TLS): {_endpoints(server.implicit_listen)}",
         f"Banner: {server.banner}",
+        f"Node name: {server.node_name or 'the host name'}",
         (
             f"Sessions: at most {server.max_sessions}, "
             f"{server.max_sessions_per_ip} per client address, "
@@ -692,6 +695,7 @@ def _server(table: _Table) -> ServerSettings:
         shutdown_grace_seconds=table.integer(
             "shutdown_grace_seconds", 0, 86_400, ServerSettings.shutdown_grace_seconds
         ),
+        node_name=table.optional("node_name", _parse_node_name, ""),
     )
     table.close()
     return settings
@@ -1218,6 +1222,12 @@ def _parse_password_hash(text: str) -> str:
     # or an old argon2 version fails here, not at a partner's first login.
     if not passwords.is_argon2id_hash(text):
         raise _BadValueError(NOT_ARGON2ID)
+    return text
+
+
+def _parse_node_name(text: str) -> str:
+    if not _NODE_NAME.fullmatch(text):
+        raise _BadValueError("must be 1 to 63 of A-Z a-z 0-9 . _ -")
     return text
 
 

@@ -293,6 +293,8 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
                      "help": "Syntax: PROT <SP> P (protect the data channel)."},
             "CCC": {"perm": None, "auth": False, "arg": False,
                     "help": "Syntax: CCC (refused: control stays encrypted)."},
+            "SITE DIAG": {"perm": None, "auth": True, "arg": False,
+                          "help": "Syntax: SITE DIAG (what the server sees)."},
         }
     )  # fmt: skip
     for _removed in ("SITE CHMOD", "REIN"):
@@ -311,6 +313,7 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         self._data_failure_reply: str | None = None
         self._disconnect_after_failure = False
         self._rename_source: str | None = None
+        self.last_data_tls: tuple[str, bool] | None = None  # (version, resumed)
         self._session_open = False  # counted by metrics.session_opened
         self.close_result = ""  # why the session ended, for the metrics
         self._pbsz = False
@@ -649,6 +652,43 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         """STOU is off: its unique names bypass the atomic-upload contract."""
         self.respond("502 STOU not supported.")
 
+    # --- diagnostics
+
+    def ftp_SITE_DIAG(self, line: str) -> None:
+        """What the server sees of this session, for the partner's self-test report.
+
+        Nothing here is secret from the logged-in partner: its own address, the
+        rules that apply to it, the passive range it must be able to reach.
+        """
+        gateway = self.gateway
+        passive = gateway.config.passive
+        local_ip = strip_mapped(self.socket.getsockname()[0])
+        try:
+            advertised = self._pasv_address(local_ip)
+        except PassiveAddressError:
+            advertised = "none (use EPSV)"
+        policy = self.data_policy or self.network_policy
+        last = "none"
+        if self.last_data_tls is not None:
+            version, resumed = self.last_data_tls
+            last = f"{version} {'resumed' if resumed else 'not resumed'}"
+        facts = [
+            ("node", gateway.node_name),
+            ("session", self.session_id),
+            ("client-ip", self.client_ip),
+            ("access-rule", gateway.access.rule_for(self.client_ip)),
+            ("passive-rule", gateway.passive_policy.rule_for(self.client_ip)),
+            ("passive-address", advertised),
+            ("passive-ports", f"{passive.port_min}-{passive.port_max}"),
+            ("control-tls", f"{self.socket.version()} {self.socket.cipher()[0]}"),
+            ("data-reuse", f"{policy.reuse} ({policy.source})" if policy else "-"),
+            ("data-max-version", policy.max_version if policy else "-"),
+            ("last-data-tls", last),
+        ]
+        self.push("200-Diagnostics: what the server sees\r\n")
+        self.push("".join(f" {name}: {value}\r\n" for name, value in facts))
+        self.respond("200 End of diagnostics.")
+
     # --- login
 
     def ftp_PASS(self, line: str) -> None:
@@ -884,6 +924,7 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         if handler is not self._pending_data:
             return False
         version = handler.socket.version()
+        self.last_data_tls = (str(version), bool(handler.resumed))
         self.gateway.metrics.tls_handshake("data", version, bool(handler.resumed))
         policy = self.data_policy or self.network_policy
         if policy is not None and policy.reuse == "required" and not handler.resumed:

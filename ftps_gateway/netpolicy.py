@@ -159,6 +159,16 @@ class AccessList:
         """The allowed networks; empty means any parsable address."""
         return self._networks
 
+    def rule_for(self, ip: str) -> str:
+        """Which entry admits ``ip``, for diagnostics: a network, "any", or "none"."""
+        address = parse_ip(ip)
+        if address is None:
+            return "none"
+        if not self._networks:
+            return "any (no list)"
+        network = _contains(self._networks, address)
+        return str(network) if network is not None else "none"
+
     def is_allowed(self, ip: str) -> bool:
         """Return True if a client at ``ip`` may log in."""
         address = parse_ip(ip)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
 import weakref
@@ -87,6 +88,11 @@ class Gateway:
     limits: SessionLimits
     metrics: GatewayMetrics
     passive_ports: PortsInUse
+
+    @property
+    def node_name(self) -> str:
+        """``server.node_name``, or the host name."""
+        return self.config.server.node_name or socket.gethostname()
 
     def home_for(self, username: str) -> Path:
         """``<storage.root>/home/<user>``."""

@@ -310,3 +310,36 @@ def test_twenty_racing_attackers_receive_zero_bytes(gateway: RunningGateway) -> 
             victim.voidresp()
     assert leaked == 0
     victim.quit()
+
+
+def test_site_diag_shows_what_the_server_sees(start_gateway: StartGateway) -> None:
+    gw = start_gateway(
+        extra='address = "203.0.113.9"',
+        server_extra='login_timeout_seconds = 5\nnode_name = "node-a"',
+        sections='[access]\nallow = ["127.0.0.0/8"]',
+    )
+    ftp = gw.client()
+    before = ftp.sendcmd("SITE DIAG")
+    ftp.nlst()
+    after = ftp.sendcmd("SITE DIAG")
+    ftp.quit()
+    facts = dict(line.strip().split(": ", 1) for line in after.splitlines()[1:-1])
+    assert facts["node"] == "node-a"
+    assert facts["client-ip"] == "127.0.0.1"
+    assert facts["access-rule"] == "127.0.0.0/8"
+    assert facts["passive-rule"] == "default"
+    assert facts["passive-address"] == "203.0.113.9"
+    assert facts["passive-ports"] == "40000-40999"
+    assert facts["control-tls"].startswith("TLSv1.3 TLS_")
+    assert facts["data-reuse"] == "required (default)"
+    assert facts["last-data-tls"] == "TLSv1.3 resumed"
+    assert "last-data-tls: none" in before
+    assert after.splitlines()[-1] == "200 End of diagnostics."
+
+
+def test_site_diag_needs_login(gateway: RunningGateway) -> None:
+    ftp = gateway.client(login=False)
+    ftp.auth()
+    with pytest.raises(ftplib.error_perm, match="^530 "):
+        ftp.sendcmd("SITE DIAG")
+    ftp.quit()

@@ -1067,6 +1067,7 @@ def test_summary(config_dir: Path) -> None:
         "Listeners (explicit TLS): 127.0.0.1:2121",
         "Listeners (implicit TLS): none",
         "Banner: Partner file exchange",
+        "Node name: the host name",
         (
             "Sessions: at most 512, 16 per client address, 8 per user; "
             "login timeout 30 s, idle timeout 300 s, shutdown grace 30 s"
@@ -1164,6 +1165,7 @@ def test_example_file_documents_every_key() -> None:
         "xferlog_file",
         "upload_sha256",
         "shutdown_grace_seconds",
+        "node_name",
         "per_user_labels",
         "allow_public",
         "name",
