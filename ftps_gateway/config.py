@@ -52,6 +52,8 @@ class ServerSettings:
     allow_active_mode: bool = False  # PORT/EPRT; off: cannot work behind NAT
     shutdown_grace_seconds: int = 30  # SIGTERM: running transfers may finish
     node_name: str = ""  # shown in SITE DIAG and the audit log; "": the host name
+    # Load balancers whose connections start with a PROXY protocol header (v1/v2).
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
     implicit_listen: tuple[ListenAddress, ...] = ()  # TLS from the first byte (990)
 
 
@@ -324,6 +326,10 @@ def summary(cfg: GatewayConfig) -> str:
         f"Listeners (implicit TLS): {_endpoints(server.implicit_listen)}",
         f"Banner: {server.banner}",
         f"Node name: {server.node_name or 'the host name'}",
+        (
+            "PROXY protocol from: "
+            + (_networks(server.proxy_protocol_from) or "nobody (off)")
+        ),
         (
             f"Sessions: at most {server.max_sessions}, "
             f"{server.max_sessions_per_ip} per client address, "
@@ -696,6 +702,9 @@ def _server(table: _Table) -> ServerSettings:
             "shutdown_grace_seconds", 0, 86_400, ServerSettings.shutdown_grace_seconds
         ),
         node_name=table.optional("node_name", _parse_node_name, ""),
+        proxy_protocol_from=_unique_networks(
+            table, "proxy_protocol_from", {}, required=False
+        ),
     )
     table.close()
     return settings

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -33,7 +34,7 @@ from pyftpdlib.exceptions import _FileReadWriteError, _RetryError
 from pyftpdlib.handlers import DTPHandler, FTPHandler
 from pyftpdlib.ioloop import AsyncChat
 
-from ftps_gateway import tls, vfs
+from ftps_gateway import proxyproto, tls, vfs
 from ftps_gateway.audit import Transfer
 from ftps_gateway.fileops import OVER_QUOTA, MountCommandsMixin
 from ftps_gateway.filesystem import AtomicUpload, GatewayFS, QuotaExceededError
@@ -83,6 +84,9 @@ LOGIN_RESULTS = {
 FIRST_ERROR_REPLY = 400  # 4xx and 5xx: the command failed
 # Commands that change the tree -> their audit event.
 TREE_EVENTS = {"DELE": "delete", "RMD": "rmdir", "MKD": "mkdir", "RNTO": "rename"}
+
+# A balancer sends its PROXY header at once; anything slower is not one.
+PROXY_HEADER_TIMEOUT_SECONDS = 5
 
 NOT_RESUMED_REPLY = (
     "425 Can't open data connection: TLS session of data connection not resumed."
@@ -313,6 +317,10 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         self._data_failure_reply: str | None = None
         self._disconnect_after_failure = False
         self._rename_source: str | None = None
+        self.proxy_ip: str | None = None  # the balancer, when a PROXY header named us
+        self._awaiting_proxy_header = False
+        self._proxy_received = b""
+        self._proxy_timer: Any = None
         self.last_data_tls: tuple[str, bool] | None = None  # (version, resumed)
         self._session_open = False  # counted by metrics.session_opened
         self.close_result = ""  # why the session ended, for the metrics
@@ -364,7 +372,86 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
     # --- session life
 
     def handle(self) -> None:
-        """Admit or drop the connection, then greet (or start TLS, if implicit)."""
+        """Read a PROXY header if a load balancer connected, then admit the client."""
+        proxies = self.gateway.proxy_sources
+        if proxies is not None and proxies.is_allowed(self.client_ip):
+            self.proxy_ip = self.client_ip
+            self._awaiting_proxy_header = True
+            self._proxy_timer = self.call_later(
+                PROXY_HEADER_TIMEOUT_SECONDS, self._on_proxy_header_timeout
+            )
+            return  # handle_read_event reads the header, then calls _admit
+        self._admit()
+
+    def handle_read_event(self) -> None:
+        """While a PROXY header is due, read only its bytes; then the usual way."""
+        if self._awaiting_proxy_header:
+            self._read_proxy_header()
+            return
+        super().handle_read_event()
+
+    def _read_proxy_header(self) -> None:
+        """Consume exactly the header's bytes (a ClientHello may follow at once)."""
+        try:
+            available = self.socket.recv(proxyproto.MAX_HEADER_BYTES, socket.MSG_PEEK)
+            if not available:
+                self._end_proxy_wait()
+                self.close()
+                return
+            take = proxyproto.header_bytes_in(self._proxy_received, available)
+            if take:
+                self._proxy_received += self.socket.recv(take)
+            length = proxyproto.header_length(self._proxy_received)
+            if length is None:
+                return
+            header = proxyproto.parse(self._proxy_received[:length])
+        except BlockingIOError:
+            return
+        except (OSError, proxyproto.ProxyProtocolError) as err:
+            reason = (
+                str(err)
+                if isinstance(err, proxyproto.ProxyProtocolError)
+                else ("peer-disconnected")
+            )
+            self._end_proxy_wait()
+            self.audit("connection_refused", reason="proxy-header", detail=reason)
+            self.gateway.metrics.session_refused("proxy-header")
+            self.close()
+            return
+        self._end_proxy_wait()
+        if header.client_ip is not None:
+            self.remote_ip = header.client_ip
+        self._admit()
+
+    def _on_proxy_header_timeout(self) -> None:
+        self._proxy_timer = None
+        if self._awaiting_proxy_header and not self._closed:
+            self._end_proxy_wait()
+            self.audit("connection_refused", reason="proxy-header", detail="timeout")
+            self.gateway.metrics.session_refused("proxy-header")
+            self.close()
+
+    def _end_proxy_wait(self) -> None:
+        self._awaiting_proxy_header = False
+        self._proxy_received = b""
+        if self._proxy_timer is not None and not self._proxy_timer.cancelled:
+            self._proxy_timer.cancel()
+        self._proxy_timer = None
+
+    def is_session_data_peer(self, peer_ip: str) -> bool:
+        """May a data connection from ``peer_ip`` belong to this session?
+
+        The client's own address; and behind a PROXY-protocol balancer also the
+        balancer's, which forwards the passive ports without a header (the TLS
+        session binding then tells partners apart).
+        """
+        peer = strip_mapped(peer_ip)
+        return peer == self.client_ip or (
+            self.proxy_ip is not None and peer == strip_mapped(self.proxy_ip)
+        )
+
+    def _admit(self) -> None:
+        """Admit or drop the client, then greet (or start TLS, if implicit)."""
         gateway = self.gateway
         ip = self.client_ip
         if not gateway.access.is_allowed(ip):
@@ -384,7 +471,8 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         else:
             gateway.metrics.session_refused(self._limit_refusal)
         listener = "implicit" if self.implicit_tls else "explicit"
-        self.audit("connect", listener=listener)
+        via = {"proxy": self.proxy_ip} if self.proxy_ip else {}
+        self.audit("connect", listener=listener, **via)
         self._login_timer = self.call_later(
             gateway.config.server.login_timeout_seconds, self._on_login_timeout
         )
@@ -444,6 +532,7 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             return
         if self._login_timer is not None and not self._login_timer.cancelled:
             self._login_timer.cancel()
+        self._end_proxy_wait()
         self._close_pending_data()
         limits = self.gateway.limits
         if self._session_counted:

@@ -80,6 +80,7 @@ SESSION_REFUSALS: Final = (
     "limit-per-ip",
     "limit-per-user",
     "draining",  # SIGTERM received: no new sessions
+    "proxy-header",  # a balancer's connection without a valid PROXY header
 )
 
 # Login outcomes (``login``). The client hears one generic 530 for all failures;

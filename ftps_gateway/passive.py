@@ -101,7 +101,7 @@ class PassiveListener(Acceptor):
     def handle_accepted(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
         """Hand a connection from the session's own client to the control channel."""
         peer_ip = strip_mapped(addr[0])
-        if peer_ip != strip_mapped(self.control.remote_ip):
+        if not self.control.is_session_data_peer(peer_ip):
             # Someone else knocked on this session's port. Say nothing to the
             # victim's control channel; keep waiting for the real client.
             sock.close()

@@ -78,6 +78,7 @@ class Gateway:
     tls_policies: TLSPolicyTable
     passive_policy: PassiveAddressPolicy
     access: AccessList
+    proxy_sources: AccessList | None  # None: no PROXY protocol anywhere
     authorizer: GatewayAuthorizer
 
     verifier: PasswordVerifier
@@ -157,6 +158,11 @@ def build_gateway(
         tls_policies=TLSPolicyTable(config.tls),
         passive_policy=PassiveAddressPolicy(config.passive),
         access=AccessList(config.access.allow),
+        proxy_sources=(
+            AccessList(config.server.proxy_protocol_from)
+            if config.server.proxy_protocol_from
+            else None
+        ),
         authorizer=GatewayAuthorizer(frozenset(u.name for u in config.users)),
         **parts,
     )

@@ -1068,6 +1068,7 @@ def test_summary(config_dir: Path) -> None:
         "Listeners (implicit TLS): none",
         "Banner: Partner file exchange",
         "Node name: the host name",
+        "PROXY protocol from: nobody (off)",
         (
             "Sessions: at most 512, 16 per client address, 8 per user; "
             "login timeout 30 s, idle timeout 300 s, shutdown grace 30 s"
@@ -1166,6 +1167,7 @@ def test_example_file_documents_every_key() -> None:
         "upload_sha256",
         "shutdown_grace_seconds",
         "node_name",
+        "proxy_protocol_from",
         "per_user_labels",
         "allow_public",
         "name",

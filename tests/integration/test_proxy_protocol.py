@@ -1,0 +1,136 @@
+"""PROXY protocol v1/v2 from a configured balancer: the partner's address counts.
+
+127.0.0.1 plays the load balancer; the header names a partner at 198.51.100.7. The
+balancer-side behaviour (HAProxy itself) is tested in tests/network.
+"""
+
+from __future__ import annotations
+
+import ftplib
+import io
+import socket
+import ssl
+from collections.abc import Callable
+
+import pytest
+from conftest import PASSWORD, RunningGateway
+from ftps_helpers import raw_connect, read_until_quiet
+
+from ftps_gateway import proxyproto
+from ftps_gateway.client import ReusingFTP_TLS
+
+pytestmark = pytest.mark.integration
+
+StartGateway = Callable[..., RunningGateway]
+Records = Callable[[], list[dict[str, object]]]
+BALANCER = 'proxy_protocol_from = ["127.0.0.1/32"]\nlogin_timeout_seconds = 10'
+
+
+class ProxiedFTP_TLS(ReusingFTP_TLS):  # noqa: N801 - mirrors ftplib
+    """A client whose control connection starts with a PROXY header, as HAProxy's."""
+
+    header = b""
+
+    def connect(self, host: str = "", port: int = 0, timeout: float = -999,
+                source_address: tuple[str, int] | None = None) -> str:  # fmt: skip
+        self.host, self.port = host, port
+        if timeout != -999:
+            self.timeout = timeout
+        self.sock = socket.create_connection((host, port), self.timeout)
+        self.sock.sendall(self.header)
+        self.af = self.sock.family
+        self.file = self.sock.makefile("r", encoding=self.encoding)
+        self.welcome = self.getresp()
+        return self.welcome
+
+
+def _proxied(gw: RunningGateway, header: bytes) -> ProxiedFTP_TLS:
+    ftp = ProxiedFTP_TLS(
+        context=ssl.create_default_context(cafile=str(gw.ca_file)), timeout=10
+    )
+    ftp.header = header
+    ftp.connect(gw.host, gw.port)
+    return ftp
+
+
+def _diag(ftp: ftplib.FTP) -> dict[str, str]:
+    reply = ftp.sendcmd("SITE DIAG")
+    return dict(line.strip().split(": ", 1) for line in reply.splitlines()[1:-1])
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_header_names_the_partner_everywhere(
+    start_gateway: StartGateway, audit_records: Records, version: str
+) -> None:
+    gw = start_gateway(
+        server_extra=BALANCER, sections='[access]\nallow = ["198.51.100.0/24"]'
+    )
+    make = proxyproto.v1_header if version == "v1" else proxyproto.v2_header
+    ftp = _proxied(gw, make("198.51.100.7", 40123, gw.host, gw.port))
+    ftp.login("acme", PASSWORD)
+    ftp.prot_p()
+    assert _diag(ftp)["client-ip"] == "198.51.100.7"
+    # Data connections come from the balancer (it forwards the passive range without
+    # a header); the TLS session binding still ties them to this session.
+    ftp.storbinary("STOR via-proxy.bin", io.BytesIO(b"p" * 1000))
+    assert ftp.nlst() == ["via-proxy.bin"]
+    ftp.quit()
+    connect = next(r for r in audit_records() if r["event"] == "connect")
+    assert (connect["client_ip"], connect["proxy"]) == ("198.51.100.7", "127.0.0.1")
+
+
+def test_partner_outside_the_allowlist_is_dropped_after_the_header(
+    start_gateway: StartGateway, audit_records: Records
+) -> None:
+    gw = start_gateway(
+        server_extra=BALANCER, sections='[access]\nallow = ["198.51.100.0/24"]'
+    )
+    sock = raw_connect((gw.host, gw.port))
+    sock.sendall(proxyproto.v1_header("203.0.113.66", 1, gw.host, gw.port))
+    assert read_until_quiet(sock, 3.0) == b""
+    sock.close()
+    refused = [r for r in audit_records() if r["event"] == "connection_refused"]
+    assert [(r["client_ip"], r["reason"]) for r in refused] == [
+        ("203.0.113.66", "not-allowed")
+    ]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"USER acme\r\n", b"PROXY TCP4 garbage\r\n", b""],
+    ids=["no-header", "bad-header", "silence"],
+)
+def test_balancer_connection_without_a_valid_header_is_closed(
+    start_gateway: StartGateway, audit_records: Records, data: bytes
+) -> None:
+    gw = start_gateway(server_extra=BALANCER)
+    sock = raw_connect((gw.host, gw.port))
+    if data:
+        sock.sendall(data)
+    assert read_until_quiet(sock, 7.0) == b""
+    sock.close()
+    refused = [r for r in audit_records() if r["event"] == "connection_refused"]
+    assert [r["reason"] for r in refused] == ["proxy-header"]
+
+
+def test_header_from_anyone_else_is_not_believed(start_gateway: StartGateway) -> None:
+    """Only configured balancers may speak the PROXY protocol."""
+    gw = start_gateway(server_extra='proxy_protocol_from = ["127.0.0.2/32"]')
+    sock = raw_connect((gw.host, gw.port))
+    greeting = read_until_quiet(sock, 1.0)
+    assert greeting.startswith(b"220 ")
+    sock.sendall(proxyproto.v1_header("198.51.100.7", 1, gw.host, gw.port))
+    assert read_until_quiet(sock, 1.0).startswith(b"500 ")
+    sock.close()
+
+
+def test_implicit_tls_behind_the_balancer(start_gateway: StartGateway) -> None:
+    """The ClientHello right behind the header is left for TLS."""
+    gw = start_gateway(server_extra=BALANCER + '\nimplicit_listen = ["127.0.0.1:0"]')
+    (port,) = [port for _host, port in gw.server.implicit_addresses]
+    context = ssl.create_default_context(cafile=str(gw.ca_file))
+    raw = socket.create_connection((gw.host, port), timeout=10)
+    raw.sendall(proxyproto.v2_header("198.51.100.7", 5, gw.host, port))
+    tls = context.wrap_socket(raw, server_hostname="localhost")
+    assert tls.recv(100).startswith(b"220 ")
+    tls.close()
