@@ -8,6 +8,7 @@ config that loads is complete: no later code re-checks or defaults anything.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -631,10 +632,39 @@ class _Table:
         self, key: str, text: str, parse: Callable[[str], _T], *, secret: bool = False
     ) -> _T | None:
         try:
-            return parse(text)
+            return parse(expand_environment(text))
         except _BadValueError as error:
             self.problems.add(key, str(error), _HIDDEN if secret else text)
             return None
+
+
+# ${NAME} or ${NAME:-default} in a string value: containers set the masquerade
+# address, the passive range or the node name from their environment.
+_ENVIRONMENT_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_environment(text: str) -> str:
+    """Replace ``${NAME}`` / ``${NAME:-default}`` with the environment's value.
+
+    Only string values are expanded, and only this syntax (a ``$`` elsewhere, as in
+    argon2 hashes, is left alone).
+
+    Raises:
+        _BadValueError: a referenced variable is unset and has no default.
+    """
+    if "${" not in text:
+        return text
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match[1], match[2]
+        value = os.environ.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                raise _BadValueError(f"environment variable {name} is not set")
+            return default
+        return value
+
+    return _ENVIRONMENT_REFERENCE.sub(substitute, text)
 
 
 # --- sections ------------------------------------------------------------------------

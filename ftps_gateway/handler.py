@@ -472,7 +472,7 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             gateway.metrics.session_refused(self._limit_refusal)
         listener = "implicit" if self.implicit_tls else "explicit"
         via = {"proxy": self.proxy_ip} if self.proxy_ip else {}
-        self.audit("connect", listener=listener, **via)
+        self.audit("connect", listener=listener, node=gateway.node_name, **via)
         self._login_timer = self.call_later(
             gateway.config.server.login_timeout_seconds, self._on_login_timeout
         )

@@ -235,6 +235,7 @@ class GatewayMetrics:
         per_user_labels: bool = False,
         max_user_labels: int = MAX_USER_LABELS,
         process_metrics: bool = True,
+        node: str = "",
     ) -> None:
         """Create and register every metric, with each known label value at zero.
 
@@ -246,6 +247,8 @@ class GatewayMetrics:
                 ``metrics.per_user_labels``).
             max_user_labels: distinct users that get their own label value.
             process_metrics: add the standard ``process_*`` series (CPU, memory, fds).
+            node: this node's name (``server.node_name``), a label of ``build_info``
+                so dashboards can tell nodes behind a balancer apart.
         """
         self.registry = CollectorRegistry()
         self._lock = threading.Lock()
@@ -328,11 +331,11 @@ class GatewayMetrics:
         self._last_reload.set_to_current_time()
         build = Gauge(
             f"{PREFIX}build_info",
-            "Always 1; the labels say which build and Python runs.",
-            ["version", "python"],
+            "Always 1; the labels say which build, Python and node runs.",
+            ["version", "python", "node"],
             registry=registry,
         )
-        build.labels(build_version(), platform.python_version()).set(1)
+        build.labels(build_version(), platform.python_version(), node).set(1)
 
         self._user_transfers: Counter | None = None
         self._user_bytes: Counter | None = None

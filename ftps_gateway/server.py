@@ -141,7 +141,11 @@ def build_gateway(
     else:
         parts.setdefault("defender", Defender(config.defender, config.access.safe))
         parts.setdefault(
-            "metrics", GatewayMetrics(per_user_labels=config.metrics.per_user_labels)
+            "metrics",
+            GatewayMetrics(
+                per_user_labels=config.metrics.per_user_labels,
+                node=config.server.node_name or socket.gethostname(),
+            ),
         )
         parts.setdefault("passive_ports", PortsInUse())
         parts.setdefault(

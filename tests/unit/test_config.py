@@ -1182,3 +1182,35 @@ def test_example_file_documents_every_key() -> None:
         "home",
         "home_permissions",
     }
+
+
+def test_environment_references_fill_string_values(
+    config_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Containers set the masquerade address, passive range and node name."""
+    monkeypatch.setenv("FTPS_PASSIVE_ADDRESS", "203.0.113.44")
+    monkeypatch.setenv("FTPS_PASSIVE_PORTS", "50100-50119")
+    monkeypatch.delenv("FTPS_NODE_NAME", raising=False)
+    text = _edited(
+        {
+            "[passive]\n": '[passive]\naddress = "${FTPS_PASSIVE_ADDRESS}"\n',
+            'ports = "50000-50099"': 'ports = "${FTPS_PASSIVE_PORTS}"',
+            "[server]\n": '[server]\nnode_name = "${FTPS_NODE_NAME:-node-a}"\n',
+        }
+    )
+    cfg = config.load(_write(config_dir, text))
+    assert cfg.passive.address == "203.0.113.44"
+    assert (cfg.passive.port_min, cfg.passive.port_max) == (50100, 50119)
+    assert cfg.server.node_name == "node-a"
+
+
+def test_unset_environment_variable_is_a_config_error(
+    config_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FTPS_PASSIVE_ADDRESS", raising=False)
+    text = _edited({"[passive]\n": '[passive]\naddress = "${FTPS_PASSIVE_ADDRESS}"\n'})
+    path, error = _problems(config_dir, text)
+    assert error.problems == [
+        f"{path}: passive.address: environment variable FTPS_PASSIVE_ADDRESS is not "
+        "set (got '${FTPS_PASSIVE_ADDRESS}')"
+    ]
