@@ -55,6 +55,7 @@ class ServerSettings:
     node_name: str = ""  # shown in SITE DIAG and the audit log; "": the host name
     # Load balancers whose connections start with a PROXY protocol header (v1/v2).
     proxy_protocol_from: tuple[IPNetwork, ...] = ()
+    workers: int = 0  # worker processes; 0 = "auto": one per CPU core
     implicit_listen: tuple[ListenAddress, ...] = ()  # TLS from the first byte (990)
 
 
@@ -338,6 +339,10 @@ def summary(cfg: GatewayConfig) -> str:
             f"login timeout {server.login_timeout_seconds} s, "
             f"idle timeout {server.idle_timeout_seconds} s, "
             f"shutdown grace {server.shutdown_grace_seconds} s"
+        ),
+        (
+            "Worker processes: "
+            + (str(server.workers) if server.workers else "auto (one per CPU core)")
         ),
         f"Active mode (PORT/EPRT): {active}",
         _access_line(cfg.access),
@@ -735,9 +740,26 @@ def _server(table: _Table) -> ServerSettings:
         proxy_protocol_from=_unique_networks(
             table, "proxy_protocol_from", {}, required=False
         ),
+        workers=_workers(table),
     )
     table.close()
     return settings
+
+
+MAX_WORKERS: Final = 64
+
+
+def _workers(table: _Table) -> int:
+    """``workers``: "auto" (0) or 1 to 64 processes."""
+    value = table.value("workers")
+    if value is not None:
+        if value == "auto":
+            return 0
+        if _is_kind(value, int) and 1 <= value <= MAX_WORKERS:
+            return value
+        problem = f'must be "auto" or 1 to {MAX_WORKERS}'
+        table.problems.add(table.key("workers"), problem, value)
+    return ServerSettings.workers
 
 
 def _listeners(

@@ -1073,6 +1073,7 @@ def test_summary(config_dir: Path) -> None:
             "Sessions: at most 512, 16 per client address, 8 per user; "
             "login timeout 30 s, idle timeout 300 s, shutdown grace 30 s"
         ),
+        "Worker processes: auto (one per CPU core)",
         "Active mode (PORT/EPRT): refused",
         (
             "Access: WARNING: every client address may connect "
@@ -1168,6 +1169,7 @@ def test_example_file_documents_every_key() -> None:
         "shutdown_grace_seconds",
         "node_name",
         "proxy_protocol_from",
+        "workers",
         "per_user_labels",
         "allow_public",
         "name",
