@@ -96,8 +96,13 @@ def write_config(
     passive_ports: str = "40000-40999",
     users: str | None = None,
     server_extra: str = "",
+    tls_extra: str = "",
 ) -> Path:
-    """Write a gateway.toml for tests and return its path."""
+    """Write a gateway.toml for tests and return its path.
+
+    ``extra`` goes into ``[passive]``, ``server_extra`` into ``[server]`` and
+    ``tls_extra`` into ``[tls]``.
+    """
     chain, key, _ = cert_files
     users = (
         users
@@ -111,6 +116,7 @@ listen = ["127.0.0.1:0"]
 [tls]
 certificate = "{chain}"
 private_key = "{key}"
+{tls_extra}
 [passive]
 ports = "{passive_ports}"
 {"" if "connect_timeout_seconds" in extra else "connect_timeout_seconds = 5"}
