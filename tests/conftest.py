@@ -101,7 +101,11 @@ def write_config(
     tls_extra: str = "",
     sections: str = "",
 ) -> Path:
-    """Write a gateway.toml for tests and return its path."""
+    """Write a gateway.toml for tests and return its path.
+
+    ``extra`` goes into ``[passive]``, ``server_extra`` into ``[server]`` and
+    ``tls_extra`` into ``[tls]``.
+    """
     chain, key, _ = cert_files
     users = (
         users

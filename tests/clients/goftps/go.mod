@@ -1,0 +1,3 @@
+module ftps-gateway/tests/goftps
+
+go 1.19
