@@ -1043,6 +1043,9 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             resumed=handler.resumed,
         )  # fmt: skip
         self.data_channel = handler
+        # The data connection used up a TLS 1.3 ticket: the next reply on the
+        # control connection carries a fresh one for the next data connection.
+        self.gateway.tickets.refresh(self.socket)
         self._on_dtp_connection()
 
     def on_data_channel_failed(self, handler: DataHandler, reason: str) -> None:

@@ -44,7 +44,7 @@ from ftps_gateway.mounts import sweep_roots
 from ftps_gateway.netpolicy import AccessList, PassiveAddressPolicy, TLSPolicyTable
 from ftps_gateway.passive import PortsInUse
 from ftps_gateway.passwords import PasswordVerifier
-from ftps_gateway.tls import TLSContextFactory, prove_session_binding
+from ftps_gateway.tls import TicketRefresher, TLSContextFactory, prove_session_binding
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -89,6 +89,7 @@ class Gateway:
     limits: SessionLimits
     metrics: GatewayMetrics
     passive_ports: PortsInUse
+    tickets: TicketRefresher
 
     @property
     def node_name(self) -> str:
@@ -103,7 +104,7 @@ class Gateway:
 # The server's own parts of a Gateway, carried over by a reload.
 SHARED_PARTS = (
     "verifier", "executor", "waker", "audit", "defender", "limits", "metrics",
-    "passive_ports",
+    "passive_ports", "tickets",
 )  # fmt: skip
 
 
@@ -128,7 +129,17 @@ def build_gateway(
         StartupError: TLS session binding cannot be enforced on this runtime.
     """
     tls_factory = TLSContextFactory(config.tls)
-    prove_session_binding(tls_factory)
+    tickets = shared.tickets if shared is not None else parts.get("tickets")
+    if tickets is None:
+        tickets = parts["tickets"] = TicketRefresher()
+    prove_session_binding(tls_factory, tickets)
+    if not tickets.available and not tickets.warned:
+        tickets.warned = True
+        logger.warning(
+            "TLS 1.3 clients that keep one session (curl) resume only their first "
+            "data connection per session: cannot issue fresh tickets (%s)",
+            tickets.problem,
+        )
     server = config.server
     if shared is not None:
         shared.defender.update(config.defender, config.access.safe)

@@ -20,6 +20,8 @@ the key never gets a second copy on disk.
 
 from __future__ import annotations
 
+import _ssl
+import ctypes
 import os
 import ssl
 import sys
@@ -147,12 +149,77 @@ def set_data_max_version(context: ssl.SSLContext, max_version: str) -> None:
     context.maximum_version = _VERSIONS[max_version]
 
 
+# --- fresh tickets on the control connection (TLS 1.3) -------------------------------
+
+# CPython's _ssl object starts with PyObject_HEAD and a weak reference to the socket,
+# then the SSL pointer (Modules/_ssl.c, PySSLSocket; unchanged from 3.7 to 3.13).
+_SSL_POINTER_OFFSET = 3 * ctypes.sizeof(ctypes.c_void_p)
+_KNOWN_LAYOUTS = ((3, 11), (3, 12), (3, 13))
+_TLS13 = 0x0304
+
+
+class TicketRefresher:
+    """Issue one more TLS 1.3 session ticket on a live control connection.
+
+    Why: a TLS 1.3 ticket resumes once (OpenSSL 3 clients drop a session after
+    using it), data connections send no tickets (Go clients reset them, truncating
+    uploads), so a client that keeps one cached session (curl) could resume only its
+    first data connection. After each data connection, the control connection sends
+    a fresh ticket with its next reply, which the client reads anyway.
+
+    Python's ``ssl`` has no binding for ``SSL_new_session_ticket``; this calls it
+    through ctypes on the SSL pointer inside the ``_ssl`` object. That is private
+    layout, so ``prove_session_binding`` checks it with real handshakes at start-up;
+    if the check fails the refresher is off and the server says why (a warning), but
+    still runs: only some TLS 1.3 clients' later transfers are affected.
+    """
+
+    def __init__(self) -> None:
+        self.available = False
+        self.problem = ""
+        self.warned = False
+        if sys.version_info[:2] not in _KNOWN_LAYOUTS:
+            major, minor = sys.version_info[:2]
+            self.problem = f"untested Python {major}.{minor}"
+            return
+        try:
+            library = ctypes.CDLL(_ssl.__file__)
+            self._new_ticket = library.SSL_new_session_ticket
+            self._version = library.SSL_version
+        except (OSError, AttributeError) as err:  # OpenSSL < 1.1.1 or no symbols
+            self.problem = f"SSL_new_session_ticket unavailable: {err}"
+            return
+        for function in (self._new_ticket, self._version):
+            function.argtypes = [ctypes.c_void_p]
+            function.restype = ctypes.c_int
+        self.available = True
+
+    def _pointer(self, connection: ssl.SSLSocket | ssl.SSLObject) -> int | None:
+        inner = getattr(connection, "_sslobj", None)
+        if inner is None:
+            return None
+        pointer = ctypes.c_void_p.from_address(id(inner) + _SSL_POINTER_OFFSET).value
+        # The layout guard: the pointer must answer for the version negotiated.
+        if pointer is None or self._version(pointer) != _TLS13:
+            return None
+        return pointer
+
+    def refresh(self, connection: ssl.SSLSocket | ssl.SSLObject) -> bool:
+        """Queue a new ticket; it leaves with the connection's next write."""
+        if not self.available or connection.version() != "TLSv1.3":
+            return False
+        pointer = self._pointer(connection)
+        return pointer is not None and self._new_ticket(pointer) == 1
+
+
 # --- start-up proof ------------------------------------------------------------------
 
 _HANDSHAKE_ROUNDS = 10
 
 
-def prove_session_binding(factory: TLSContextFactory) -> None:
+def prove_session_binding(
+    factory: TLSContextFactory, refresher: TicketRefresher | None = None
+) -> None:
     """Prove with real handshakes in memory that the session binding holds here.
 
     For each TLS version: a data connection on its control session's context resumes
@@ -172,40 +239,83 @@ def prove_session_binding(factory: TLSContextFactory) -> None:
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.check_hostname = False
     client.verify_mode = ssl.CERT_NONE
-    versions = [v for v in TLS_VERSION_NAMES if v >= factory.min_version]
-    for version in versions:
+    for version in (v for v in TLS_VERSION_NAMES if v >= factory.min_version):
         context = factory.session_context(factory.policy(version))
-        control, control_tail = _memory_handshake(context, client, None)
+        control = _memory_handshake(context, client, None)
         seal_for_data_connections(context)
-        session = control.session
-        data, data_tail = _memory_handshake(context, client, session)
-        stranger, _ = _memory_handshake(
-            factory.session_context(factory.policy(version)), client, session
-        )
-        problems = []
-        if not data.session_reused:
-            problems.append("a data connection did not resume its control session")
-        if stranger.session_reused:
-            problems.append("another session's context resumed the session")
-        if version == "1.3" and not control_tail:
-            problems.append("the control connection received no session ticket")
-        if data_tail:
-            problems.append("a data connection received session tickets")
+        problems = _binding_problems(factory, version, context, client, control)
         if problems:
             raise StartupError(
                 f"TLS {version} session binding does not hold with "
                 f"{ssl.OPENSSL_VERSION}: {'; '.join(problems)}"
             )
+        if refresher is not None and version == "1.3" and refresher.available:
+            _prove_refresh(context, client, control, refresher)
+
+
+def _binding_problems(
+    factory: TLSContextFactory,
+    version: str,
+    context: ssl.SSLContext,
+    client: ssl.SSLContext,
+    control: _MemoryPair,
+) -> list[str]:
+    session = control.client.session
+    data = _memory_handshake(context, client, session)
+    stranger = _memory_handshake(
+        factory.session_context(factory.policy(version)), client, session
+    ).client
+    problems = []
+    if not data.client.session_reused:
+        problems.append("a data connection did not resume its control session")
+    if stranger.session_reused:
+        problems.append("another session's context resumed the session")
+    if version == "1.3" and not control.tail:
+        problems.append("the control connection received no session ticket")
+    if data.tail:
+        problems.append("a data connection received session tickets")
+    return problems
 
 
 TLS_VERSION_NAMES = tuple(_VERSIONS)
+
+
+@dataclass
+class _MemoryPair:
+    """Both ends of an in-memory TLS connection, and the server's post-handshake."""
+
+    client: ssl.SSLObject
+    server: ssl.SSLObject
+    server_out: ssl.MemoryBIO
+    client_in: ssl.MemoryBIO
+    tail: int  # bytes the server sent after its handshake completed (tickets)
+
+
+def _prove_refresh(
+    context: ssl.SSLContext,
+    client: ssl.SSLContext,
+    control: _MemoryPair,
+    refresher: TicketRefresher,
+) -> None:
+    """A refreshed ticket lets a second data connection resume; else switch off."""
+    if not refresher.refresh(control.server):
+        refresher.available = False
+        refresher.problem = "the SSL pointer did not check out (layout changed?)"
+        return
+    control.server.write(b".")
+    control.client_in.write(control.server_out.read())
+    control.client.read(1)
+    data = _memory_handshake(context, client, control.client.session).client
+    if not data.session_reused:
+        refresher.available = False
+        refresher.problem = "a refreshed ticket did not resume"
 
 
 def _memory_handshake(
     server_context: ssl.SSLContext,
     client_context: ssl.SSLContext,
     session: ssl.SSLSession | None,
-) -> tuple[ssl.SSLObject, int]:
+) -> _MemoryPair:
     """Handshake two SSLObjects over memory BIOs.
 
     Returns the client end and how many bytes the server sent after its handshake
@@ -238,4 +348,4 @@ def _memory_handshake(
     server.write(b".")
     client_in.write(server_out.read())
     client.read(1)
-    return client, tail
+    return _MemoryPair(client, server, server_out, client_in, tail)

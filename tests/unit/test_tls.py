@@ -91,3 +91,36 @@ def test_policy_table_user_refines_network() -> None:
     capped = DataChannelPolicy("required", "1.2")
     loose = UserSettings("acme", "h", max_version="1.3")
     assert TLSPolicyTable.for_user(capped, loose).max_version == "1.2"
+
+
+def test_fresh_tickets_are_proven_on_this_runtime(
+    factory: tls.TLSContextFactory,
+) -> None:
+    """The ctypes path to SSL_new_session_ticket works here and resumes a 2nd time."""
+    refresher = tls.TicketRefresher()
+    assert refresher.available, refresher.problem
+    tls.prove_session_binding(factory, refresher)
+    assert refresher.available, refresher.problem
+
+
+def test_fresh_tickets_only_on_tls13(factory: tls.TLSContextFactory) -> None:
+    refresher = tls.TicketRefresher()
+    client = tls.ssl.SSLContext(tls.ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = tls.ssl.CERT_NONE
+    pair = tls._memory_handshake(
+        factory.session_context(factory.policy("1.2")), client, None
+    )
+    assert pair.server.version() == "TLSv1.2"
+    assert not refresher.refresh(pair.server)
+
+
+def test_broken_layout_switches_fresh_tickets_off(
+    factory: tls.TLSContextFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the pointer does not check out, the server runs on without the refresh."""
+    refresher = tls.TicketRefresher()
+    monkeypatch.setattr(tls, "_SSL_POINTER_OFFSET", 8)  # points at ob_type instead
+    tls.prove_session_binding(factory, refresher)
+    assert not refresher.available
+    assert "did not check out" in refresher.problem
