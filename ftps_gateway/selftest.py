@@ -768,6 +768,7 @@ class _Run:
                 "the passive range is what is blocked.",
                 self._firewall_rule(),
                 details={"port": port, "range": self.diag.get("passive-ports")},
+                blocking=False,  # the scan, if asked for, still runs; then stop
             ) from None
         except ConnectionRefusedError:
             raise _Failure(
@@ -779,6 +780,7 @@ class _Run:
                 + "; server side: forward the passive range to the same node as "
                 "the control connection (source-IP affinity)",
                 details={"port": port, "range": self.diag.get("passive-ports")},
+                blocking=False,
             ) from None
         return _Outcome(f"TCP connected to {where}", details={"port": port})
 
@@ -964,24 +966,42 @@ class _Run:
     # --- steps 11-12: transfers
 
     def _probe_name(self) -> tuple[str, str]:
+        """Where to put the probe: the URL's file name only if nothing is there.
+
+        A partner's existing file is never overwritten (and so never deleted): any
+        doubt about the name gives a unique name in the same directory.
+        """
         path = self.target.path or "/"
         unique = f"ftps-selftest-{secrets.token_hex(6)}.probe"
         if path.endswith("/"):
             return path + unique, ""
-        try:
-            self.ftp.sendcmd(f"SIZE {path}")
-        except ftplib.Error:
-            return path, ""
         directory = path.rsplit("/", 1)[0] + "/"
+        try:
+            self.ftp.sendcmd(f"SIZE {path}")  # in TYPE I: ASCII mode may refuse SIZE
+        except ftplib.error_perm:
+            if self._is_directory(path):
+                return f"{path}/{unique}", ""
+            return path, ""
+        except ftplib.Error:
+            pass
         return directory + unique, f"{path} exists already, so it was left alone; "
 
+    def _is_directory(self, path: str) -> bool:
+        try:
+            here = self.ftp.pwd()
+            self.ftp.cwd(path)
+        except ftplib.Error:
+            return False
+        self.ftp.cwd(here)
+        return True
+
     def _transfer(self) -> _Outcome:
+        self.ftp.voidcmd("TYPE I")  # byte for byte; ASCII mode may rewrite newlines
         name, note = self._probe_name()
         probe = (b"ftps-gateway self-test probe\n" + secrets.token_bytes(PROBE_SIZE))[
             :PROBE_SIZE
         ]
         digest = hashlib.sha256(probe).hexdigest()
-        self.ftp.voidcmd("TYPE I")  # byte for byte; ASCII mode may rewrite newlines
         try:
             self._upload(name, probe)
         except ftplib.error_perm as err:
