@@ -165,13 +165,20 @@ class PassiveVerdict:
         return self.kind == "same"
 
 
-def _is_internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return (
-        address.is_private
-        or address.is_loopback
-        or address.is_link_local
-        or address in ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT
+# Addresses that only make sense inside a site. Listed, not ``is_private``: Python
+# counts the documentation ranges (TEST-NET) as private, and they are used as
+# public examples.
+_INTERNAL_NETWORKS = tuple(
+    ipaddress.ip_network(net)
+    for net in (
+        "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+        "127.0.0.0/8", "169.254.0.0/16", "fc00::/7", "fe80::/10", "::1/128",
     )
+)  # fmt: skip
+
+
+def _is_internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return any(address in network for network in _INTERNAL_NETWORKS)
 
 
 def classify_passive_address(advertised: str, connected: str) -> PassiveVerdict:

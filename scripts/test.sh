@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 for tool in curl lftp; do command -v "$tool" >/dev/null 2>&1 || need+=("$tool"); done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+command -v nft >/dev/null 2>&1 || need+=(nftables)  # self-test firewall-drop cases (as root)
 if [ ${#need[@]} -gt 0 ]; then
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
