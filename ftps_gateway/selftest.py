@@ -715,7 +715,7 @@ class _Run:
                 details.update(
                     pasv_address=advertised, pasv_port=port, pasv_verdict=verdict.kind
                 )
-                lines.append(f"PASV: {verdict.explanation}, port {port}")
+                lines.append(f"PASV: port {port}; {verdict.explanation}")
                 self.data_port = port
                 if not verdict.ok:
                     problem = verdict

@@ -35,6 +35,7 @@ code    stage          fails when
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -176,6 +177,16 @@ def render_json(report: Report) -> str:
     return redact(json.dumps(report.to_dict(), indent=2), report.secrets)
 
 
+WIDTH = 88  # pasted into tickets and mails: keep lines short
+
+
+def _wrap(text: str, first: str, rest: str) -> list[str]:
+    return textwrap.wrap(
+        text, WIDTH, initial_indent=first, subsequent_indent=rest,
+        break_long_words=False, break_on_hyphens=False,
+    )  # fmt: skip
+
+
 _MARKS = {
     Status.OK: " ok ",
     Status.WARN: "WARN",
@@ -191,11 +202,10 @@ def render_text(report: Report) -> str:
     lines.append("")
     for step in report.steps:
         lines.append(f"[{_MARKS[step.status]}] {step.title:<45} {step.seconds:7.3f} s")
-        lines.extend(f"       {line}" for line in step.summary.splitlines())
+        for line in step.summary.splitlines():
+            lines.extend(_wrap(line, "       ", "         "))
         if step.action:
-            first, *rest = step.action.splitlines()
-            lines.append(f"       what to do: {first}")
-            lines.extend(f"         {line}" for line in rest)
+            lines.extend(_wrap(f"what to do: {step.action}", "       ", "         "))
     if report.server_view:
         lines += ["", "What the server sees (SITE DIAG):"]
         width = max(len(name) for name in report.server_view)
