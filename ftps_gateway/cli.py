@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from types import FrameType
 
 EXIT_OK = 0
-EXIT_FAILURE = 1  # the server died, or a self-test failed
+EXIT_FAILURE = 1  # the server died (self-test: its own codes, selftest_report)
 EXIT_USAGE = 2  # argparse's own code for bad arguments
 EXIT_CONFIG = 3  # configuration or certificate unusable: restarting will not help
 
