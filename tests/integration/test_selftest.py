@@ -274,3 +274,33 @@ def test_a_directory_named_without_slash_gets_a_unique_probe(
         "/inbox/ftps-selftest-"
     )
     assert list((gateway.home() / "inbox").iterdir()) == []
+
+
+def test_implicit_tls(
+    start_gateway: StartGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """ftpsi://: TLS first, then the greeting; no AUTH TLS step."""
+    gw = start_gateway(server_extra='implicit_listen = ["127.0.0.1:0"]')
+    (port,) = [port for _host, port in gw.server.implicit_addresses]
+    monkeypatch.setenv("FTPS_PASSWORD", PASSWORD)
+    url = f"ftpsi://acme@127.0.0.1:{port}/"
+    code = cli.main(["self-test", url, "--json", "--cafile", str(gw.ca_file)])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
+    stages = [s["stage"] for s in report["steps"]]
+    assert stages[:5] == ["dns", "tcp", "tls", "banner", "login"]
+
+
+def test_implicit_tls_untrusted_still_describes_the_certificate(
+    start_gateway: StartGateway, self_test: Run
+) -> None:
+    """The certificate is fetched again, unverified, only to describe it."""
+    gw = start_gateway(server_extra='implicit_listen = ["127.0.0.1:0"]')
+    (port,) = [port for _host, port in gw.server.implicit_addresses]
+    implicit = RunningGateway(gw.server, gw.host, port, gw.root, gw.ca_file)
+    code, report = self_test(implicit, "--implicit", cafile=False)
+    assert code == 14
+    step = _failed(report, "tls", "certificate-untrusted")
+    assert "localhost, 127.0.0.1" in step["summary"]
