@@ -1,5 +1,5 @@
 """Command line: ``serve``, ``check-config``, ``hash-password``, ``gen-cert``, ``ban``,
-``reload``, ``explain``.
+``reload``, ``explain``, ``self-test``.
 
 Only this module turns exceptions into exit codes. Expected errors print one line per
 problem and no traceback (``--debug`` adds it), as aiosmtpd's ``main`` does.
@@ -12,6 +12,7 @@ import getpass
 import json
 import logging
 import logging.handlers
+import os
 import signal
 import sys
 import traceback
@@ -19,7 +20,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from ftps_gateway import __version__, admin, certs, config, demo, mounts, passwords
+from ftps_gateway import (
+    __version__,
+    admin,
+    certs,
+    config,
+    demo,
+    mounts,
+    passwords,
+    selftest,
+    selftest_report,
+)
 from ftps_gateway.audit import AUDIT_LOGGER_NAME, XFERLOG_LOGGER_NAME
 from ftps_gateway.errors import ConfigError, GatewayError, StartupError
 
@@ -28,7 +39,7 @@ if TYPE_CHECKING:
     from types import FrameType
 
 EXIT_OK = 0
-EXIT_FAILURE = 1  # the server died, or a self-test failed
+EXIT_FAILURE = 1  # the server died (self-test: its own codes, selftest_report)
 EXIT_USAGE = 2  # argparse's own code for bad arguments
 EXIT_CONFIG = 3  # configuration or certificate unusable: restarting will not help
 
@@ -88,7 +99,68 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("user")
     explain.add_argument("--config", type=Path, required=True)
+    _add_self_test(verbs)
     return parser
+
+
+def _add_self_test(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    check = verbs.add_parser(
+        "self-test",
+        help="diagnose a partner's connection to an FTPS server, step by step",
+        description=(
+            "Connect like a real client and test every step: DNS, TCP, TLS and the "
+            "certificate, login, passive mode, data connections, transfers. Exit 0 "
+            "when all passed, else the failing stage's code (see the README). The "
+            "password is read from --password-file, the environment variable "
+            "named by --password-env, a prompt, or one line on stdin; never argv."
+        ),
+    )
+    check.add_argument("url", help="ftps://USER@HOST[:PORT]/[PATH] (ftpsi:// implicit)")
+    check.add_argument(
+        "--implicit",
+        action="store_true",
+        help="implicit TLS (like ftpsi://; default port 990)",
+    )
+    check.add_argument("--cafile", help="trust this CA file instead of the system's")
+    check.add_argument("--pin", help="sha256:HEX fingerprint the certificate must have")
+    check.add_argument(
+        "--servername", help="name to check the certificate against (default: host)"
+    )
+    check.add_argument(
+        "--password-file",
+        type=Path,
+        help="read the password from the first line of this file",
+    )
+    check.add_argument(
+        "--password-env",
+        default="FTPS_PASSWORD",
+        metavar="NAME",
+        help="environment variable with the password (default FTPS_PASSWORD)",
+    )
+    check.add_argument(
+        "--timeout",
+        type=float,
+        default=selftest.DEFAULT_TIMEOUT,
+        help="seconds per network operation (default %(default)s)",
+    )
+    check.add_argument(
+        "--read-only", action="store_true", help="no probe upload (LIST and NLST only)"
+    )
+    check.add_argument(
+        "--repeat",
+        type=int,
+        default=selftest.DEFAULT_REPEAT,
+        help="transfers repeated on one session (default %(default)s)",
+    )
+    check.add_argument(
+        "--scan-passive",
+        type=int,
+        default=0,
+        metavar="N",
+        help="probe N ports of the passive range (connect only; "
+        "may disturb a transfer from your address running now)",
+    )
+    check.add_argument("--json", action="store_true", help="machine-readable report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "ban": lambda: _ban(args),
         "reload": lambda: _reload(args.config),
         "explain": lambda: _explain(args.config, args.user),
+        "self-test": lambda: _self_test(args),
     }
     try:
         return verbs[args.verb]()
@@ -305,3 +378,58 @@ def _explain(path: Path, user: str) -> int:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _self_test(args: argparse.Namespace) -> int:
+    """Run the partner's diagnosis; the exit code names the failing stage (issue 6)."""
+    if args.timeout <= 0 or args.repeat < 0 or args.scan_passive < 0:
+        print(
+            "ftps-gateway self-test: --timeout must be > 0; "
+            "--repeat and --scan-passive >= 0",
+            file=sys.stderr,
+        )
+        return selftest_report.EXIT_USAGE
+    try:
+        target = selftest.parse_target(args.url, implicit=args.implicit)
+        pin = selftest.parse_pin(args.pin) if args.pin else None
+        password = _self_test_password(args, target.user)
+    except ValueError as err:
+        print(f"ftps-gateway self-test: {err}", file=sys.stderr)
+        return selftest_report.EXIT_USAGE
+    options = selftest.Options(
+        cafile=args.cafile,
+        pin=pin,
+        server_name=args.servername,
+        timeout=args.timeout,
+        read_only=args.read_only,
+        repeat=args.repeat,
+        scan_passive=args.scan_passive,
+    )
+    report = selftest.run(target, password, options)
+    render = selftest_report.render_json if args.json else selftest_report.render_text
+    print(render(report), flush=True)
+    return report.exit_code
+
+
+def _self_test_password(args: argparse.Namespace, user: str) -> str:
+    """The password from a file, the environment, a prompt or stdin; never argv."""
+    if args.password_file is not None:
+        try:
+            text = args.password_file.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ValueError(
+                f"cannot read {args.password_file}: {err.strerror}"
+            ) from None
+        password = text.splitlines()[0] if text else ""
+    elif os.environ.get(args.password_env):
+        password = os.environ[args.password_env]
+    elif sys.stdin.isatty():
+        password = getpass.getpass(f"Password for {user}: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ValueError(
+            "no password: use a prompt, --password-file, "
+            f"or the {args.password_env} environment variable"
+        )
+    return password

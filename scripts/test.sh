@@ -11,6 +11,7 @@ for tool in curl lftp haproxy; do have "$tool" || need+=("$tool"); done
 have go || need+=(golang-go)  # builds the Go client in tests/clients/goftps
 have ip || need+=(iproute2)   # network namespaces for tests/network
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+have nft || need+=(nftables)  # self-test firewall-drop cases (as root)
 if [ ${#need[@]} -gt 0 ]; then
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
