@@ -16,8 +16,7 @@ import socket
 import socketserver
 import stat
 import threading
-from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ftps_gateway.errors import GatewayError, StartupError
 from ftps_gateway.netpolicy import parse_ip
@@ -25,7 +24,8 @@ from ftps_gateway.netpolicy import parse_ip
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ftps_gateway.server import GatewayServer
+    from ftps_gateway.audit import AuditLog
+    from ftps_gateway.defender import BanKeeper, LimitKeeper
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -41,7 +41,7 @@ class AdminError(GatewayError):
 class AdminServer:
     """Serves admin requests for one ``GatewayServer`` on a Unix socket."""
 
-    def __init__(self, path: Path, server: GatewayServer) -> None:
+    def __init__(self, path: Path, server: AdminTarget) -> None:
         """Bind the socket now, so a start-up problem is reported at start-up."""
         self.path = path
         self._server = server
@@ -77,7 +77,7 @@ class AdminServer:
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         """Carry out one request; errors come back as ``{"error": ...}``."""
         command = request.get("command")
-        defender = self._server.gateway.defender
+        defender = self._server.defender
         if command == "bans":
             return {"bans": [_ban_fields(ban) for ban in defender.bans()]}
         if command == "unban":
@@ -87,12 +87,12 @@ class AdminServer:
                 return {"error": f"not an IP address: {ip!r}"}
             removed = defender.remove(str(address))
             if removed:
-                self._server.gateway.audit.event("unban", banned_ip=str(address))
+                self._server.audit.event("unban", banned_ip=str(address))
             return {"removed": removed, "ip": str(address)}
         if command == "reload":
-            return {"problems": self._on_loop(self._server.reload)}
+            return {"problems": self._server.reload_from_thread()}
         if command == "status":
-            total, per_ip, per_user = self._server.gateway.limits.snapshot()
+            total, per_ip, per_user = self._server.limits.snapshot()
             return {
                 "sessions": total,
                 "addresses": len(per_ip),
@@ -101,18 +101,18 @@ class AdminServer:
             }
         return {"error": f"unknown command: {command!r}"}
 
-    def _on_loop(self, call: Any) -> Any:
-        """Run ``call`` on the IO loop thread and wait for its result."""
-        done: Future[Any] = Future()
 
-        def run() -> None:
-            try:
-                done.set_result(call())
-            except Exception as err:  # noqa: BLE001 - handed to the waiting thread
-                done.set_exception(err)
 
-        self._server.gateway.waker.call_soon_threadsafe(run)
-        return done.result(RELOAD_TIMEOUT_SECONDS)
+class AdminTarget(Protocol):
+    """What the admin socket works on: a single server or the worker supervisor."""
+
+    @property
+    def defender(self) -> BanKeeper: ...
+    @property
+    def limits(self) -> LimitKeeper: ...
+    @property
+    def audit(self) -> AuditLog: ...
+    def reload_from_thread(self) -> list[str]: ...
 
 
 class _RequestHandler(socketserver.StreamRequestHandler):

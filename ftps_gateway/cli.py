@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from types import FrameType
 
+    from ftps_gateway.server import GatewayServer
+
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the server died (self-test: its own codes, selftest_report)
 EXIT_USAGE = 2  # argparse's own code for bad arguments
@@ -89,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     ban_remove = ban_verbs.add_parser("remove", help="lift the ban on an address")
     ban_remove.add_argument("ip")
     ban_remove.add_argument("--config", type=Path, required=True)
+
+    worker = verbs.add_parser("worker", help=argparse.SUPPRESS)
+    worker.add_argument("--config", type=Path, required=True)
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--count", type=int, required=True)
+    worker.add_argument("--explicit-fds", default="")
+    worker.add_argument("--implicit-fds", default="")
+    worker.add_argument("--state-fd", type=int, required=True)
 
     reload = verbs.add_parser(
         "reload", help="make a running server re-read its config (like SIGHUP)"
@@ -172,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "hash-password": _hash_password,
         "gen-cert": lambda: _gen_cert(args.hostname, args.out),
         "ban": lambda: _ban(args),
+        "worker": lambda: _worker(args),
         "reload": lambda: _reload(args.config),
         "explain": lambda: _explain(args.config, args.user),
         "self-test": lambda: _self_test(args),
@@ -254,7 +265,7 @@ def _line_handler(path: Path | None, stream: TextIO | None) -> logging.Handler:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ftps_gateway.server import GatewayServer  # noqa: PLC0415 - keep other verbs light
+    from ftps_gateway import workers  # noqa: PLC0415 - keep other verbs light
 
     prepared: demo.Demo | None = None
     if args.config is None:
@@ -264,14 +275,65 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         cfg = config.load(args.config)
     configure_logging(cfg.log_level, args.debug, cfg.audit_file, cfg.xferlog_file)
+    count = workers.worker_count(cfg)
+    if count > 1 and cfg.source is not None:
+        supervisor = workers.Supervisor(cfg, count)
+        if prepared is not None:
+            host, port = supervisor.explicit[0].getsockname()[:2]
+            _print_demo(prepared, host, port)
+        return supervisor.run()
+    from ftps_gateway.server import GatewayServer  # noqa: PLC0415
+
     server = GatewayServer(cfg)
+    if prepared is not None:
+        host, port = server.addresses[0]
+        _print_demo(prepared, host, port)
+    _serve_signals(server)
+    server.serve_forever()
+    return EXIT_OK
+
+
+def _print_demo(prepared: demo.Demo, host: str, port: int) -> None:
+    state = prepared.config.source.parent if prepared.config.source else "?"
+    print(
+        f"ftps-gateway demo ready on {host}:{port} "
+        f"(user {demo.DEMO_USER!r}, state in {state})",
+        flush=True,
+    )
+    print(f"try it: {demo.try_it_line(prepared, host, port)}", flush=True)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """One worker process, started by ``serve``'s supervisor (not for operators)."""
+    from ftps_gateway import workers  # noqa: PLC0415
+
+    cfg = config.load(args.config)
+    configure_logging(cfg.log_level, args.debug, cfg.audit_file, cfg.xferlog_file)
+    server = workers.build_worker(args)
+    _serve_signals(server, second_term_stops=False)
+    server.serve_forever()
+    return EXIT_OK
+
+
+def _serve_signals(server: GatewayServer, *, second_term_stops: bool = True) -> None:
+    """SIGTERM drains, SIGINT stops at once, SIGHUP reloads.
+
+    A second SIGTERM stops at once too, except in a worker: systemd signals every
+    process of the service and the supervisor forwards its own, so a worker hears
+    SIGTERM twice for one stop (the supervisor sends SIGINT for "at once").
+    """
+    terms = [0]
 
     def _stop(_signum: int, _frame: FrameType | None) -> None:
         server.gateway.waker.request_stop()
 
     def _drain(_signum: int, _frame: FrameType | None) -> None:
         # No logging here: a handler's lock may be held by the interrupted code.
-        server.gateway.waker.call_soon_threadsafe(server.drain)
+        terms[0] += 1
+        if terms[0] > 1 and second_term_stops:
+            server.gateway.waker.request_stop()
+        else:
+            server.gateway.waker.call_soon_threadsafe(server.drain)
 
     def _reload(_signum: int, _frame: FrameType | None) -> None:
         server.gateway.waker.call_soon_threadsafe(server.reload)
@@ -279,17 +341,6 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _drain)
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGHUP, _reload)
-    if prepared is not None:
-        host, port = server.addresses[0]
-        state = cfg.source.parent if cfg.source else "?"
-        print(
-            f"ftps-gateway demo ready on {host}:{port} "
-            f"(user {demo.DEMO_USER!r}, state in {state})",
-            flush=True,
-        )
-        print(f"try it: {demo.try_it_line(prepared, host, port)}", flush=True)
-    server.serve_forever()
-    return EXIT_OK
 
 
 def _check_config(path: Path) -> int:

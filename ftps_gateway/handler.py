@@ -763,6 +763,7 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             last = f"{version} {'resumed' if resumed else 'not resumed'}"
         facts = [
             ("node", gateway.node_name),
+            ("worker", f"{self.gateways.worker[0] + 1} of {self.gateways.worker[1]}"),
             ("session", self.session_id),
             ("client-ip", self.client_ip),
             ("access-rule", gateway.access.rule_for(self.client_ip)),
@@ -957,7 +958,9 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             self.data_channel = None
         passive = self.gateway.config.passive
         try:
-            listener = PassiveListener(self, passive.port_min, passive.port_max)
+            listener = PassiveListener(
+                self, passive.port_min, passive.port_max, self.gateways.worker
+            )
         except PassivePortsExhausted:
             self.audit("data_refused", reason="passive-range-exhausted")
             self.gateway.metrics.data_connection_refused("passive-range-exhausted")

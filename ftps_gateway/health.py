@@ -13,7 +13,7 @@ import socketserver
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 from urllib.parse import urlsplit
 
 from ftps_gateway.errors import StartupError
@@ -21,7 +21,12 @@ from ftps_gateway.errors import StartupError
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-    from ftps_gateway.metrics import GatewayMetrics
+
+class MetricsSource(Protocol):
+    """What ``/metrics`` serves: one gateway's metrics, or its workers' sum."""
+
+    def render(self, accept: str = "") -> tuple[bytes, str]: ...
+
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -77,7 +82,7 @@ class HealthServer:
 
     def __init__(
         self,
-        metrics: GatewayMetrics,
+        metrics: MetricsSource,
         host: str = "127.0.0.1",
         port: int = 0,
         readiness: Callable[[], Iterable[str]] | None = None,

@@ -40,6 +40,17 @@ def epsv_reply(port: int) -> str:
     return f"229 Entering Extended Passive Mode (|||{port}|)."
 
 
+def worker_ports(port_min: int, port_max: int, share: tuple[int, int]) -> list[int]:
+    """The passive ports worker ``index`` of ``count`` may use.
+
+    Port P belongs to worker ``(P - port_min) % count``: disjoint shares, so two
+    workers never advertise the same port, and no coordination is needed per PASV.
+    """
+    index, count = share
+    return [port for port in range(port_min, port_max + 1)
+            if (port - port_min) % count == index]  # fmt: skip
+
+
 class PortsInUse:
     """How many passive listeners are open now (for metrics and readiness).
 
@@ -53,12 +64,18 @@ class PortsInUse:
 class PassiveListener(Acceptor):
     """Listens on one port of the range until the session's client connects."""
 
-    def __init__(self, control: ControlHandler, port_min: int, port_max: int) -> None:
+    def __init__(
+        self,
+        control: ControlHandler,
+        port_min: int,
+        port_max: int,
+        share: tuple[int, int] = (0, 1),
+    ) -> None:
         self.control = control
         super().__init__(ioloop=control.ioloop)
         local_ip = control.socket.getsockname()[0]
         sock = self._listen_in_range(
-            control.socket.family, local_ip, port_min, port_max
+            control.socket.family, local_ip, worker_ports(port_min, port_max, share)
         )
         self.set_socket(sock)
         self.accepting = True
@@ -68,16 +85,14 @@ class PassiveListener(Acceptor):
         self._in_use.count += 1
 
     @staticmethod
-    def _listen_in_range(
-        family: int, local_ip: str, port_min: int, port_max: int
-    ) -> socket.socket:
+    def _listen_in_range(family: int, local_ip: str, ports: list[int]) -> socket.socket:
         """Listen on a random free port of the range, or raise PassivePortsExhausted.
 
         SO_REUSEADDR lets a port whose last data connection sits in TIME_WAIT be
         reused (the server closes downloads first); Linux still refuses a second
         listener on a port, so bind+listen is the whole allocation protocol.
         """
-        ports = list(range(port_min, port_max + 1))
+        ports = list(ports)
         random.shuffle(ports)  # spreading load, not a secret
         for port in ports:
             sock = socket.socket(family, socket.SOCK_STREAM)

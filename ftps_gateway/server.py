@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -33,7 +33,7 @@ from ftps_gateway.admin import AdminServer
 from ftps_gateway.audit import AuditLog
 from ftps_gateway.authorizer import GatewayAuthorizer
 from ftps_gateway.config import endpoint
-from ftps_gateway.defender import Defender, SessionLimits
+from ftps_gateway.defender import BanKeeper, Defender, LimitKeeper, SessionLimits
 from ftps_gateway.errors import ConfigError, GatewayError, StartupError
 from ftps_gateway.filesystem import sweep_partials
 from ftps_gateway.handler import ControlHandler
@@ -42,8 +42,9 @@ from ftps_gateway.loopwaker import LoopWaker
 from ftps_gateway.metrics import GatewayMetrics
 from ftps_gateway.mounts import sweep_roots
 from ftps_gateway.netpolicy import AccessList, PassiveAddressPolicy, TLSPolicyTable
-from ftps_gateway.passive import PortsInUse
+from ftps_gateway.passive import PortsInUse, worker_ports
 from ftps_gateway.passwords import PasswordVerifier
+from ftps_gateway.sharedstate import RemoteDefender, RemoteLimits, StateChannel
 from ftps_gateway.tls import TicketRefresher, TLSContextFactory, prove_session_binding
 
 if TYPE_CHECKING:
@@ -56,6 +57,36 @@ logger = logging.getLogger("ftps_gateway")
 
 # How often expired partial uploads are looked for (at most; see _start_sweeper).
 SWEEP_INTERVAL_SECONDS = 600
+
+RELOAD_TIMEOUT_SECONDS = 30.0
+METRICS_PUSH_SECONDS = 2.0  # a worker's metrics reach the supervisor this often
+LISTEN_BACKLOG = 128
+
+
+@dataclass
+class WorkerRole:
+    """What makes a GatewayServer one worker of several (see ``workers``)."""
+
+    index: int
+    count: int
+    explicit: list[socket.socket]  # listening sockets, bound by the supervisor
+    implicit: list[socket.socket]
+    channel: StateChannel
+
+
+def bind_listener(listen: ListenAddress) -> socket.socket:
+    """A listening TCP socket for ``listen`` (SO_REUSEADDR, non-blocking)."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((listen.host, listen.port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.settimeout(0.0)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 # How often a drain looks for sessions whose transfer has finished.
 DRAIN_POLL_SECONDS = 0.2
@@ -85,8 +116,8 @@ class Gateway:
     executor: ThreadPoolExecutor
     waker: LoopWaker
     audit: AuditLog
-    defender: Defender
-    limits: SessionLimits
+    defender: BanKeeper
+    limits: LimitKeeper
     metrics: GatewayMetrics
     passive_ports: PortsInUse
     tickets: TicketRefresher
@@ -117,6 +148,7 @@ class GatewayHolder:
     # never kept alive by this set.
     sessions: weakref.WeakSet[ControlHandler] = field(default_factory=weakref.WeakSet)
     draining: bool = False
+    worker: tuple[int, int] = (0, 1)  # (index, count): this process's passive share
 
 
 def build_gateway(
@@ -212,10 +244,26 @@ class GatewayServer:
         *,
         verifier: PasswordVerifier | None = None,
         audit: AuditLog | None = None,
+        worker: WorkerRole | None = None,
     ) -> None:
+        """Build everything and bind; ``serve_forever`` runs it.
+
+        Args:
+            worker: set when this is one of several worker processes: listeners
+                come bound from the supervisor, bans and limits are the
+                supervisor's (over ``worker.channel``), and the admin socket and the
+                HTTP endpoint are the supervisor's too.
+        """
         prepare_homes(config)
         self.ioloop = IOLoop()
+        self.worker = worker
         executor = ThreadPoolExecutor(PASSWORD_WORKERS, thread_name_prefix="argon2")
+        shared: dict[str, Any] = {}
+        if worker is not None:
+            shared = {
+                "defender": RemoteDefender(worker.channel),
+                "limits": RemoteLimits(worker.channel),
+            }
         try:
             gateway = build_gateway(
                 config,
@@ -223,12 +271,15 @@ class GatewayServer:
                 executor=executor,
                 waker=LoopWaker(self.ioloop),
                 audit=audit or AuditLog(),
+                **shared,
             )
         except GatewayError:
             executor.shutdown(wait=False)
             self.ioloop.close()
             raise
         self.holder = GatewayHolder(gateway)
+        if worker is not None:
+            self.holder.worker = (worker.index, worker.count)
         self.listeners: list[FTPServer] = []
         self.implicit_listeners: list[FTPServer] = []
         self.admin: AdminServer | None = None
@@ -236,27 +287,39 @@ class GatewayServer:
         self.readiness = ReadinessState()
         self._stopped = threading.Event()
         try:
-            self._listen(config.server.listen, implicit=False)
-            self._listen(config.server.implicit_listen, implicit=True)
-            self.admin = AdminServer(config.admin.socket, self)
+            if worker is None:
+                self._listen(config.server.listen, implicit=False)
+                self._listen(config.server.implicit_listen, implicit=True)
+                self.admin = AdminServer(config.admin.socket, self)
+            else:
+                self._adopt(worker.explicit, implicit=False)
+                self._adopt(worker.implicit, implicit=True)
             self._start_monitoring(config)
         except BaseException:
             self._release()
             raise
-        self._start_sweeper()
+        if worker is None or worker.index == 0:
+            self._start_sweeper()
 
     def _listen(self, addresses: Sequence[ListenAddress], *, implicit: bool) -> None:
-        handler_class = build_handler_class(self.holder, implicit=implicit)
         key = "server.implicit_listen" if implicit else "server.listen"
+        sockets = []
         for listen in addresses:
             try:
-                listener = FTPServer(
-                    (listen.host, listen.port), handler_class, ioloop=self.ioloop
-                )
+                sockets.append(bind_listener(listen))
             except OSError as err:
+                for sock in sockets:
+                    sock.close()
                 raise StartupError(
                     f"{key}: cannot listen on {endpoint(listen)}: {err.strerror}"
                 ) from err
+        self._adopt(sockets, implicit=implicit)
+
+    def _adopt(self, sockets: Sequence[socket.socket], *, implicit: bool) -> None:
+        """Serve already listening sockets (this process's, or the supervisor's)."""
+        handler_class = build_handler_class(self.holder, implicit=implicit)
+        for sock in sockets:
+            listener = FTPServer(sock, handler_class, ioloop=self.ioloop)
             listener.max_cons = 0  # SessionLimits counts sessions, not sockets
             (self.implicit_listeners if implicit else self.listeners).append(listener)
 
@@ -269,7 +332,14 @@ class GatewayServer:
         self.readiness.add_check(self._passive_ports_problem)
         self.readiness.add_check(self._certificate_problem)
         listen = config.metrics.listen
-        if listen is not None:
+        if self.worker is not None:
+            # The supervisor serves one /metrics that adds up the workers' pushes.
+            channel = self.worker.channel
+            self.ioloop.call_every(
+                METRICS_PUSH_SECONDS,
+                lambda: channel.push_metrics(metrics.render()[0].decode()),
+            )
+        elif listen is not None:
             self.health = HealthServer(
                 metrics, listen.host, listen.port, readiness=self.readiness
             )
@@ -277,7 +347,8 @@ class GatewayServer:
 
     def _passive_ports(self) -> tuple[int, int]:
         passive = self.config.passive
-        return self.gateway.passive_ports.count, passive.port_max - passive.port_min + 1
+        share = worker_ports(passive.port_min, passive.port_max, self.holder.worker)
+        return self.gateway.passive_ports.count, len(share)
 
     def _passive_ports_problem(self) -> str | None:
         in_use, total = self._passive_ports()
@@ -295,6 +366,36 @@ class GatewayServer:
     def gateway(self) -> Gateway:
         """The current configuration's runtime objects."""
         return self.holder.current
+
+    # --- what the admin socket works on (admin.AdminTarget)
+
+    @property
+    def defender(self) -> BanKeeper:
+        """The bans (kept across reloads)."""
+        return self.gateway.defender
+
+    @property
+    def limits(self) -> LimitKeeper:
+        """The session counts (kept across reloads)."""
+        return self.gateway.limits
+
+    @property
+    def audit(self) -> AuditLog:
+        """The audit log."""
+        return self.gateway.audit
+
+    def reload_from_thread(self) -> list[str]:
+        """``reload`` on the IO loop, waited for from another thread."""
+        done: Future[list[str]] = Future()
+
+        def run() -> None:
+            try:
+                done.set_result(self.reload())
+            except Exception as err:  # noqa: BLE001 - handed to the waiting thread
+                done.set_exception(err)
+
+        self.gateway.waker.call_soon_threadsafe(run)
+        return done.result(RELOAD_TIMEOUT_SECONDS)
 
     @property
     def config(self) -> GatewayConfig:
@@ -315,7 +416,7 @@ class GatewayServer:
         else:
             try:
                 new_config = config_module.load(source)
-                problems = _unreloadable_changes(current.config, new_config)
+                problems = unreloadable_changes(current.config, new_config)
                 if not problems:
                     prepare_homes(new_config)
                     self.holder.current = build_gateway(new_config, shared=current)
@@ -392,11 +493,12 @@ class GatewayServer:
         ``/readyz`` fails at once so load balancers send no new sessions; new
         connections get 421; sessions without a transfer are closed with 421;
         running transfers may finish within ``server.shutdown_grace_seconds``; then
-        the loop ends. A second call (a second SIGTERM) stops at once.
+        the loop ends. A second call changes nothing (systemd signals every process
+        of the service, the supervisor signals its workers too: a worker may hear
+        SIGTERM twice); SIGINT is the way to stop at once.
         """
         if self.holder.draining:
-            logger.info("second stop request: closing all sessions now")
-            self.ioloop.close()
+            logger.info("already draining; SIGINT stops at once")
             return
         self.holder.draining = True
         self.readiness.start_draining()
@@ -435,17 +537,19 @@ class GatewayServer:
             self.ioloop.close()
 
 
-def _unreloadable_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
-    """Settings a reload cannot apply (bound sockets); a restart is needed."""
+def unreloadable_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """Settings a reload cannot apply (bound sockets, processes); restart for them."""
     problems = []
     for key, before, after in (
         ("server.listen", old.server.listen, new.server.listen),
         ("server.implicit_listen", old.server.implicit_listen,
          new.server.implicit_listen),
+        ("server.workers", old.server.workers, new.server.workers),
         ("admin.socket", old.admin.socket, new.admin.socket),
+        ("metrics.listen", old.metrics.listen, new.metrics.listen),
     ):  # fmt: skip
         if before != after:
-            problems.append(f"{key}: changed; listeners change only on restart")
+            problems.append(f"{key}: changed; this takes effect only on restart")
     return problems
 
 

@@ -128,6 +128,7 @@ def _write_config(files: dict[str, Path], users: list[str], extra: str = "") -> 
         f"""
 [server]
 listen = ["127.0.0.1:0"]
+workers = 1
 [tls]
 certificate = "{files["cert"]}"
 private_key = "{files["key"]}"
@@ -233,7 +234,7 @@ def test_reload_through_the_cli(
     )
     assert cli.main(["reload", "--config", str(config_path)]) == cli.EXIT_CONFIG
     err = capsys.readouterr().err
-    assert "server.listen: changed; listeners change only on restart" in err
+    assert "server.listen: changed; this takes effect only on restart" in err
     assert "reload refused; the server keeps its previous config" in err
     ftp = gw.client(login=False)
     assert ftp.welcome == "220 Reloaded exchange"

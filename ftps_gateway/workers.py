@@ -1,0 +1,340 @@
+"""Several worker processes, one gateway: the supervisor.
+
+Why this shape (docs/decisions/0003-worker-processes.md has the measurements):
+pyftpdlib's prefork shares one epoll set between forked workers (transfers failed)
+and ``MultiprocessFTPServer`` breaks limits and hooks. Here the supervisor binds the
+listening sockets and starts N independent workers (``python -m ftps_gateway
+worker``, a fresh interpreter each: no fork of a threaded process), each with its own
+IO loop on the inherited sockets; the kernel hands each new connection to one of
+them. What must be shared is shared explicitly:
+
+- passive ports: disjoint shares by port number (``passive.worker_ports``);
+- bans and session limits: kept here, asked over a socket pair (``sharedstate``);
+- metrics: workers push theirs, ``/metrics`` here adds them up;
+- signals: SIGTERM drains every worker, SIGHUP reloads (validated here first);
+- the admin socket and the HTTP endpoint live here.
+A worker that dies is restarted; what it held (session slots) is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from ftps_gateway import config as config_module
+from ftps_gateway import sharedstate
+from ftps_gateway.admin import AdminServer
+from ftps_gateway.audit import AuditLog
+from ftps_gateway.certs import certificate_not_after
+from ftps_gateway.defender import BanKeeper, Defender, LimitKeeper, SessionLimits
+from ftps_gateway.errors import ConfigError, StartupError
+from ftps_gateway.health import HealthServer, ReadinessState
+from ftps_gateway.server import (
+    GatewayServer,
+    WorkerRole,
+    bind_listener,
+    prepare_homes,
+    unreloadable_changes,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from ftps_gateway.config import GatewayConfig
+
+logger = logging.getLogger("ftps_gateway")
+
+EXIT_CONFIG = 3  # a worker that exits 3 found the config unusable: do not restart
+RESTART_DELAY_SECONDS = 1.0
+POLL_SECONDS = 0.2
+
+# Series every worker reports with the same value: the gateway's figure is one of
+# them, not their sum. process_* series are per process and are left out.
+SAME_IN_EVERY_WORKER = frozenset(
+    {
+        "ftps_gateway_build_info",
+        "ftps_gateway_bans_active",
+        "ftps_gateway_tls_certificate_expiry_timestamp_seconds",
+        "ftps_gateway_config_reloads_total",
+        "ftps_gateway_config_last_reload_success_timestamp_seconds",
+    }
+)
+
+
+def worker_count(config: GatewayConfig) -> int:
+    """``server.workers``, with "auto" as one per CPU core; never more than ports."""
+    wanted = config.server.workers or os.cpu_count() or 1
+    ports = config.passive.port_max - config.passive.port_min + 1
+    return max(1, min(wanted, ports))
+
+
+class AggregatedMetrics(Collector):
+    """The workers' last pushed metrics, added up (the one ``/metrics``)."""
+
+    def __init__(self, texts: dict[int, str]) -> None:
+        self._texts = texts
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """Exposition for ``HealthServer`` (same interface as ``GatewayMetrics``)."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    def collect(self) -> Iterable[Metric]:
+        """One family per name; samples summed (or the max, see above)."""
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for text in list(self._texts.values()):
+            for family in text_string_to_metric_families(text):
+                if family.name.startswith("process_"):
+                    continue
+                if family.name not in families:
+                    families[family.name] = Metric(
+                        family.name, family.documentation, family.type
+                    )
+                    values[family.name] = {}
+                same = family.name in SAME_IN_EVERY_WORKER or any(
+                    family.name + suffix in SAME_IN_EVERY_WORKER
+                    for suffix in ("_total", "_info")
+                )
+                bucket = values[family.name]
+                for sample in family.samples:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    if same:
+                        bucket[key] = max(bucket.get(key, sample.value), sample.value)
+                    else:
+                        bucket[key] = bucket.get(key, 0.0) + sample.value
+        for name, family in families.items():
+            for (sample_name, labels), value in values[name].items():
+                family.add_sample(sample_name, dict(labels), value)
+            yield family
+
+
+class Supervisor:
+    """Binds, starts and watches the workers; owns bans, limits, admin, /metrics."""
+
+    def __init__(self, config: GatewayConfig, count: int) -> None:
+        if config.source is None:
+            raise StartupError("several workers need a config file to start them from")
+        prepare_homes(config)
+        self.config = config
+        self.count = count
+        self.audit = AuditLog()
+        self._defender = Defender(config.defender, config.access.safe)
+        self._limits = SessionLimits(
+            config.server.max_sessions,
+            config.server.max_sessions_per_ip,
+            config.server.max_sessions_per_user,
+        )
+        self.state = sharedstate.StateService(self._defender, self._limits)
+        self.readiness = ReadinessState()
+        self.readiness.add_check(self._workers_problem)
+        self.readiness.add_check(self._certificate_problem)
+        self.metrics = AggregatedMetrics(self.state.metrics)
+        self._not_after = certificate_not_after(config.tls.certificate)
+        self._lock = threading.Lock()  # reload from the admin thread vs signals
+        self._processes: dict[int, subprocess.Popen[bytes]] = {}
+        self._stopping = False
+        self._signals: list[int] = []
+        self.explicit = [bind_listener(listen) for listen in config.server.listen]
+        self.implicit = [
+            bind_listener(listen) for listen in config.server.implicit_listen
+        ]
+        self.admin = AdminServer(config.admin.socket, self)
+        self.health: HealthServer | None = None
+        if config.metrics.listen is not None:
+            listen = config.metrics.listen
+            self.health = HealthServer(
+                self.metrics,
+                listen.host,
+                listen.port,
+                readiness=self.readiness,
+            )
+
+    # --- admin.AdminTarget
+
+    @property
+    def defender(self) -> BanKeeper:
+        """The one Defender all workers ask."""
+        return self._defender
+
+    @property
+    def limits(self) -> LimitKeeper:
+        """The one SessionLimits all workers ask."""
+        return self._limits
+
+    def reload_from_thread(self) -> list[str]:
+        """Validate the config, apply what is shared here, then reload each worker."""
+        with self._lock:
+            return self._reload()
+
+    # --- running
+
+    def run(self) -> int:
+        """Start the workers and watch them until stopped; the exit code."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        for index in range(self.count):
+            self._start(index)
+        self.admin.start()
+        if self.health is not None:
+            self.health.start()
+        for sock in (*self.explicit, *self.implicit):
+            host, port = sock.getsockname()[:2]
+            logger.info("listening on %s:%s with %d workers", host, port, self.count)
+        code = 0
+        try:
+            code = self._watch()
+        finally:
+            self._shutdown()
+        return code
+
+    def _start(self, index: int) -> None:
+        supervisor_end, worker_end = sharedstate.channel_pair()
+        self.state.serve(supervisor_end, index)
+        fds = [sock.fileno() for sock in (*self.explicit, *self.implicit)]
+        command = [
+            sys.executable, "-m", "ftps_gateway", "worker",
+            "--config", str(self.config.source),
+            "--index", str(index), "--count", str(self.count),
+            "--explicit-fds", ",".join(str(s.fileno()) for s in self.explicit),
+            "--implicit-fds", ",".join(str(s.fileno()) for s in self.implicit),
+            "--state-fd", str(worker_end.fileno()),
+        ]  # fmt: skip
+        process = subprocess.Popen(  # noqa: S603 - our own module, no shell
+            command, pass_fds=[*fds, worker_end.fileno()]
+        )
+        worker_end.close()
+        self._processes[index] = process
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals.append(signum)  # handled by _watch, outside the handler
+
+    def _watch(self) -> int:
+        while True:
+            while self._signals:
+                signum = self._signals.pop(0)
+                if signum == signal.SIGHUP:
+                    self.reload_from_thread()
+                else:
+                    self._stop(signum)
+            for index, process in list(self._processes.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del self._processes[index]
+                if self._stopping:
+                    continue
+                if code == EXIT_CONFIG:
+                    logger.error("worker %d found the config unusable; stopping", index)
+                    self._stop(signal.SIGTERM)
+                    return EXIT_CONFIG
+                logger.error("worker %d exited with %s; restarting it", index, code)
+                self.audit.event("worker_restart", worker=index, exit_code=code)
+                time.sleep(RESTART_DELAY_SECONDS)
+                self._start(index)
+            if self._stopping and not self._processes:
+                return 0
+            time.sleep(POLL_SECONDS)
+
+    def _stop(self, signum: int) -> None:
+        """SIGTERM: every worker drains; SIGINT (or SIGTERM during a drain): at once."""
+        if self._stopping:
+            signum = signal.SIGINT
+        self._stopping = True
+        self.readiness.start_draining()
+        for process in self._processes.values():
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    def _reload(self) -> list[str]:
+        try:
+            new = config_module.load(self.config.source)  # type: ignore[arg-type]
+        except ConfigError as err:
+            problems = list(err.problems)
+        else:
+            problems = unreloadable_changes(self.config, new)
+        if problems:
+            self.audit.event("config_reload", result="refused", problems=problems)
+            for problem in problems:
+                logger.error("reload refused: %s", problem)
+            return problems
+        self.config = new
+        self._defender.update(new.defender, new.access.safe)
+        self._limits.update(
+            new.server.max_sessions,
+            new.server.max_sessions_per_ip,
+            new.server.max_sessions_per_user,
+        )
+        self._not_after = certificate_not_after(new.tls.certificate)
+        for process in self._processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGHUP)
+        self.audit.event("config_reload", result="ok", source=str(new.source))
+        return []
+
+    def _shutdown(self) -> None:
+        for process in self._processes.values():
+            process.kill()
+            process.wait()
+        self.admin.close()
+        if self.health is not None:
+            self.health.stop()
+        for sock in (*self.explicit, *self.implicit):
+            sock.close()
+
+    # --- readiness
+
+    def _workers_problem(self) -> str | None:
+        alive = sum(1 for p in self._processes.values() if p.poll() is None)
+        return None if alive == self.count else f"{alive} of {self.count} workers up"
+
+    def _certificate_problem(self) -> str | None:
+        if self._not_after <= datetime.now(UTC):
+            return "the TLS certificate has expired"
+        return None
+
+
+def build_worker(args: Any) -> GatewayServer:
+    """Build one worker's GatewayServer from the fds the supervisor passed."""
+
+    def sockets(fds: str) -> list[socket.socket]:
+        return [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd]
+
+    _die_with_parent()
+    config = config_module.load(args.config)
+    role = WorkerRole(
+        index=args.index,
+        count=args.count,
+        explicit=sockets(args.explicit_fds),
+        implicit=sockets(args.implicit_fds),
+        channel=sharedstate.StateChannel(socket.socket(fileno=args.state_fd)),
+    )
+    return GatewayServer(config, worker=role)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker if the supervisor dies (no orphans)."""
+    if not sys.platform.startswith("linux"):  # pragma: no cover
+        return
+    import ctypes  # noqa: PLC0415
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the supervisor died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
