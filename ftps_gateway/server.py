@@ -344,6 +344,8 @@ class GatewayServer:
                 metrics, listen.host, listen.port, readiness=self.readiness
             )
             self.health.start()
+            host, port = self.health.address
+            logger.info("serving /metrics, /healthz and /readyz on %s:%s", host, port)
 
     def _passive_ports(self) -> tuple[int, int]:
         passive = self.config.passive

@@ -193,6 +193,8 @@ class Supervisor:
         self.admin.start()
         if self.health is not None:
             self.health.start()
+            host, port = self.health.address
+            logger.info("serving /metrics, /healthz and /readyz on %s:%s", host, port)
         for sock in (*self.explicit, *self.implicit):
             host, port = sock.getsockname()[:2]
             logger.info("listening on %s:%s with %d workers", host, port, self.count)
