@@ -56,6 +56,7 @@ class ServerSettings:
     # Load balancers whose connections start with a PROXY protocol header (v1/v2).
     proxy_protocol_from: tuple[IPNetwork, ...] = ()
     workers: int = 0  # worker processes; 0 = "auto": one per CPU core
+    login_cache_seconds: int = 300  # a verified password skips argon2id this long
     implicit_listen: tuple[ListenAddress, ...] = ()  # TLS from the first byte (990)
 
 
@@ -338,7 +339,8 @@ def summary(cfg: GatewayConfig) -> str:
             f"{server.max_sessions_per_user} per user; "
             f"login timeout {server.login_timeout_seconds} s, "
             f"idle timeout {server.idle_timeout_seconds} s, "
-            f"shutdown grace {server.shutdown_grace_seconds} s"
+            f"shutdown grace {server.shutdown_grace_seconds} s, "
+            f"verified logins remembered {server.login_cache_seconds} s"
         ),
         (
             "Worker processes: "
@@ -741,6 +743,9 @@ def _server(table: _Table) -> ServerSettings:
             table, "proxy_protocol_from", {}, required=False
         ),
         workers=_workers(table),
+        login_cache_seconds=table.integer(
+            "login_cache_seconds", 0, 3_600, ServerSettings.login_cache_seconds
+        ),
     )
     table.close()
     return settings

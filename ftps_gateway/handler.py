@@ -803,12 +803,19 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             self._login_failed("network-not-allowed")
             return
         stored_hash = user.password_hash if user is not None else None
+        token = None
+        if stored_hash is not None:
+            token = gateway.recent_logins.token(stored_hash, line)
+            if gateway.recent_logins.hit(token):
+                if self._login_succeeded(username, cached=True):
+                    self._resume_input()
+                return
         future = gateway.executor.submit(gateway.verifier.verify, stored_hash, line)
         waker = gateway.waker
         future.add_done_callback(
             lambda done: waker.call_soon_threadsafe(
                 lambda: self._on_password_checked(
-                    username, done, known=user is not None
+                    username, done, known=user is not None, token=token
                 )
             )
         )
@@ -843,7 +850,7 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             self.found_terminator()
 
     def _on_password_checked(
-        self, username: str, done: Future[bool], *, known: bool
+        self, username: str, done: Future[bool], *, known: bool, token: bytes | None
     ) -> None:
         if self._closed:
             return
@@ -853,6 +860,8 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             logger.exception("password verification failed unexpectedly")
             accepted = False
         if accepted:
+            if token is not None:
+                self.gateway.recent_logins.remember(token)
             if self._login_succeeded(username):
                 self._resume_input()
             return
@@ -899,7 +908,7 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             self.add_channel(events=WRITE)
             self.close_when_done()
 
-    def _login_succeeded(self, username: str) -> bool:
+    def _login_succeeded(self, username: str, *, cached: bool = False) -> bool:
         """Open the session for ``username``, or refuse it over the user limit."""
         gateway = self.gateway
         refusal = gateway.limits.login(username)
@@ -924,7 +933,7 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         if self._login_timer is not None and not self._login_timer.cancelled:
             self._login_timer.cancel()
         self.handle_auth_success("/", "", self.authorizer.get_msg_login(username))
-        self.audit("login_ok")
+        self.audit("login_ok", **({"cached": True} if cached else {}))
         gateway.metrics.login("ok")
         return True
 

@@ -7,9 +7,14 @@ logs a password or a hash: a login either succeeds or it does not.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
 import re
 import secrets
+import threading
+import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from argon2 import PasswordHasher, Type, extract_parameters, profiles
@@ -24,6 +29,7 @@ __all__ = [
     "ARGON2ID_PREFIX",
     "DEFAULT_PARAMETERS",
     "PasswordVerifier",
+    "RecentLogins",
     "hash_password",
     "is_argon2id_hash",
 ]
@@ -163,3 +169,60 @@ class PasswordVerifier:
         """Spend one real verification on the dummy hash; the result is irrelevant."""
         with contextlib.suppress(VerificationError):
             self._hasher.verify(self._dummy_hash, secret)
+
+
+class RecentLogins:
+    """Credentials verified a short while ago, so repeat logins skip argon2id.
+
+    Partner automation often logs in every few seconds; at 64 MiB and tens of
+    milliseconds per argon2id verification, that alone can fill a core. A
+    successful verification is remembered as HMAC-SHA256(process key, stored hash,
+    password) for ``ttl_seconds``: never the password, and the stored hash is part
+    of the key, so a changed password misses at once (and a reload builds a new,
+    empty cache). Failures are never remembered, so guessing gains nothing.
+    """
+
+    def __init__(
+        self,
+        ttl_seconds: float,
+        *,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl = ttl_seconds
+        self._max = max_entries
+        self._clock = clock
+        self._key = secrets.token_bytes(32)
+        self._entries: OrderedDict[bytes, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def token(self, stored_hash: str, password: str) -> bytes:
+        """The key a successful verification of this pair is remembered under."""
+        message = stored_hash.encode() + b"\0" + password.encode(
+            "utf-8", "surrogateescape"
+        )
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def hit(self, token: bytes) -> bool:
+        """True if ``token`` was verified within the last ``ttl_seconds``."""
+        if self._ttl <= 0:
+            return False
+        now = self._clock()
+        with self._lock:
+            expires = self._entries.get(token)
+            if expires is None:
+                return False
+            if expires <= now:
+                del self._entries[token]
+                return False
+            return True
+
+    def remember(self, token: bytes) -> None:
+        """Record a successful verification (the oldest entries make room)."""
+        if self._ttl <= 0:
+            return
+        with self._lock:
+            self._entries[token] = self._clock() + self._ttl
+            self._entries.move_to_end(token)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)

@@ -43,7 +43,7 @@ from ftps_gateway.metrics import GatewayMetrics
 from ftps_gateway.mounts import sweep_roots
 from ftps_gateway.netpolicy import AccessList, PassiveAddressPolicy, TLSPolicyTable
 from ftps_gateway.passive import PortsInUse, worker_ports
-from ftps_gateway.passwords import PasswordVerifier
+from ftps_gateway.passwords import PasswordVerifier, RecentLogins
 from ftps_gateway.sharedstate import RemoteDefender, RemoteLimits, StateChannel
 from ftps_gateway.tls import TicketRefresher, TLSContextFactory, prove_session_binding
 
@@ -111,6 +111,7 @@ class Gateway:
     access: AccessList
     proxy_sources: AccessList | None  # None: no PROXY protocol anywhere
     authorizer: GatewayAuthorizer
+    recent_logins: RecentLogins  # per config: a reload forgets them
 
     verifier: PasswordVerifier
     executor: ThreadPoolExecutor
@@ -211,6 +212,7 @@ def build_gateway(
             else None
         ),
         authorizer=GatewayAuthorizer(frozenset(u.name for u in config.users)),
+        recent_logins=RecentLogins(config.server.login_cache_seconds),
         **parts,
     )
 
@@ -343,9 +345,7 @@ class GatewayServer:
             self.health = HealthServer(
                 metrics, listen.host, listen.port, readiness=self.readiness
             )
-            self.health.start()
-            host, port = self.health.address
-            logger.info("serving /metrics, /healthz and /readyz on %s:%s", host, port)
+            self.health.start()  # logs where it serves
 
     def _passive_ports(self) -> tuple[int, int]:
         passive = self.config.passive

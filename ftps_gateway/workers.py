@@ -192,9 +192,7 @@ class Supervisor:
             self._start(index)
         self.admin.start()
         if self.health is not None:
-            self.health.start()
-            host, port = self.health.address
-            logger.info("serving /metrics, /healthz and /readyz on %s:%s", host, port)
+            self.health.start()  # logs where it serves
         for sock in (*self.explicit, *self.implicit):
             host, port = sock.getsockname()[:2]
             logger.info("listening on %s:%s with %d workers", host, port, self.count)

@@ -462,3 +462,34 @@ def test_no_busy_loop_on_silent_data_connection_or_half_closed_upload(
     raw.close()
     conn.close()
     uploader.close()
+
+
+class CountingVerifier(PasswordVerifier):
+    """Counts the argon2id verifications it runs."""
+
+    calls = 0
+
+    def verify(self, stored_hash: str | None, password: str) -> bool:
+        type(self).calls += 1
+        return super().verify(stored_hash, password)
+
+
+def test_repeat_logins_skip_argon2_but_wrong_passwords_never_do(
+    gateway: RunningGateway,
+    audit_records: Callable[[], list[dict[str, object]]],
+) -> None:
+    verifier = CountingVerifier(parameters=FAST_PARAMETERS)
+    gateway.server.gateway.verifier = verifier
+    for listener in gateway.server.listeners:
+        listener.handler.auth_failed_timeout = 0.1
+    for _ in range(3):
+        gateway.client().quit()
+    assert CountingVerifier.calls == 1
+    for _ in range(2):
+        ftp = gateway.client(login=False)
+        with pytest.raises(ftplib.error_perm):
+            ftp.login("acme", "wrong")
+        ftp.close()
+    assert CountingVerifier.calls == 3
+    logins = [r for r in audit_records() if r["event"] == "login_ok"]
+    assert [r.get("cached", False) for r in logins] == [False, True, True]

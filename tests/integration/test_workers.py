@@ -229,11 +229,15 @@ def test_one_metrics_endpoint_adds_the_workers_up(cluster: Cluster) -> None:
         ftp.storbinary(f"STOR m{index}.bin", io.BytesIO(b"m" * 1000))
         ftp.quit()
     metrics_port = cluster.metrics_port
-    deadline = time.monotonic() + 10
-    while True:  # workers push every 2 s
+    uploads_key = (
+        "ftps_gateway_transfers_total",
+        (("direction", "upload"), ("result", "ok")),
+    )
+    deadline = time.monotonic() + 20
+    while True:  # workers push every 2 s; wait for the pushes after the last upload
         samples = _scrape(metrics_port)
         logins = samples.get(("ftps_gateway_logins_total", (("result", "ok"),)), 0)
-        if logins >= 4 or time.monotonic() > deadline:
+        if samples.get(uploads_key, 0) >= 4 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert logins == 4, f"sessions were on {workers}"

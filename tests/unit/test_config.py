@@ -1071,7 +1071,8 @@ def test_summary(config_dir: Path) -> None:
         "PROXY protocol from: nobody (off)",
         (
             "Sessions: at most 512, 16 per client address, 8 per user; "
-            "login timeout 30 s, idle timeout 300 s, shutdown grace 30 s"
+            "login timeout 30 s, idle timeout 300 s, shutdown grace 30 s, "
+            "verified logins remembered 300 s"
         ),
         "Worker processes: auto (one per CPU core)",
         "Active mode (PORT/EPRT): refused",
@@ -1170,6 +1171,7 @@ def test_example_file_documents_every_key() -> None:
         "node_name",
         "proxy_protocol_from",
         "workers",
+        "login_cache_seconds",
         "per_user_labels",
         "allow_public",
         "name",

@@ -241,3 +241,43 @@ def test_password_never_logged(
 def test_is_argon2id_hash(value: str, expected: bool) -> None:
     """is_argon2id_hash accepts well-formed argon2id strings only."""
     assert is_argon2id_hash(value) is expected
+
+
+def test_recent_logins_remember_successes_for_a_while() -> None:
+    from ftps_gateway.passwords import RecentLogins
+
+    now = [100.0]
+    cache = RecentLogins(60, max_entries=2, clock=lambda: now[0])
+    token = cache.token("$argon2id$hash-a", "secret")
+    assert not cache.hit(token)
+    cache.remember(token)
+    assert cache.hit(token)
+    assert not cache.hit(cache.token("$argon2id$hash-a", "other"))
+    # A changed password (a new stored hash) misses at once.
+    assert not cache.hit(cache.token("$argon2id$hash-b", "secret"))
+    now[0] += 61
+    assert not cache.hit(token)
+    # Bounded: the oldest entries make room.
+    tokens = [cache.token("h", str(i)) for i in range(3)]
+    for item in tokens:
+        cache.remember(item)
+    assert [cache.hit(item) for item in tokens] == [False, True, True]
+
+
+def test_recent_logins_never_hold_the_password() -> None:
+    from ftps_gateway.passwords import RecentLogins
+
+    cache = RecentLogins(60)
+    cache.remember(cache.token("$argon2id$h", "correct horse"))
+    assert b"correct horse" not in b"".join(cache._entries)
+    # Another process (another key) cannot recompute the token.
+    assert RecentLogins(60).token("$argon2id$h", "correct horse") not in cache._entries
+
+
+def test_recent_logins_off() -> None:
+    from ftps_gateway.passwords import RecentLogins
+
+    cache = RecentLogins(0)
+    token = cache.token("h", "p")
+    cache.remember(token)
+    assert not cache.hit(token)
