@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for tool in curl lftp; do command -v "$tool" >/dev/null 2>&1 || need+=("$tool"); done
+for tool in curl lftp haproxy shellcheck; do command -v "$tool" >/dev/null 2>&1 || need+=("$tool"); done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
