@@ -4,6 +4,7 @@ container config, same health check as in the image."""
 
 from __future__ import annotations
 
+import contextlib
 import ftplib
 import io
 import json
@@ -105,6 +106,9 @@ class Container:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # Its own process group: teardown can kill whatever it left behind, even
+            # a server that a broken entrypoint did not exec into.
+            start_new_session=True,
         )
         self.audit: queue.Queue[dict[str, object]] = queue.Queue()
         self.stderr: list[str] = []
@@ -157,8 +161,8 @@ class Container:
         return code
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.wait()
 
 
