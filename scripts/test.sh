@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # haproxy and ip live in /usr/sbin, which is not on every user's PATH.
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 need=()
-for tool in curl lftp haproxy; do have "$tool" || need+=("$tool"); done
+for tool in curl lftp haproxy shellcheck; do have "$tool" || need+=("$tool"); done
 have go || need+=(golang-go)  # builds the Go client in tests/clients/goftps
 have ip || need+=(iproute2)   # network namespaces for tests/network
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
