@@ -953,8 +953,9 @@ def _logging(
     table: _Table, base: Path
 ) -> tuple[str, Path | None, Path | None, bool]:
     level = table.optional("level", _one_of(LOG_LEVELS), GatewayConfig.log_level)
-    audit_file = table.optional("audit_file", _path_under(base), None)
-    xferlog_file = table.optional("xferlog_file", _path_under(base), None)
+    # "" is the documented default ("stdout", "off"), so ${VAR:-} works in containers.
+    audit_file = table.optional("audit_file", _optional_path_under(base), None)
+    xferlog_file = table.optional("xferlog_file", _optional_path_under(base), None)
     upload_sha256 = table.flag("upload_sha256", GatewayConfig.upload_sha256)
     table.close()
     return level, audit_file, xferlog_file, upload_sha256
@@ -1292,6 +1293,8 @@ def _parse_password_hash(text: str) -> str:
 
 
 def _parse_node_name(text: str) -> str:
+    if text == "":
+        return text  # the documented default: the host name
     if not _NODE_NAME.fullmatch(text):
         raise _BadValueError("must be 1 to 63 of A-Z a-z 0-9 . _ -")
     return text
@@ -1314,6 +1317,16 @@ def _path_under(base: Path) -> Callable[[str], Path]:
         return base / text
 
     return parse
+
+
+def _optional_path_under(base: Path) -> Callable[[str], Path | None]:
+    """Like ``_path_under``, but "" means "not set" (the key's default)."""
+    parse = _path_under(base)
+
+    def parse_optional(text: str) -> Path | None:
+        return parse(text) if text else None
+
+    return parse_optional
 
 
 def _one_of(choices: Sequence[str]) -> Callable[[str], str]:

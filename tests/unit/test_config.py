@@ -1218,3 +1218,16 @@ def test_unset_environment_variable_is_a_config_error(
         f"{path}: passive.address: environment variable FTPS_PASSIVE_ADDRESS is not "
         "set (got '${FTPS_PASSIVE_ADDRESS}')"
     ]
+
+
+def test_empty_strings_mean_the_documented_defaults(config_dir: Path) -> None:
+    """node_name = "", audit_file = "", xferlog_file = "" (as ${VAR:-} gives them)."""
+    text = _edited(
+        {
+            "[server]\n": '[server]\nnode_name = ""\n',
+            "[storage]\n": '[logging]\naudit_file = ""\nxferlog_file = ""\n[storage]\n',
+        }
+    )
+    cfg = config.load(_write(config_dir, text))
+    assert cfg.server.node_name == ""
+    assert (cfg.audit_file, cfg.xferlog_file) == (None, None)
