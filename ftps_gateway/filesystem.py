@@ -200,13 +200,13 @@ class AtomicUpload:
             self.over_quota = True
             raise QuotaExceededError(self.quota_scope)
 
-    def _write_all(self, data: bytes) -> None:
+    def _write_all(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         """Append ``data`` (short writes are retried).
 
         Raises:

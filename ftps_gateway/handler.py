@@ -30,7 +30,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pyftpdlib.exceptions import _FileReadWriteError, _RetryError
+from pyftpdlib.exceptions import _FileReadWriteError
 from pyftpdlib.handlers import DTPHandler, FTPHandler
 from pyftpdlib.ioloop import AsyncChat
 
@@ -175,19 +175,15 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         return sent
 
     def handle_read(self) -> None:
-        """Receive upload data, a few records per readiness event."""
-        budget = UPLOAD_READ_BUDGET
-        while budget > 0 and not self._closed:
-            try:
-                chunk = self.tls_recv(self.ac_in_buffer_size)
-            except _RetryError:
-                return
-            if not chunk:
-                return  # tls_recv already closed the channel
-            self.tot_bytes_received += len(chunk)
-            budget -= len(chunk)
-            if self._data_wrapper is not None:
-                chunk = self._data_wrapper(chunk)
+        """Receive upload data: many records per readiness event, one file write."""
+        if self._closed:
+            return
+        view, ended = self.tls_recv_many(UPLOAD_READ_BUDGET)
+        if view:
+            self.tot_bytes_received += len(view)
+            chunk: bytes | memoryview = view
+            if self._data_wrapper is not None:  # TYPE A: line endings converted
+                chunk = self._data_wrapper(bytes(view))
             try:
                 self.file_obj.write(chunk)
             except QuotaExceededError as exceeded:
@@ -195,6 +191,8 @@ class DataHandler(TLSChannelMixin, DTPHandler):
                 return
             except OSError as err:
                 raise _FileReadWriteError(err) from err
+        if ended and not self._closed:
+            self.handle_close()
 
     def _refuse_over_quota(self, exceeded: QuotaExceededError) -> None:
         """452, and the upload is discarded (not kept as a partial)."""
