@@ -155,6 +155,10 @@ class Supervisor:
             bind_listener(listen) for listen in config.server.implicit_listen
         ]
         self.admin = AdminServer(config.admin.socket, self)
+        # From here on a stop request is kept for ``run`` (the caller may announce
+        # the server, and someone may signal it, before ``run`` starts).
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
         self.health: HealthServer | None = None
         if config.metrics.listen is not None:
             listen = config.metrics.listen
@@ -186,8 +190,6 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the workers and watch them until stopped; the exit code."""
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
         for index in range(self.count):
             self._start(index)
         self.admin.start()

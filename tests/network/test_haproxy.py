@@ -278,7 +278,11 @@ def curl_transfers(transcript: str) -> list[CurlTransfer]:
     for number, match in enumerate(starts):
         end = starts[number + 1].start() if number + 1 < len(starts) else None
         part = transcript[match.end() : end]
-        _, _, after_upload = part.partition("We are completely uploaded")
+        # curl logs "We are completely uploaded" only when its last write was
+        # whole; when its shutdown fails it may not, and the reply follows anyway.
+        _, found, after_upload = part.partition("We are completely uploaded")
+        if not found:
+            after_upload = part
         replies = _REPLY.findall(after_upload)
         transfers.append(
             CurlTransfer(
