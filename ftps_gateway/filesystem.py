@@ -301,21 +301,11 @@ def sweep_partials(roots: list[Path], retention_seconds: int) -> int:
     """
     min_age = max(retention_seconds, 60)
     now = time.time()
+    cutoff = now - min_age
     removed = 0
-    pending = [str(root) for root in roots]
-    while pending:
-        directory = pending.pop()
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                pending.append(entry.path)
-            elif vfs.is_upload_temp(entry.name) and _remove_if_stale(
-                entry.path, now - min_age
-            ):
-                removed += 1
+    for entry in vfs.walk_entries(roots):
+        if vfs.is_upload_temp(entry.name) and _remove_if_stale(entry.path, cutoff):
+            removed += 1
     return removed
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from ftps_gateway.errors import GatewayError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable, Iterator, Sequence
 
 __all__ = [
     "ALL_PERMISSIONS",
@@ -409,7 +409,25 @@ def usage(roots: Iterable[Path]) -> Usage:
     unique = sorted({os.path.normpath(root) for root in roots})
     kept = [r for r in unique if not any(_is_under(r, o) for o in unique if o != r)]
     total_bytes = total_files = 0
-    pending = list(kept)
+    for entry in walk_entries(kept):
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode):
+            total_bytes += info.st_size
+            if not is_upload_temp(entry.name):
+                total_files += 1
+    return Usage(total_bytes, total_files)
+
+
+def walk_entries(roots: Iterable[str | Path]) -> Iterator[os.DirEntry[str]]:
+    """Every non-directory entry under ``roots``; symlinks are not followed.
+
+    Unreadable directories are skipped (a walk for quotas or clean-up must not fail
+    on one bad folder).
+    """
+    pending = [str(root) for root in roots]
     while pending:
         directory = pending.pop()
         try:
@@ -417,17 +435,10 @@ def usage(roots: Iterable[Path]) -> Usage:
         except OSError:
             continue
         for entry in entries:
-            try:
-                info = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISDIR(info.st_mode):
+            if entry.is_dir(follow_symlinks=False):
                 pending.append(entry.path)
-            elif stat.S_ISREG(info.st_mode):
-                total_bytes += info.st_size
-                if not is_upload_temp(entry.name):
-                    total_files += 1
-    return Usage(total_bytes, total_files)
+            else:
+                yield entry
 
 
 def _is_under(path: str, root: str) -> bool:
