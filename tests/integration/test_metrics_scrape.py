@@ -5,28 +5,18 @@ from __future__ import annotations
 import ftplib
 import io
 import ssl
-import urllib.request
 from collections.abc import Callable
 
 import pytest
 from conftest import PASSWORD, RunningGateway
-from ftps_helpers import raw_connect, read_until_quiet
-from prometheus_client.parser import text_string_to_metric_families
+from ftps_helpers import raw_connect, read_until_quiet, scrape
 
 pytestmark = pytest.mark.integration
 
 
-def scrape(gw: RunningGateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of ``/metrics``, keyed by name and sorted labels."""
+def _scrape(gw: RunningGateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     assert gw.server.health is not None
-    host, port = gw.server.health.address
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    return scrape(gw.server.health.address[1])
 
 
 def test_refusals_and_logins_are_counted_by_reason(
@@ -70,7 +60,7 @@ def test_refusals_and_logins_are_counted_by_reason(
     ftp.quit()
     good.quit()
 
-    samples = scrape(gw)
+    samples = _scrape(gw)
 
     def value(name: str, **labels: str) -> float:
         return samples[(name, tuple(sorted(labels.items())))]

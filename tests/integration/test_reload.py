@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import queue
-import re
 import signal
 import ssl
-import subprocess
-import sys
-import threading
-import time
 from typing import TYPE_CHECKING
 
 import pytest
 import trustme
 from conftest import PASSWORD, PASSWORD_HASH, RunningGateway, admin_socket_path
+from ftps_helpers import ServeProcess
 
 from ftps_gateway import cli
 from ftps_gateway.client import ReusingFTP_TLS
@@ -29,66 +23,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.integration
 
 BIG = 24 * 1024 * 1024
-
-
-class ServerProcess:
-    """``ftps-gateway serve`` in a child process, its audit lines collected."""
-
-    def __init__(self, config_path: Path) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ftps_gateway",
-                "serve",
-                "--config",
-                str(config_path),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.audit: queue.Queue[dict[str, object]] = queue.Queue()
-        self.stderr: list[str] = []
-        self._port: queue.Queue[int] = queue.Queue()
-        self._readers = [
-            threading.Thread(target=self._read_stdout, daemon=True),
-            threading.Thread(target=self._read_stderr, daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-        self.port = self._port.get(timeout=20)
-
-    def _read_stdout(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.audit.put(json.loads(line))
-
-    def _read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.stderr.append(line)
-            match = re.search(r"listening for explicit FTPS on [^ ]+:(\d+)", line)
-            if match:
-                self._port.put(int(match[1]))
-
-    def wait_for(self, event: str, timeout: float = 10) -> dict[str, object]:
-        deadline = time.monotonic() + timeout
-        while True:
-            record = self.audit.get(timeout=max(0.01, deadline - time.monotonic()))
-            if record["event"] == event:
-                return record
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(10)
-        for reader in self._readers:
-            reader.join(5)
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream is not None:
-                stream.close()
-        return code
 
 
 @pytest.fixture
@@ -165,7 +99,7 @@ def test_sighup_serves_a_new_certificate_while_a_download_finishes(
     home = files["dir"] / "storage" / "home" / "acme"
     home.mkdir(parents=True)
     (home / "big.bin").write_bytes(payload)
-    server = ServerProcess(files["config"])
+    server = ServeProcess(files["config"])
     try:
         old_session = _client(server.port, files)
         assert old_session.sock.getpeercert(binary_form=True) == old_der

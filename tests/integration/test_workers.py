@@ -10,24 +10,16 @@ from __future__ import annotations
 import ftplib
 import hashlib
 import io
-import json
 import os
-import queue
-import re
 import signal
 import ssl
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 from conftest import PASSWORD, admin_socket_path, write_config
-from ftps_helpers import raw_connect, read_until_quiet
-from prometheus_client.parser import text_string_to_metric_families
+from ftps_helpers import ServeProcess, raw_connect, read_until_quiet, scrape
 
 from ftps_gateway.client import ReusingFTP_TLS
 
@@ -39,56 +31,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 PORTS = "41500-41539"
 
 
-class Cluster:
+class Cluster(ServeProcess):
     """``ftps-gateway serve`` with two workers, its audit lines collected."""
 
     def __init__(self, config_path: Path, ca_file: Path) -> None:
         self.ca_file = ca_file
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ftps_gateway",
-                "serve",
-                "--config",
-                str(config_path),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.audit: queue.Queue[dict[str, object]] = queue.Queue()
-        self.stderr: list[str] = []
-        self._ready: queue.Queue[tuple[str, int]] = queue.Queue()
-        self._listening = 0
-        self.metrics_port = 0
-        self._readers = [
-            threading.Thread(target=self._read_stdout, daemon=True),
-            threading.Thread(target=self._read_stderr, daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-        kind, value = self._ready.get(timeout=30)
-        assert kind == "port", value
-        self.port = int(value)
-
-    def _read_stdout(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.audit.put(json.loads(line))
-
-    def _read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.stderr.append(line)
-            metrics = re.search(r"serving /metrics.* on [^ ]+:(\d+)", line)
-            if metrics:
-                self.metrics_port = int(metrics[1])
-            match = re.search(r"listening for explicit FTPS on [^ ]+:(\d+)", line)
-            if match:
-                self._listening += 1
-                if self._listening == 2:  # both workers are up
-                    self._ready.put(("port", int(match[1])))
+        super().__init__(config_path, listeners=2)
 
     def client(self, source_ip: str = "127.0.0.1") -> ReusingFTP_TLS:
         ftp = ReusingFTP_TLS(
@@ -100,32 +48,6 @@ class Cluster:
     def diag(self, ftp: ftplib.FTP) -> dict[str, str]:
         reply = ftp.sendcmd("SITE DIAG")
         return dict(line.strip().split(": ", 1) for line in reply.splitlines()[1:-1])
-
-    def events(self, name: str) -> list[dict[str, object]]:
-        found = []
-        while True:
-            try:
-                record = self.audit.get_nowait()
-            except queue.Empty:
-                return found
-            if record["event"] == name:
-                found.append(record)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(30)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-            for reader in self._readers:
-                reader.join(5)
-            for stream in (self.process.stdout, self.process.stderr):
-                if stream is not None:
-                    stream.close()
-        return code
 
     def workers(self) -> list[int]:
         """PIDs of the worker processes."""
@@ -235,7 +157,7 @@ def test_one_metrics_endpoint_adds_the_workers_up(cluster: Cluster) -> None:
     )
     deadline = time.monotonic() + 20
     while True:  # workers push every 2 s; wait for the pushes after the last upload
-        samples = _scrape(metrics_port)
+        samples = scrape(metrics_port)
         logins = samples.get(("ftps_gateway_logins_total", (("result", "ok"),)), 0)
         if samples.get(uploads_key, 0) >= 4 or time.monotonic() > deadline:
             break
@@ -249,16 +171,6 @@ def test_one_metrics_endpoint_adds_the_workers_up(cluster: Cluster) -> None:
     free = samples[("ftps_gateway_passive_ports_free", ())]
     assert free == 40  # both shares together: the whole range
     assert samples[("ftps_gateway_bans_active", ())] == 0
-
-
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def test_a_dead_worker_is_restarted_and_its_slots_released(cluster: Cluster) -> None:
