@@ -28,7 +28,11 @@ TLS_VERSIONS = ("1.2", "1.3")
 # "required": it resumes the control connection's own TLS session (and comes from
 #             the control connection's IP);
 # "ip-match": only the IP check, for clients that cannot resume (Go, old .NET/Java).
-REUSE_POLICIES = ("required", "ip-match")
+# "required-any-ip": it resumes the control connection's own TLS session, from any
+#             address (partners whose NAT sends connections from several addresses;
+#             the resumption alone ties the data connection to its session).
+REUSE_POLICIES = ("required", "ip-match", "required-any-ip")
+RESUMING_POLICIES = frozenset({"required", "required-any-ip"})
 
 
 @dataclass(frozen=True)
@@ -430,6 +434,10 @@ def _defender_line(defender: DefenderSettings, access: AccessSettings) -> str:
 def _reuse_words(reuse: str) -> str:
     if reuse == "required":
         return "must resume the control connection's TLS session"
+    if reuse == "required-any-ip":
+        return (
+            "must resume the control connection's TLS session, from any address"
+        )
     return "same client IP only (no TLS session resumption check)"
 
 

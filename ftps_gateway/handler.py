@@ -36,6 +36,7 @@ from pyftpdlib.ioloop import AsyncChat
 
 from ftps_gateway import proxyproto, tls, vfs
 from ftps_gateway.audit import Transfer
+from ftps_gateway.config import RESUMING_POLICIES
 from ftps_gateway.fileops import OVER_QUOTA, MountCommandsMixin
 from ftps_gateway.filesystem import AtomicUpload, GatewayFS, QuotaExceededError
 from ftps_gateway.netpolicy import (
@@ -443,6 +444,9 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         balancer's, which forwards the passive ports without a header (the TLS
         session binding then tells partners apart).
         """
+        policy = self.data_policy or self.network_policy
+        if policy is not None and policy.reuse == "required-any-ip":
+            return True  # the TLS resumption check after the handshake decides
         peer = strip_mapped(peer_ip)
         return peer == self.client_ip or (
             self.proxy_ip is not None and peer == strip_mapped(self.proxy_ip)
@@ -946,7 +950,7 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         if policy.max_version < network.max_version:
             tls.set_data_max_version(self.tls_context, policy.max_version)
         control_version = str(self.socket.version()).removeprefix("TLSv")
-        if policy.reuse == "required" and policy.max_version < control_version:
+        if policy.reuse in RESUMING_POLICIES and policy.max_version < control_version:
             # A TLS 1.2 data connection cannot resume a TLS 1.3 session: every
             # transfer would be refused. The operator must fix the config.
             self.audit(
@@ -1026,7 +1030,11 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         self.last_data_tls = (str(version), bool(handler.resumed))
         self.gateway.metrics.tls_handshake("data", version, bool(handler.resumed))
         policy = self.data_policy or self.network_policy
-        if policy is not None and policy.reuse == "required" and not handler.resumed:
+        if (
+            policy is not None
+            and policy.reuse in RESUMING_POLICIES
+            and not handler.resumed
+        ):
             self._pending_data = None
             self.audit(
                 "data_refused", reason="not-resumed", version=version,

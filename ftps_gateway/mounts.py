@@ -271,6 +271,8 @@ def _access_lines(cfg: GatewayConfig, user: UserSettings) -> list[str]:
     reuse_from = "user" if user.reuse else "[tls] reuse"
     words = {
         "required": "must resume the control connection's TLS session",
+        "required-any-ip": "must resume the control connection's TLS session, "
+        "from any address",
         "ip-match": "need the control connection's address only",
     }
     tls_line = (

@@ -359,3 +359,55 @@ def test_site_diag_needs_login(gateway: RunningGateway) -> None:
     with pytest.raises(ftplib.error_perm, match="^530 "):
         ftp.sendcmd("SITE DIAG")
     ftp.quit()
+
+
+def _retr_from(
+    gw: RunningGateway, ftp: ftplib.FTP_TLS, source_ip: str, *, resume: bool
+) -> bytes:
+    """RETR over a data connection opened from ``source_ip`` (another egress IP)."""
+    port = _pasv_port(ftp)
+    raw = socket.create_connection(
+        (gw.host, port), timeout=5, source_address=(source_ip, 0)
+    )
+    ftp.putcmd("RETR secret.bin")
+    assert ftp.getresp().startswith("150")
+    session = ftp.sock.session if resume else None
+    conn = ftp.context.wrap_socket(raw, server_hostname="localhost", session=session)
+    received = read_until_quiet(conn, 5.0)
+    conn.close()
+    return received
+
+
+def test_required_any_ip_accepts_a_resumed_data_connection_from_another_address(
+    start_gateway: StartGateway,
+) -> None:
+    """Partners behind NAT pools: another egress address, same TLS session: fine."""
+    gw = start_gateway(tls_extra='reuse = "required-any-ip"')
+    _put_secret(gw)
+    ftp = gw.client()
+    ftp.voidcmd("TYPE I")
+    assert _retr_from(gw, ftp, "127.0.0.2", resume=True) == SECRET
+    ftp.voidresp()
+    # Without resumption, another address gets nothing.
+    assert _retr_from(gw, ftp, "127.0.0.2", resume=False) == b""
+    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+        ftp.voidresp()
+    ftp.quit()
+
+
+def test_required_refuses_another_address_even_with_resumption(
+    gateway: RunningGateway, audit_records: Callable[[], list[dict[str, object]]]
+) -> None:
+    _put_secret(gateway)
+    ftp = gateway.client()
+    port = _pasv_port(ftp)
+    raw = socket.create_connection(
+        (gateway.host, port), timeout=5, source_address=("127.0.0.2", 0)
+    )
+    # The server drops a foreign address at once, before any TLS.
+    assert read_until_quiet(raw, 2.0) == b""
+    raw.close()
+    ftp.quit()
+    assert [r["reason"] for r in audit_records() if r["event"] == "data_refused"] == [
+        "foreign-ip"
+    ]

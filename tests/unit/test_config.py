@@ -595,7 +595,7 @@ REJECTED = [
     # issue 3: TLS policy, access, defender, admin, per-user policy
     pytest.param(
         _add("tls", 'reuse = "sometimes"'),
-        ["tls.reuse: must be one of required, ip-match (got 'sometimes')"],
+        ["tls.reuse: must be one of required, ip-match, required-any-ip (got 'sometimes')"],
         id="tls-reuse-unknown",
     ),
     pytest.param(
@@ -663,7 +663,7 @@ REJECTED = [
         [
             "users[0].allow[0]: not an IP network (CIDR like 10.0.0.0/8, or one IP) "
             "(got 'example.com')",
-            "users[0].reuse: must be one of required, ip-match (got 'never')",
+            "users[0].reuse: must be one of required, ip-match, required-any-ip (got 'never')",
         ],
         id="user-policy-invalid",
     ),
