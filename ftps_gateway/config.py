@@ -585,7 +585,15 @@ class _Table:
 
         An optional array may be absent or empty. Returns the entries that parsed,
         with their key paths for follow-up checks (duplicates) by the caller.
+
+        A string made of environment references (``"${FTPS_ALLOW}"``) stands for
+        the array: its expansion is split at commas and blanks, so a container can
+        set a list (allowlists, listeners) from one variable.
         """
+        self._seen.add(name)
+        given = self._data.get(name)
+        if isinstance(given, str) and "${" in given:
+            return self._strings_from_environment(name, given, parse, required=required)
         items = self.raw(name, list, required=required)
         if items is None:
             return []
@@ -600,6 +608,26 @@ class _Table:
             value = self._parse(key, item, parse)
             if value is not None:
                 entries.append(_Entry(key, item, value))
+        return entries
+
+    def _strings_from_environment(
+        self, name: str, text: str, parse: Callable[[str], _T], *, required: bool
+    ) -> list[_Entry[_T]]:
+        try:
+            expanded = expand_environment(text)
+        except _BadValueError as error:
+            self.problems.add(self.key(name), str(error), text)
+            return []
+        words = [word for word in re.split(r"[,\s]+", expanded) if word]
+        if required and not words:
+            problem = "must not be empty (the environment gave nothing)"
+            self.problems.add(self.key(name), problem, text)
+        entries: list[_Entry[_T]] = []
+        for index, word in enumerate(words):
+            key = f"{self.key(name)}[{index}]"
+            value = self._parse(key, word, parse)
+            if value is not None:
+                entries.append(_Entry(key, word, value))
         return entries
 
     def value(self, name: str) -> object | None:

@@ -595,7 +595,9 @@ REJECTED = [
     # issue 3: TLS policy, access, defender, admin, per-user policy
     pytest.param(
         _add("tls", 'reuse = "sometimes"'),
-        ["tls.reuse: must be one of required, ip-match, required-any-ip (got 'sometimes')"],
+        [
+            "tls.reuse: must be one of required, ip-match, required-any-ip (got 'sometimes')"
+        ],
         id="tls-reuse-unknown",
     ),
     pytest.param(
@@ -1231,3 +1233,29 @@ def test_empty_strings_mean_the_documented_defaults(config_dir: Path) -> None:
     cfg = config.load(_write(config_dir, text))
     assert cfg.server.node_name == ""
     assert (cfg.audit_file, cfg.xferlog_file) == (None, None)
+
+
+def test_environment_reference_can_stand_for_a_list(
+    config_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FTPS_ALLOW", "198.51.100.0/24, 203.0.113.7  10.0.0.0/8")
+    monkeypatch.setenv("FTPS_LISTEN", "127.0.0.1:2121,[::1]:2121")
+    text = _edited(
+        {
+            LISTEN: 'listen = "${FTPS_LISTEN}"\n',
+            "[storage]\n": '[access]\nallow = "${FTPS_ALLOW}"\n[storage]\n',
+        }
+    )
+    cfg = config.load(_write(config_dir, text))
+    assert [str(n) for n in cfg.access.allow] == [
+        "198.51.100.0/24", "203.0.113.7/32", "10.0.0.0/8",
+    ]  # fmt: skip
+    assert [(a.host, a.port) for a in cfg.server.listen] == [
+        ("127.0.0.1", 2121), ("::1", 2121),
+    ]  # fmt: skip
+    monkeypatch.setenv("FTPS_ALLOW", "198.51.100.0/33")
+    path, error = _problems(config_dir, text)
+    assert error.problems == [
+        f"{path}: access.allow[0]: not an IP network (CIDR like 10.0.0.0/8, or one IP) "
+        "(got '198.51.100.0/33')"
+    ]
