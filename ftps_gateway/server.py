@@ -29,6 +29,7 @@ from pyftpdlib.ioloop import IOLoop
 from pyftpdlib.servers import FTPServer
 
 from ftps_gateway import config as config_module
+from ftps_gateway import sdnotify
 from ftps_gateway.admin import AdminServer
 from ftps_gateway.audit import AuditLog
 from ftps_gateway.authorizer import GatewayAuthorizer
@@ -413,6 +414,8 @@ class GatewayServer:
         current = self.holder.current
         source = current.config.source
         audit = current.audit
+        if self.worker is None:
+            sdnotify.reloading()
         if source is None:
             problems = ["the built-in demo has no config file to reload"]
         else:
@@ -435,6 +438,9 @@ class GatewayServer:
             audit.event("config_reload", result="ok", source=str(source))
             current.metrics.config_reloaded("ok")
             logger.info("configuration reloaded from %s", source)
+        if self.worker is None:
+            status = "reload refused" if problems else "reloaded"
+            sdnotify.notify("READY=1", f"STATUS={status}")
         return problems
 
     def _start_sweeper(self) -> None:
@@ -474,6 +480,8 @@ class GatewayServer:
             logger.info("listening for implicit FTPS on %s:%s", host, port)
         if self.admin is not None:
             self.admin.start()
+        if self.worker is None:  # a supervisor speaks for its workers
+            sdnotify.notify("READY=1", "STATUS=serving")
         try:
             self.ioloop.loop()
         finally:
@@ -503,6 +511,8 @@ class GatewayServer:
             logger.info("already draining; SIGINT stops at once")
             return
         self.holder.draining = True
+        if self.worker is None:
+            sdnotify.notify("STOPPING=1", "STATUS=draining")
         self.readiness.start_draining()
         grace = self.config.server.shutdown_grace_seconds
         self.gateway.audit.event(

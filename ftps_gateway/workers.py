@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ftps_gateway import config as config_module
-from ftps_gateway import sharedstate
+from ftps_gateway import sdnotify, sharedstate
 from ftps_gateway.admin import AdminServer
 from ftps_gateway.audit import AuditLog
 from ftps_gateway.certs import certificate_not_after
@@ -198,6 +198,7 @@ class Supervisor:
         for sock in (*self.explicit, *self.implicit):
             host, port = sock.getsockname()[:2]
             logger.info("listening on %s:%s with %d workers", host, port, self.count)
+        sdnotify.notify("READY=1", f"STATUS=serving with {self.count} workers")
         code = 0
         try:
             code = self._watch()
@@ -231,7 +232,10 @@ class Supervisor:
             while self._signals:
                 signum = self._signals.pop(0)
                 if signum == signal.SIGHUP:
-                    self.reload_from_thread()
+                    sdnotify.reloading()
+                    problems = self.reload_from_thread()
+                    status = "reload refused" if problems else "reloaded"
+                    sdnotify.notify("READY=1", f"STATUS={status}")
                 else:
                     self._stop(signum)
             for index, process in list(self._processes.items()):
@@ -258,6 +262,7 @@ class Supervisor:
         if self._stopping:
             signum = signal.SIGINT
         self._stopping = True
+        sdnotify.notify("STOPPING=1", "STATUS=draining")
         self.readiness.start_draining()
         for process in self._processes.values():
             if process.poll() is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ftplib
 import json
+import os
 import queue
 import re
 import signal
@@ -62,13 +63,20 @@ class ServeProcess:
     worker), so the server accepts sessions.
     """
 
-    def __init__(self, config_path: Path, *, listeners: int = 1) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        listeners: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ftps_gateway", "serve", "--config",
              str(config_path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, **(env or {})},
         )  # fmt: skip
         self.audit: queue.Queue[dict[str, object]] = queue.Queue()
         self.stderr: list[str] = []

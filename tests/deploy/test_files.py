@@ -299,6 +299,11 @@ def test_systemd_unit_hardening_and_lifecycle() -> None:
         "PrivateDevices": ["yes"],
         "RestrictAddressFamilies": ["AF_INET AF_INET6 AF_UNIX"],
         "KillSignal": ["SIGTERM"],
+        # The server speaks sd_notify (READY=1 when serving); only the supervisor.
+        "Type": ["notify"],
+        "NotifyAccess": ["main"],
+        # SIGTERM to the supervisor only; it drains its workers itself.
+        "KillMode": ["mixed"],
         "Restart": ["on-failure"],
         "RuntimeDirectory": ["ftps-gateway"],
         "StateDirectory": ["ftps-gateway"],
