@@ -19,6 +19,7 @@ only applies them to pyftpdlib commands:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,7 @@ DENIED = "550 Permission denied."
 MOUNT_POINT = "550 A mounted folder cannot be changed."
 ACROSS_MOUNTS = "550 Cannot rename across mounted folders; upload a copy instead."
 OVER_QUOTA = "452 Quota exceeded; upload not stored."
+STORAGE_FULL = "452 Insufficient storage space."
 
 
 class MountCommandsMixin:
@@ -104,8 +106,11 @@ class MountCommandsMixin:
         for mount in table.mounts:
             try:
                 mount.source.mkdir(mode=0o750, parents=True, exist_ok=True)
-            except OSError:
-                logger.exception("cannot create %s for %s", mount.source, username)
+            except OSError as err:  # an operational fault, not a bug: no traceback
+                logger.error(  # noqa: TRY400
+                    "cannot create %s for %s: %s; paths into %s are refused",
+                    mount.source, username, err.strerror, mount.virtual,
+                )  # fmt: skip
         self.mount_table = table
 
     # --- the gate, before pyftpdlib runs a path command
@@ -246,6 +251,11 @@ class MountCommandsMixin:
             self.respond("554 Restart position beyond the data there is to resume.")
             return None
         except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.audit("upload_refused", path=location.virtual,
+                           reason="storage-full", detail=err.strerror)  # fmt: skip
+                self.respond(STORAGE_FULL)
+                return None
             self.audit("upload_refused", path=location.virtual, reason=err.strerror)
             self.respond("550 Can't create file.")
         return None

@@ -37,6 +37,10 @@ _REFUSED = "\x00refused"
 # A stat result for virtual directories (no real folder behind them): read-only dir.
 _VIRTUAL_DIR_STAT = os.stat_result((stat.S_IFDIR | 0o555, 0, 0, 2, 0, 0, 0, 0, 0, 0))
 _COPY_CHUNK = 1 << 20
+# The sweep leaves younger unlocked temporaries alone: an upload creates its file and
+# locks it in the next system call, so this only has to cover a stalled process. It
+# was 60 s, which kept a crash's leftovers past the sweep at start-up (retention 0).
+TEMP_MIN_AGE_SECONDS = 10
 
 
 class UploadBusyError(Exception):
@@ -295,11 +299,11 @@ def sweep_partials(roots: list[Path], retention_seconds: int) -> int:
     """Remove upload temporaries idle longer than the retention; return the count.
 
     A temporary that some upload holds (its flock) is in use and skipped, whatever its
-    age. Leftovers of a crash are old and unlocked, so they go too; a minimum age of
-    a minute keeps a temporary that was created a moment ago (and is about to be
-    locked) safe.
+    age. Leftovers of a crash are unlocked, so they go too, at the start-up sweep
+    after a restart; a minimum age (``TEMP_MIN_AGE_SECONDS``) keeps a temporary that
+    was created a moment ago (and is about to be locked) safe.
     """
-    min_age = max(retention_seconds, 60)
+    min_age = max(retention_seconds, TEMP_MIN_AGE_SECONDS)
     now = time.time()
     cutoff = now - min_age
     removed = 0

@@ -24,6 +24,7 @@ gaps are listed in ARCHITECTURE.md):
 
 from __future__ import annotations
 
+import errno
 import logging
 import secrets
 import socket
@@ -37,7 +38,7 @@ from pyftpdlib.ioloop import AsyncChat
 from ftps_gateway import proxyproto, tls, vfs
 from ftps_gateway.audit import Transfer
 from ftps_gateway.config import RESUMING_POLICIES
-from ftps_gateway.fileops import OVER_QUOTA, MountCommandsMixin
+from ftps_gateway.fileops import OVER_QUOTA, STORAGE_FULL, MountCommandsMixin
 from ftps_gateway.filesystem import AtomicUpload, GatewayFS, QuotaExceededError
 from ftps_gateway.netpolicy import (
     AccessList,
@@ -100,6 +101,11 @@ LIMIT_REPLIES = {
     "draining": "421 Service restarting; try again shortly.",
 }
 SHUTDOWN_REPLY = "421 Service restarting; please reconnect."
+
+# A full filesystem or quota while writing an upload: "452 Insufficient storage
+# space" (RFC 959), and the temporary file goes (pyftpdlib would answer 426 and, with
+# partial retention, keep the data that filled the disk).
+STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 # Upload reads are looped up to this many bytes per readiness event: one SSL_read
 # returns one record (16 KiB at most), and returning to the poller for each one
@@ -191,6 +197,9 @@ class DataHandler(TLSChannelMixin, DTPHandler):
                 self._refuse_over_quota(exceeded)
                 return
             except OSError as err:
+                if err.errno in STORAGE_FULL_ERRNOS:
+                    self._refuse_storage_full(err)
+                    return
                 raise _FileReadWriteError(err) from err
         if ended and not self._closed:
             self.handle_close()
@@ -203,6 +212,19 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         )  # fmt: skip
         self.transfer_finished = False
         self._resp = (OVER_QUOTA, logger.info)
+        self.close()
+
+    def _refuse_storage_full(self, err: OSError) -> None:
+        """452, and the temporary file is removed: kept, it would hold the space."""
+        upload = self.file_obj
+        if isinstance(upload, AtomicUpload):
+            upload.discard(keep=False)
+        self.cmd_channel.audit(
+            "upload_refused", path=getattr(upload, "name", None),
+            reason="storage-full", detail=err.strerror,
+        )  # fmt: skip
+        self.transfer_finished = False
+        self._resp = (STORAGE_FULL, logger.warning)
         self.close()
 
     def handle_close(self) -> None:
@@ -244,9 +266,12 @@ class DataHandler(TLSChannelMixin, DTPHandler):
                 # No overwrite permission, and the name appeared during the upload.
                 self.transfer_finished = False
                 self._resp = ("550 File exists; upload not stored.", logger.info)
-            except OSError:
-                logger.exception("could not move upload into place: %s", upload.final)
+            except OSError as err:
                 self.transfer_finished = False
+                if err.errno in STORAGE_FULL_ERRNOS:  # fsync found no room
+                    self._resp = (STORAGE_FULL, logger.warning)
+                    return
+                logger.exception("could not move upload into place: %s", upload.final)
                 self._resp = ("451 Local error: upload not stored.", logger.error)
             return
         upload.discard()  # kept as a resumable partial if the config says so
@@ -1113,8 +1138,13 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         self, *, cmd: str, filename: str, receive: bool, completed: bool,
         elapsed: float, bytes: int,  # noqa: A002 - pyftpdlib calls with keywords
     ) -> None:  # fmt: skip
-        """One audit event and one metrics sample per file transfer (pyftpdlib hook)."""
-        channel = self.data_channel
+        """One audit event and one metrics sample per file transfer (pyftpdlib hook).
+
+        May run after this session closed: a data channel's close replies on the
+        control channel, and a control connection that died with the client closes
+        right there (pyftpdlib's close deletes ``data_channel``).
+        """
+        channel: DataHandler | None = getattr(self, "data_channel", None)
         direction = "upload" if receive else "download"
         if completed:
             result = "ok"
@@ -1141,6 +1171,14 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
                 completed=completed, binary=self._current_type != "a",
             )
         )  # fmt: skip
+
+    def _on_dtp_close(self) -> None:
+        """A data channel closed: pyftpdlib restarts the idle timer, unless this
+        session is closed already (it would arm a timer on a dead session)."""
+        if self._closed:
+            self.data_channel = None
+            return
+        super()._on_dtp_close()
 
     def log_cmd(self, cmd: str, arg: str, respcode: int, respstr: str) -> None:
         """Audit what changed the tree (pyftpdlib calls this after each command)."""

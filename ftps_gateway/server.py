@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -39,7 +40,7 @@ from ftps_gateway.errors import ConfigError, GatewayError, StartupError
 from ftps_gateway.filesystem import sweep_partials
 from ftps_gateway.handler import ControlHandler
 from ftps_gateway.health import HealthServer, ReadinessState
-from ftps_gateway.loopwaker import LoopWaker
+from ftps_gateway.loopwaker import LoopWaker, TimerScheduler
 from ftps_gateway.metrics import GatewayMetrics
 from ftps_gateway.mounts import sweep_roots
 from ftps_gateway.netpolicy import AccessList, PassiveAddressPolicy, TLSPolicyTable
@@ -58,6 +59,13 @@ logger = logging.getLogger("ftps_gateway")
 
 # How often expired partial uploads are looked for (at most; see _start_sweeper).
 SWEEP_INTERVAL_SECONDS = 600
+
+# /readyz reports "storage full" when less than this is free on storage.root (statvfs
+# f_bavail: what an unprivileged writer may still use), or no inode is left: uploads
+# would get "452 Insufficient storage space". One MiB: a node that cannot take a
+# small file should get no new sessions; anything more is capacity planning, which
+# belongs to the disk-space alerts (node_exporter), not to the balancer.
+STORAGE_FULL_BELOW_BYTES = 1 << 20
 
 RELOAD_TIMEOUT_SECONDS = 30.0
 METRICS_PUSH_SECONDS = 2.0  # a worker's metrics reach the supervisor this often
@@ -218,6 +226,18 @@ def build_gateway(
     )
 
 
+def storage_problem(root: Path) -> str | None:
+    """Why ``root`` cannot take uploads (full, or gone), for ``/readyz``; else None."""
+    try:
+        stats = os.statvfs(root)
+    except OSError as err:
+        return f"storage root unavailable: {err.strerror}"
+    free = stats.f_bavail * stats.f_frsize
+    if free < STORAGE_FULL_BELOW_BYTES or (stats.f_files and not stats.f_favail):
+        return f"storage full: {free} bytes free on storage.root"
+    return None
+
+
 def home_dir(config: GatewayConfig, username: str) -> Path:
     """Where ``username``'s home lives: ``<storage.root>/home/<user>``."""
     return config.storage.root / "home" / username
@@ -259,6 +279,7 @@ class GatewayServer:
         """
         prepare_homes(config)
         self.ioloop = IOLoop()
+        self.ioloop.sched = TimerScheduler()  # no traceback for a cancelled timer
         self.worker = worker
         executor = ThreadPoolExecutor(PASSWORD_WORKERS, thread_name_prefix="argon2")
         shared: dict[str, Any] = {}
@@ -334,6 +355,7 @@ class GatewayServer:
         metrics.track_certificate_expiry(self._certificate_expiry)
         self.readiness.add_check(self._passive_ports_problem)
         self.readiness.add_check(self._certificate_problem)
+        self.readiness.add_check(lambda: storage_problem(self.config.storage.root))
         listen = config.metrics.listen
         if self.worker is not None:
             # The supervisor serves one /metrics that adds up the workers' pushes.

@@ -47,6 +47,7 @@ from ftps_gateway.server import (
     WorkerRole,
     bind_listener,
     prepare_homes,
+    storage_problem,
     unreloadable_changes,
 )
 
@@ -144,6 +145,7 @@ class Supervisor:
         self.readiness = ReadinessState()
         self.readiness.add_check(self._workers_problem)
         self.readiness.add_check(self._certificate_problem)
+        self.readiness.add_check(lambda: storage_problem(self.config.storage.root))
         self.metrics = AggregatedMetrics(self.state.metrics)
         self._not_after = certificate_not_after(config.tls.certificate)
         self._lock = threading.Lock()  # reload from the admin thread vs signals
