@@ -88,6 +88,14 @@ TREE_EVENTS = {"DELE": "delete", "RMD": "rmdir", "MKD": "mkdir", "RNTO": "rename
 # A balancer sends its PROXY header at once; anything slower is not one.
 PROXY_HEADER_TIMEOUT_SECONDS = 5
 
+# The longest command line (without CRLF) the control channel reads; pyftpdlib's own
+# limit. Longer lines are discarded up to their CRLF and get one 500 reply.
+MAX_COMMAND_BYTES = 2048
+COMMAND_TOO_LONG_REPLY = "500 Command too long."
+# A bare CR or LF inside a line would split the reply that echoes it (pyftpdlib quotes
+# unknown commands) and the diagnostic log line; NUL ends a C string.
+CONTROL_CHARACTERS_REPLY = "501 Command contains CR, LF or NUL."
+
 NOT_RESUMED_REPLY = (
     "425 Can't open data connection: TLS session of data connection not resumed."
 )
@@ -262,6 +270,8 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
 
     # pyftpdlib's session state, declared for mypy (pyftpdlib has no types).
     ac_in_buffer: bytes
+    _in_buffer: list[bytes]
+    _in_buffer_len: int
     producer_fifo: Any
     authenticated: bool
     username: str
@@ -328,6 +338,7 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         self._login_timer: Any = None
         self._auth_pending = False
         self._stashed_input = b""
+        self._line_too_long = False  # discarding an over-long line up to its CRLF
         super().__init__(conn, server, ioloop)
         self._extra_feats = ["AUTH TLS", "PBSZ", "PROT"]
         # Unix owner/mode facts would describe the server, not the partner's files.
@@ -651,6 +662,41 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             self.respond("533 CCC not allowed on insecure control connection.")
             return
         self.respond("534 CCC refused: the control connection stays encrypted.")
+
+    # --- command framing
+
+    def collect_incoming_data(self, data: bytes) -> None:
+        """Buffer a command line; past ``MAX_COMMAND_BYTES``, drop it to its CRLF.
+
+        pyftpdlib replies 500 as soon as the limit is passed and then keeps reading
+        the same line as a new command: one long line got two replies (the client
+        stayed one reply behind for the rest of the session), and the tail of a long
+        line split across TLS records ran as a command of its own.
+        """
+        if self._line_too_long:
+            return
+        self._in_buffer.append(data)
+        self._in_buffer_len += len(data)
+        if self._in_buffer_len > MAX_COMMAND_BYTES:
+            self._line_too_long = True
+            self._in_buffer = []
+            self._in_buffer_len = 0
+
+    def found_terminator(self) -> None:
+        """One reply per line: 500 for an over-long line, 501 for a CR/LF/NUL in it."""
+        if self._line_too_long:
+            self._line_too_long = False
+            self._in_buffer = []
+            self._in_buffer_len = 0
+            self.respond_w_warning(COMMAND_TOO_LONG_REPLY)
+            return
+        if any(b"\r" in part or b"\n" in part or b"\x00" in part
+               for part in self._in_buffer):  # fmt: skip
+            self._in_buffer = []
+            self._in_buffer_len = 0
+            self.respond(CONTROL_CHARACTERS_REPLY)
+            return
+        super().found_terminator()
 
     # --- command gate
 
