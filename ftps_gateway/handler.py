@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
+import ssl
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -51,10 +52,15 @@ from ftps_gateway.passive import (
     pasv_reply,
     strip_mapped,
 )
-from ftps_gateway.tlsmixin import READ, WRITE, TLSChannelMixin, TLSState
+from ftps_gateway.tlsmixin import (
+    READ,
+    WRITE,
+    TLSChannelMixin,
+    TLSState,
+    describe_tls_error,
+)
 
 if TYPE_CHECKING:
-    import ssl
     from concurrent.futures import Future
 
     from ftps_gateway.server import Gateway, GatewayHolder
@@ -533,6 +539,9 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             self.respond("421 Login timed out; closing control connection.")
             self.close_when_done()
         else:
+            if self.tls_state is TLSState.HANDSHAKING:  # a stalled or slow ClientHello
+                self.audit("tls_failed", channel="control", reason="timeout")
+                self.gateway.metrics.tls_failure("control", "timeout")
             self.close()
 
     def close(self) -> None:
@@ -622,6 +631,13 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         self.gateway.metrics.tls_failure("control", reason)
         self.close_result = "tls-failed"
         self.close()
+
+    def handle_tls_stream_error(self, err: OSError) -> None:
+        """A TLS error after the handshake (a refused renegotiation, a bad record)."""
+        if isinstance(err, ssl.SSLError) and not isinstance(err, ssl.SSLEOFError):
+            reason = describe_tls_error(err)
+            self.audit("tls_failed", channel="control", reason=reason, phase="session")
+            self.gateway.metrics.tls_failure("control", reason)
 
     def handle_timeout(self) -> None:
         """The logged-in session sat idle too long (pyftpdlib replies 421)."""
