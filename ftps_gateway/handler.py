@@ -99,8 +99,8 @@ PROXY_HEADER_TIMEOUT_SECONDS = 5
 MAX_COMMAND_BYTES = 2048
 COMMAND_TOO_LONG_REPLY = "500 Command too long."
 # A bare CR or LF inside a line would split the reply that echoes it (pyftpdlib quotes
-# unknown commands) and the diagnostic log line; NUL ends a C string.
-CONTROL_CHARACTERS_REPLY = "501 Command contains CR, LF or NUL."
+# unknown commands) and the diagnostic log line. (A NUL goes on: paths refuse it, 550.)
+CONTROL_CHARACTERS_REPLY = "501 Command contains CR or LF."
 
 NOT_RESUMED_REPLY = (
     "425 Can't open data connection: TLS session of data connection not resumed."
@@ -699,15 +699,14 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             self._in_buffer_len = 0
 
     def found_terminator(self) -> None:
-        """One reply per line: 500 for an over-long line, 501 for a CR/LF/NUL in it."""
+        """One reply per line: 500 for an over-long line, 501 for a bare CR or LF."""
         if self._line_too_long:
             self._line_too_long = False
             self._in_buffer = []
             self._in_buffer_len = 0
             self.respond_w_warning(COMMAND_TOO_LONG_REPLY)
             return
-        if any(b"\r" in part or b"\n" in part or b"\x00" in part
-               for part in self._in_buffer):  # fmt: skip
+        if any(b"\r" in part or b"\n" in part for part in self._in_buffer):
             self._in_buffer = []
             self._in_buffer_len = 0
             self.respond(CONTROL_CHARACTERS_REPLY)
@@ -840,6 +839,18 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         self.respond("200 End of diagnostics.")
 
     # --- login
+
+    def ftp_USER(self, line: str) -> None:
+        """USER starts a login; once logged in it is refused (as REIN is).
+
+        pyftpdlib's USER after login flushes the account and starts over: the session
+        dropped out of its login (no logout for the session limits, which then counted
+        the user twice on the next PASS) and sat unauthenticated with no login timer.
+        """
+        if self.authenticated:
+            self.respond("503 Already logged in; reconnect to log in as another user.")
+            return
+        super().ftp_USER(line)
 
     def ftp_PASS(self, line: str) -> None:
         """Verify the password on a worker thread; pause this session meanwhile."""

@@ -10,6 +10,7 @@ is printed in the failure message; ``FTPS_FUZZ_STEPS`` (default 300) makes it lo
 
 from __future__ import annotations
 
+import ftplib
 import logging
 import os
 import random
@@ -104,7 +105,17 @@ def test_random_commands_keep_the_session_in_step(
     (home / "in").mkdir(exist_ok=True)
     (home / "report.csv").write_text("x")
     ftp = gateway.client()
-    sock = ftp.sock
+    try:
+        run_steps(ftp.sock, rng, steps, seed)
+        assert ftp.voidcmd("NOOP").startswith("200")
+        ftp.quit()
+    finally:
+        ftp.close()
+    assert_no_traceback(caplog.records)
+
+
+def run_steps(sock: socket.socket, rng: random.Random, steps: int, seed: int) -> None:
+    """Send ``steps`` random batches, each line followed by a NOOP marker."""
     pending = bytearray()
     history: list[bytes] = []
     for step in range(steps):
@@ -132,9 +143,6 @@ def test_random_commands_keep_the_session_in_step(
             assert marker.startswith(_MARKER), (
                 f"desynchronised after {line[:60]!r}: got {marker[:60]!r}; {context}"
             )
-    assert ftp.voidcmd("NOOP").startswith("200")
-    ftp.quit()
-    assert_no_traceback(caplog.records)
 
 
 def assert_no_traceback(records: list[logging.LogRecord]) -> None:
@@ -168,15 +176,27 @@ def test_line_at_and_over_the_limit_gets_one_reply(
     ftp.quit()
 
 
-def test_cr_lf_nul_inside_a_line_are_refused_in_one_reply(
+def test_cr_lf_inside_a_line_are_refused_in_one_reply(
     gateway: RunningGateway,
 ) -> None:
     """A bare LF is not a line end: ``FOO\\nNOOP`` gets one 501, not a split 500."""
     ftp = gateway.client()
     sock = ftp.sock
     pending = bytearray()
-    for line in (b"FOO\nNOOP", b"NOOP\rX", b"CWD a\x00b"):
+    for line in (b"FOO\nNOOP", b"NOOP\rX", b"CWD a\r\x00b"):
         sock.sendall(line + b"\r\nNOOP\r\n")
-        assert read_reply(sock, pending) == b"501 Command contains CR, LF or NUL."
+        assert read_reply(sock, pending) == b"501 Command contains CR or LF."
         assert read_reply(sock, pending).startswith(_MARKER)
+    ftp.quit()
+
+
+def test_user_after_login_is_refused(gateway: RunningGateway) -> None:
+    """Regression: USER after login logged the session out (no timer, limits miscounted)."""
+    ftp = gateway.client()
+    with pytest.raises(ftplib.error_perm, match="^503 Already logged in"):
+        ftp.sendcmd("USER acme")
+    with pytest.raises(ftplib.error_perm, match="^503 User already authenticated"):
+        ftp.sendcmd("PASS x")
+    assert ftp.pwd() == "/"  # still logged in, and counted once by the session limits
+    assert gateway.server.gateway.limits.snapshot()[2] == {"acme": 1}
     ftp.quit()

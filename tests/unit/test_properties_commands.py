@@ -72,7 +72,7 @@ def expected_reply(line: bytes) -> str:
     """The one reply the channel owes ``line``."""
     if len(line) > MAX_COMMAND_BYTES:
         return COMMAND_TOO_LONG_REPLY
-    if any(char in line for char in (b"\r", b"\n", b"\x00")):
+    if b"\r" in line or b"\n" in line:
         return CONTROL_CHARACTERS_REPLY
     return DISPATCHED
 
