@@ -1350,6 +1350,8 @@ def _path_under(base: Path) -> Callable[[str], Path]:
     def parse(text: str) -> Path:
         if not text:
             raise _BadValueError("must not be empty")
+        if "\x00" in text:  # no file has such a name; os calls raise ValueError
+            raise _BadValueError("must not contain a NUL character")
         return base / text
 
     return parse

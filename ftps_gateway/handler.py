@@ -28,6 +28,7 @@ import errno
 import logging
 import secrets
 import socket
+import ssl
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -53,10 +54,15 @@ from ftps_gateway.passive import (
     pasv_reply,
     strip_mapped,
 )
-from ftps_gateway.tlsmixin import READ, WRITE, TLSChannelMixin, TLSState
+from ftps_gateway.tlsmixin import (
+    READ,
+    WRITE,
+    TLSChannelMixin,
+    TLSState,
+    describe_tls_error,
+)
 
 if TYPE_CHECKING:
-    import ssl
     from concurrent.futures import Future
 
     from ftps_gateway.server import Gateway, GatewayHolder
@@ -89,6 +95,14 @@ TREE_EVENTS = {"DELE": "delete", "RMD": "rmdir", "MKD": "mkdir", "RNTO": "rename
 
 # A balancer sends its PROXY header at once; anything slower is not one.
 PROXY_HEADER_TIMEOUT_SECONDS = 5
+
+# The longest command line (without CRLF) the control channel reads; pyftpdlib's own
+# limit. Longer lines are discarded up to their CRLF and get one 500 reply.
+MAX_COMMAND_BYTES = 2048
+COMMAND_TOO_LONG_REPLY = "500 Command too long."
+# A bare CR or LF inside a line would split the reply that echoes it (pyftpdlib quotes
+# unknown commands) and the diagnostic log line. (A NUL goes on: paths refuse it, 550.)
+CONTROL_CHARACTERS_REPLY = "501 Command contains CR or LF."
 
 NOT_RESUMED_REPLY = (
     "425 Can't open data connection: TLS session of data connection not resumed."
@@ -288,6 +302,8 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
 
     # pyftpdlib's session state, declared for mypy (pyftpdlib has no types).
     ac_in_buffer: bytes
+    _in_buffer: list[bytes]
+    _in_buffer_len: int
     producer_fifo: Any
     authenticated: bool
     username: str
@@ -354,6 +370,7 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         self._login_timer: Any = None
         self._auth_pending = False
         self._stashed_input = b""
+        self._line_too_long = False  # discarding an over-long line up to its CRLF
         super().__init__(conn, server, ioloop)
         self._extra_feats = ["AUTH TLS", "PBSZ", "PROT"]
         # Unix owner/mode facts would describe the server, not the partner's files.
@@ -551,6 +568,9 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             self.respond("421 Login timed out; closing control connection.")
             self.close_when_done()
         else:
+            if self.tls_state is TLSState.HANDSHAKING:  # a stalled or slow ClientHello
+                self.audit("tls_failed", channel="control", reason="timeout")
+                self.gateway.metrics.tls_failure("control", "timeout")
             self.close()
 
     def close(self) -> None:
@@ -641,6 +661,13 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         self.close_result = "tls-failed"
         self.close()
 
+    def handle_tls_stream_error(self, err: OSError) -> None:
+        """A TLS error after the handshake (a refused renegotiation, a bad record)."""
+        if isinstance(err, ssl.SSLError) and not isinstance(err, ssl.SSLEOFError):
+            reason = describe_tls_error(err)
+            self.audit("tls_failed", channel="control", reason=reason, phase="session")
+            self.gateway.metrics.tls_failure("control", reason)
+
     def handle_timeout(self) -> None:
         """The logged-in session sat idle too long (pyftpdlib replies 421)."""
         self.close_result = "idle-timeout"
@@ -680,6 +707,40 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             self.respond("533 CCC not allowed on insecure control connection.")
             return
         self.respond("534 CCC refused: the control connection stays encrypted.")
+
+    # --- command framing
+
+    def collect_incoming_data(self, data: bytes) -> None:
+        """Buffer a command line; past ``MAX_COMMAND_BYTES``, drop it to its CRLF.
+
+        pyftpdlib replies 500 as soon as the limit is passed and then keeps reading
+        the same line as a new command: one long line got two replies (the client
+        stayed one reply behind for the rest of the session), and the tail of a long
+        line split across TLS records ran as a command of its own.
+        """
+        if self._line_too_long:
+            return
+        self._in_buffer.append(data)
+        self._in_buffer_len += len(data)
+        if self._in_buffer_len > MAX_COMMAND_BYTES:
+            self._line_too_long = True
+            self._in_buffer = []
+            self._in_buffer_len = 0
+
+    def found_terminator(self) -> None:
+        """One reply per line: 500 for an over-long line, 501 for a bare CR or LF."""
+        if self._line_too_long:
+            self._line_too_long = False
+            self._in_buffer = []
+            self._in_buffer_len = 0
+            self.respond_w_warning(COMMAND_TOO_LONG_REPLY)
+            return
+        if any(b"\r" in part or b"\n" in part for part in self._in_buffer):
+            self._in_buffer = []
+            self._in_buffer_len = 0
+            self.respond(CONTROL_CHARACTERS_REPLY)
+            return
+        super().found_terminator()
 
     # --- command gate
 
@@ -807,6 +868,18 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         self.respond("200 End of diagnostics.")
 
     # --- login
+
+    def ftp_USER(self, line: str) -> None:
+        """USER starts a login; once logged in it is refused (as REIN is).
+
+        pyftpdlib's USER after login flushes the account and starts over: the session
+        dropped out of its login (no logout for the session limits, which then counted
+        the user twice on the next PASS) and sat unauthenticated with no login timer.
+        """
+        if self.authenticated:
+            self.respond("503 Already logged in; reconnect to log in as another user.")
+            return
+        super().ftp_USER(line)
 
     def ftp_PASS(self, line: str) -> None:
         """Verify the password on a worker thread; pause this session meanwhile."""

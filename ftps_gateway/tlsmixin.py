@@ -89,6 +89,9 @@ class TLSChannelMixin:
         """Called when the handshake failed; the channel must close itself."""
         raise NotImplementedError
 
+    def handle_tls_stream_error(self, err: OSError) -> None:
+        """Reading the established stream failed; the channel closes next."""
+
     # --- state changes
 
     def start_tls(self, context: ssl.SSLContext) -> bool:
@@ -231,10 +234,11 @@ class TLSChannelMixin:
             self._tls_read_wants_write = True
             self._set_io_events(self._current_io_events | WRITE)
             raise _RetryError from None
-        except OSError:
+        except OSError as err:
             # SSLEOFError (FIN without close_notify), a reset, a bad record: in every
             # case the stream is not known to be complete.
             self.tls_truncated = True
+            self.handle_tls_stream_error(err)
             self.handle_close()
             return b""
         if not data:

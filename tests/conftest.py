@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import ssl
 import tempfile
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 import argon2
 import pytest
 import trustme
+from hypothesis import settings
 
 from ftps_gateway import config as config_module
 from ftps_gateway.client import ReusingFTP_TLS
@@ -30,6 +32,11 @@ FAST_PARAMETERS = argon2.Parameters(
     memory_cost=8,
     parallelism=1,
 )
+# Property tests: a moderate default for CI, HYPOTHESIS_PROFILE=long for a deep run.
+settings.register_profile("default", max_examples=100, deadline=None)
+settings.register_profile("long", max_examples=5000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
 PASSWORD = "correct horse battery staple"
 PASSWORD_HASH = argon2.PasswordHasher.from_parameters(FAST_PARAMETERS).hash(PASSWORD)
 
