@@ -60,6 +60,7 @@ class Node:
     ip: str  # control and metrics address
     directory: Path
     control_port: int = CONTROL_PORT
+    audit_path: Path | None = None  # its stdout, once started
 
     @property
     def metrics_port(self) -> int:
@@ -78,8 +79,11 @@ class Node:
 
     def audit(self) -> list[dict[str, object]]:
         """The audit records this node wrote to stdout so far."""
-        path = self.directory / f"{self.name}.stdout"
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        if self.audit_path is None:
+            return []
+        lines = self.audit_path.read_text(
+            encoding="utf-8", errors="replace"
+        ).splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
 
     def disk_sha256(self, file_name: str) -> str | None:
@@ -143,7 +147,7 @@ password = "{PASSWORD_HASH}"
 
 def start(lab: netlab.Lab, node: Node, config: Path) -> None:
     """Start the node's gateway (audit on stdout, ``<name>.stdout`` in the lab dir)."""
-    lab.start(
+    node.audit_path = lab.start(
         node.namespace,
         [sys.executable, "-m", "ftps_gateway", "serve", "--config", str(config)],
         node.name,
