@@ -227,7 +227,7 @@ def two_nodes(
     passive range instead of the whole; ``server_extra`` and ``sections`` go into
     both nodes' configs.
     """
-    nodes.require_lab()
+    nodes.require_lab("haproxy")
     certificate = nodes.write_certificate(ca, directory, [VIP])
     lab = netlab.Lab(directory)
     with netlab.sigterm_interrupts():

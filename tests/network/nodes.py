@@ -24,12 +24,12 @@ CONTROL_PORT = 2121
 METRICS_PORT = 9120
 
 
-def require_lab() -> None:
+def require_lab(*tools: str) -> None:
     """Skip (not root, no ip netns) or fail (a tool scripts/test.sh installs is gone)."""
     unavailable = netlab.unavailable_reason()
     if unavailable is not None:
         pytest.skip(unavailable)
-    for tool in ("nft", "haproxy"):
+    for tool in tools:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: install it (scripts/test.sh does)")
 

@@ -3,7 +3,7 @@
 The lab of ``balancer`` with HAProxy checking each node's ``/readyz`` every 200 ms
 (down after one failure), ``balance source`` with consistent hashing on the control
 port and on the passive range (passive servers track their control server). While
-8 throttled uploads (about 8 s each) run, the node holding most of them gets
+8 throttled uploads (about 11 s each) run, the node holding most of them gets
 SIGTERM, as ``systemctl stop`` or ``docker stop`` would send:
 
 - its ``/readyz`` answers 503 at once, and HAProxy marks it down;
@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 RUNNING = 8  # uploads in flight when the node is told to stop
 RUNNING_SIZE = 1024 * 1024
 BLOCK = 32 * 1024
-BLOCK_DELAY = 0.25  # 32 blocks: about 8 s per upload
+BLOCK_DELAY = 0.35  # 32 blocks: about 11 s per upload, time to move new sessions
 NEW_SESSIONS = 16
 STATE_TIMEOUT = 15  # seconds for a state change we wait for (loaded CI machine)
 

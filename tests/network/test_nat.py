@@ -99,7 +99,7 @@ class NatLab:
 @pytest.fixture(scope="module")
 def nat(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatLab]:
     """Namespaces, router rules and both gateways; all removed on every exit path."""
-    nodes.require_lab()
+    nodes.require_lab("nft")
     directory = tmp_path_factory.mktemp("natlab")
     certificate = nodes.write_certificate(ca, directory, [ROUTER_PUBLIC_IP, SERVER_IP])
     lab = netlab.Lab(directory)
