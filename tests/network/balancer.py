@@ -218,6 +218,7 @@ def two_nodes(
     *,
     haproxy: dict[str, Any],
     sub_ranges: bool = False,
+    passive_timeout: int = 2,
     server_extra: str = "",
     sections: str = "",
 ) -> Iterator[TwoNodes]:
@@ -250,6 +251,7 @@ def two_nodes(
                     certificate,
                     ports=SUB_RANGES[name] if sub_ranges else SHARED_PORTS,
                     address=VIP,
+                    passive_timeout=passive_timeout,
                     server_extra=server_extra,
                     sections=sections,
                 )

@@ -37,6 +37,8 @@ from typing import Any
 from ftps_gateway.client import ReusingFTP_TLS
 
 _print_lock = threading.Lock()
+LAB_VIP = "203.0.113.1"  # the name in the balancer lab's certificate
+HOLD_SECONDS = 30  # longest wait for a test's go-ahead (see StrictFTP.hold)
 
 
 def payload(name: str, size: int) -> bytes:
@@ -71,6 +73,10 @@ class StrictFTP(ReusingFTP_TLS):
         self.epsv = epsv
         self.data_connect_timeout = data_connect_timeout
         self.last_passive: tuple[str, int] | None = None
+        # Set for one transfer: announce the passive port, then wait for this file
+        # before connecting (a test lets a stranger at the port first).
+        self.hold: Path | None = None
+        self.label: dict[str, Any] = {}
 
     def makepasv(self) -> tuple[str, int]:
         """PASV (address as sent) or EPSV (the control connection's address)."""
@@ -79,6 +85,12 @@ class StrictFTP(ReusingFTP_TLS):
         else:
             host, port = ftplib.parse227(self.sendcmd("PASV"))
         self.last_passive = (host, port)
+        if self.hold is not None:
+            hold, self.hold = self.hold, None
+            emit({"event": "passive", "host": host, "port": port, **self.label})
+            deadline = time.monotonic() + HOLD_SECONDS
+            while not hold.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         return host, port
 
     def ntransfercmd(
@@ -171,6 +183,9 @@ def run_session(spec: dict[str, Any], session: dict[str, Any]) -> dict[str, Any]
         result["passive"] = ftp.last_passive
         if session.get("download", True):
             result["stage"] = "download"
+            if "hold_download" in session:
+                ftp.hold = Path(session["hold_download"])
+                ftp.label = {"name": name, "node": result["node"]}
             received = bytearray()
             ftp.retrbinary(f"RETR {name}", received.extend)
             result["received_sha256"] = sha256(bytes(received))
@@ -192,8 +207,42 @@ def run_session(spec: dict[str, Any], session: dict[str, Any]) -> dict[str, Any]
     return result
 
 
+def grab(host: str, port: int, source: str, ca_file: str) -> dict[str, Any]:
+    """Connect to a data port as a stranger would (new TLS session); count the bytes.
+
+    What another partner, or a host next to the nodes, gets from a port announced
+    to someone else: it must be nothing. The certificate is checked against the
+    VIP's name, whichever address was dialled. It reads until the server closes
+    or 5 s pass without data, so a test can let the real partner send its RETR
+    meanwhile (a server that gave the stranger the data connection would then
+    send the file to the stranger).
+    """
+    outcome: dict[str, Any] = {"connected": False, "handshake": False, "bytes": 0}
+    try:
+        raw = socket.create_connection((host, port), 5, source_address=(source, 0))
+        outcome["connected"] = True
+        context = ssl.create_default_context(cafile=ca_file)
+        with context.wrap_socket(raw, server_hostname=LAB_VIP) as stream:
+            outcome["handshake"] = True
+            emit({"event": "handshake"})  # the test lets the partner go on now
+            stream.settimeout(5)
+            while chunk := stream.recv(65536):
+                outcome["bytes"] += len(chunk)
+    except (OSError, ValueError) as err:
+        outcome["error"] = f"{type(err).__name__}: {err}"
+    return outcome
+
+
 def main(argv: list[str]) -> int:
-    """Run the sessions of the spec file ``argv[0]``; exit 0 (results say the rest)."""
+    """Run the sessions of the spec file ``argv[0]``; exit 0 (results say the rest).
+
+    ``grab HOST PORT SOURCE CA_FILE`` instead runs ``grab``: a ``handshake`` event
+    once TLS is up, then ``grabbed`` with what it got.
+    """
+    if argv[0] == "grab":
+        host, port, source, ca_file = argv[1:5]
+        emit({"event": "grabbed", **grab(host, int(port), source, ca_file)})
+        return 0
     spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     with ThreadPoolExecutor(max_workers=spec["concurrency"]) as pool:
         list(pool.map(lambda s: run_session(spec, s), spec["sessions"]))
@@ -254,6 +303,12 @@ def spec_file(
 def command(spec: Path) -> list[str]:
     """The argv that runs ``spec``'s sessions (wrap it with ``Lab.exec_argv``)."""
     return [sys.executable, str(Path(__file__).resolve()), str(spec)]
+
+
+def grab_command(host: str, port: int, source: str, ca_file: Path) -> list[str]:
+    """The argv that runs ``grab`` (wrap it with ``Lab.exec_argv``)."""
+    return [sys.executable, str(Path(__file__).resolve()), "grab", host, str(port),
+            source, str(ca_file)]  # fmt: skip
 
 
 def parse_events(stdout: str) -> list[dict[str, Any]]:

@@ -98,6 +98,7 @@ def write_config(
     *,
     ports: str,
     address: str = "",
+    passive_timeout: int = 2,
     server_extra: str = "",
     passive_extra: str = "",
     sections: str = "",
@@ -105,7 +106,8 @@ def write_config(
     """The node's gateway.toml.
 
     Two workers (as "auto" gives on the CI machines), a short passive connect
-    timeout (a data connection that went to the wrong node fails in 2 s, not 30),
+    timeout by default (a data connection that went to the wrong node fails in
+    2 s, not 30),
     session limits far above the test load (without the PROXY protocol every session
     comes from the balancer's one address), and metrics on the node's private
     address, where HAProxy's health check reaches ``/readyz``.
@@ -129,7 +131,7 @@ private_key = "{key}"
 [passive]
 ports = "{ports}"
 address = "{address}"
-connect_timeout_seconds = 2
+connect_timeout_seconds = {passive_timeout}
 {passive_extra}
 [storage]
 root = "{node.directory / "storage"}"
