@@ -13,6 +13,12 @@ are created inside the namespaces (``ip -n NS link add ... peer ... netns OTHER`
 no address, route, sysctl or firewall rule changes outside them. Namespace names
 carry a random suffix, so concurrent test runs do not collide.
 
+Other tests build other shapes from the same blocks (``add_namespace``, ``link``,
+``add_bridge``, ``default_route``, ``sysctl``, ``nft``): a NAT router
+(``test_nat``), two gateway nodes behind one balancer (``test_two_nodes``). Where a
+namespace routes (a NAT router), ``ip_forward`` and the nftables rules are set inside
+that namespace only.
+
 ``Lab.close`` kills every process the lab started and deletes its namespaces; it is
 idempotent, and it is registered with ``atexit`` as a second line of defence behind
 the fixture's ``finally``.
@@ -89,38 +95,67 @@ class Lab:
     suffix: str = field(default_factory=lambda: secrets.token_hex(4))
     namespaces: list[str] = field(default_factory=list)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    named: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
     _closed: bool = False
 
     @property
     def client(self) -> str:
         """The partner's namespace."""
-        return f"{PREFIX}-{self.suffix}-client"
+        return self.namespace("client")
 
     @property
     def balancer(self) -> str:
         """HAProxy's namespace."""
-        return f"{PREFIX}-{self.suffix}-lb"
+        return self.namespace("lb")
 
     @property
     def server(self) -> str:
         """The gateway's namespace."""
-        return f"{PREFIX}-{self.suffix}-server"
+        return self.namespace("server")
 
     def create(self) -> None:
         """Create the namespaces and wire them up (see the module docstring)."""
-        atexit.register(self.close)
-        for namespace in (self.client, self.balancer, self.server):
-            ip("netns", "add", namespace)
-            self.namespaces.append(namespace)
-            ip("-n", namespace, "link", "set", "lo", "up")
-        self._link(self.client, CLIENT_IP, self.balancer, BALANCER_PUBLIC_IP)
-        self._link(self.balancer, BALANCER_PRIVATE_IP, self.server, SERVER_IP)
+        for role in ("client", "lb", "server"):
+            self.add_namespace(role)
+        self.link(self.client, self.balancer, CLIENT_IP, BALANCER_PUBLIC_IP)
+        self.link(self.balancer, self.server, BALANCER_PRIVATE_IP, SERVER_IP)
 
-    def _link(self, left: str, left_ip: str, right: str, right_ip: str) -> None:
-        # Created inside ``left`` with its peer placed straight into ``right``: no end
-        # of the pair ever exists in the host namespace. Each end is named after the
-        # namespace it leads to.
+    # --- building blocks for other topologies (test_nat, test_two_nodes)
+
+    def namespace(self, role: str) -> str:
+        """The namespace name for ``role`` in this lab (``role``: letters and digits)."""
+        return f"{PREFIX}-{self.suffix}-{role}"
+
+    def add_namespace(self, role: str) -> str:
+        """Create the namespace for ``role`` with its loopback up; return its name.
+
+        The first call arms the ``atexit`` clean-up, before anything exists.
+        """
+        if not self.namespaces:
+            atexit.register(self.close)
+        namespace = self.namespace(role)
+        # Recorded first: a Ctrl-C right after the ``add`` still deletes it (deleting
+        # a namespace that was never made is harmless).
+        self.namespaces.append(namespace)
+        ip("netns", "add", namespace)
+        ip("-n", namespace, "link", "set", "lo", "up")
+        return namespace
+
+    def link(
+        self,
+        left: str,
+        right: str,
+        left_ip: str | None = None,
+        right_ip: str | None = None,
+    ) -> tuple[str, str]:
+        """Join two namespaces with a veth pair; return the (left, right) device names.
+
+        The pair is created inside ``left`` with its peer placed straight into
+        ``right``: no end of it ever exists in the host namespace. Each end is named
+        after the namespace it leads to (``to-<role>``). An address given becomes a
+        /24 on its end; an end without one is left for ``add_address`` or a bridge.
+        """
         to_right, to_left = (
             f"to-{right.rsplit('-', 1)[1]}",
             f"to-{left.rsplit('-', 1)[1]}",
@@ -131,8 +166,54 @@ class Lab:
             (left, to_right, left_ip),
             (right, to_left, right_ip),
         ):
-            ip("-n", namespace, "addr", "add", f"{address}/24", "dev", device)
+            if address is not None:
+                ip("-n", namespace, "addr", "add", f"{address}/24", "dev", device)
             ip("-n", namespace, "link", "set", device, "up")
+        return to_right, to_left
+
+    def add_bridge(
+        self, namespace: str, address: str, ports: list[str], name: str = "br0"
+    ) -> None:
+        """A bridge inside ``namespace`` with ``address``/24, over the devices ``ports``.
+
+        Several namespaces then share one subnet (and one address of ``namespace``),
+        as nodes behind a balancer do on a switch.
+        """
+        ip("-n", namespace, "link", "add", name, "type", "bridge")
+        ip("-n", namespace, "addr", "add", f"{address}/24", "dev", name)
+        for port in ports:
+            ip("-n", namespace, "link", "set", port, "master", name)
+        ip("-n", namespace, "link", "set", name, "up")
+
+    def add_address(self, namespace: str, device: str, address: str) -> None:
+        """One more /24 address on ``device`` (e.g. a second client source address)."""
+        ip("-n", namespace, "addr", "add", f"{address}/24", "dev", device)
+
+    def default_route(self, namespace: str, via: str) -> None:
+        """Send everything ``namespace`` has no closer route for through ``via``."""
+        ip("-n", namespace, "route", "add", "default", "via", via)
+
+    def sysctl(self, namespace: str, key: str, value: str) -> None:
+        """Set a per-namespace sysctl (``net.ipv4.ip_forward`` in a router ns)."""
+        self._checked(namespace, ["sysctl", "-q", "-w", f"{key}={value}"])
+
+    def nft(self, namespace: str, ruleset: str) -> None:
+        """Load an nftables ``ruleset`` into ``namespace`` (its own, empty, tables)."""
+        self._checked(namespace, ["nft", "-f", "-"], stdin=ruleset)
+
+    def _checked(
+        self, namespace: str, argv: list[str], stdin: str | None = None
+    ) -> None:
+        result = subprocess.run(
+            self.exec_argv(namespace, argv),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise LabError(f"{' '.join(argv)} in {namespace}: {result.stderr.strip()}")
 
     def exec_argv(self, namespace: str, argv: list[str]) -> list[str]:
         """``argv`` run inside ``namespace``."""
@@ -168,6 +249,7 @@ class Lab:
             start_new_session=True,  # a Ctrl-C in the terminal is pytest's alone
         )
         self.processes.append(process)
+        self.named[name] = process
         return stdout_path
 
     def log(self, name: str) -> str:
@@ -182,6 +264,35 @@ class Lab:
             )
             parts.append(f"--- {name} {stream} ---\n{text}")
         return "\n".join(parts)
+
+    def wait_for_http(self, namespace: str, url: str) -> None:
+        """Wait until ``url``, fetched from inside ``namespace``, answers 200.
+
+        Used on the gateways' ``/readyz``: a node is ready once it says so, whatever
+        its access rules would do to a control connection.
+        """
+        probe = (
+            "import sys, time, urllib.request\n"
+            f"deadline = time.monotonic() + {READY_TIMEOUT}\n"
+            "while time.monotonic() < deadline:\n"
+            "    try:\n"
+            f"        with urllib.request.urlopen({url!r}, timeout=5) as r:\n"
+            "            if r.status == 200:\n"
+            "                sys.exit(0)\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "    time.sleep(0.2)\n"
+            "sys.exit(1)\n"
+        )
+        result = self.run(
+            namespace, [sys.executable, "-c", probe], timeout=READY_TIMEOUT + 30
+        )
+        if result.returncode != 0:
+            dead = [p.args for p in self.processes if p.poll() is not None]
+            raise LabError(
+                f"{url} not ready within {READY_TIMEOUT} s "
+                f"(exited: {dead}); {result.stderr.strip()}"
+            )
 
     def wait_for_banner(self, host: str, port: int) -> None:
         """Wait until a client in the client namespace gets a 220 through ``host``."""
