@@ -93,6 +93,9 @@ FIRST_ERROR_REPLY = 400  # 4xx and 5xx: the command failed
 # Commands that change the tree -> their audit event.
 TREE_EVENTS = {"DELE": "delete", "RMD": "rmdir", "MKD": "mkdir", "RNTO": "rename"}
 
+# How often one PASV's port is reopened after strangers' refused connections.
+MAX_PASSIVE_REOPENS = 3
+
 # A balancer sends its PROXY header at once; anything slower is not one.
 PROXY_HEADER_TIMEOUT_SECONDS = 5
 
@@ -362,6 +365,8 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         self._proxy_received = b""
         self._proxy_timer: Any = None
         self.last_data_tls: tuple[str, bool] | None = None  # (version, resumed)
+        self._passive_port: int | None = None  # the last PASV/EPSV port
+        self._passive_reopened = 0
         self._session_open = False  # counted by metrics.session_opened
         self.close_result = ""  # why the session ended, for the metrics
         self._pbsz = False
@@ -1090,6 +1095,8 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             reply = pasv_reply(address, listener.port)
         listener.start_timer(passive.connect_timeout_seconds)
         self._dtp_acceptor = listener
+        self._passive_port = listener.port
+        self._passive_reopened = 0
         self.respond(reply)
 
     def _pasv_address(self, local_ip: str) -> str:
@@ -1134,13 +1141,38 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             and not handler.resumed
         ):
             self._pending_data = None
+            # From another address (a balancer, a NAT pool) the stranger may not be
+            # the partner's own client: listen on the port again, so the partner's
+            # connection still gets its transfer. From the partner's own address it
+            # is the partner's client that cannot resume: say so at once.
+            peer = strip_mapped(str(handler.socket.getpeername()[0]))
+            waiting = peer != self.client_ip and self._listen_again()
             self.audit(
                 "data_refused", reason="not-resumed", version=version,
-                policy=policy.source,
+                policy=policy.source, peer_ip=peer, still_listening=waiting,
             )  # fmt: skip
             self.gateway.metrics.data_connection_refused("not-resumed")
-            self._fail_data_connection(NOT_RESUMED_REPLY)
+            if not waiting:
+                self._fail_data_connection(NOT_RESUMED_REPLY)
             return False
+        return True
+
+    def _listen_again(self) -> bool:
+        """Reopen the last passive port (a few times per PASV) after a refusal."""
+        port = self._passive_port
+        if port is None or self._passive_reopened >= MAX_PASSIVE_REOPENS:
+            return False
+        passive = self.gateway.config.passive
+        try:
+            listener = PassiveListener(
+                self, passive.port_min, passive.port_max, self.gateways.worker,
+                port=port,
+            )  # fmt: skip
+        except (PassivePortsExhausted, OSError):
+            return False
+        listener.start_timer(passive.connect_timeout_seconds)
+        self._dtp_acceptor = listener
+        self._passive_reopened += 1
         return True
 
     def _fail_data_connection(self, reply: str) -> None:

@@ -72,13 +72,15 @@ class PassiveListener(Acceptor):
         port_min: int,
         port_max: int,
         share: tuple[int, int] = (0, 1),
+        *,
+        port: int | None = None,
     ) -> None:
+        """Listen on a free port of this worker's share (or on ``port`` again)."""
         self.control = control
         super().__init__(ioloop=control.ioloop)
         local_ip = control.socket.getsockname()[0]
-        sock = self._listen_in_range(
-            control.socket.family, local_ip, worker_ports(port_min, port_max, share)
-        )
+        ports = [port] if port is not None else worker_ports(port_min, port_max, share)
+        sock = self._listen_in_range(control.socket.family, local_ip, ports)
         self.set_socket(sock)
         self.accepting = True
         self.port: int = sock.getsockname()[1]

@@ -134,3 +134,41 @@ def test_implicit_tls_behind_the_balancer(start_gateway: StartGateway) -> None:
     tls = context.wrap_socket(raw, server_hostname="localhost")
     assert tls.recv(100).startswith(b"220 ")
     tls.close()
+
+
+def test_a_stranger_behind_the_balancer_does_not_cost_the_partner_its_transfer(
+    start_gateway: StartGateway, audit_records: Records
+) -> None:
+    """Data connections all come from the balancer's address, so the address check
+    cannot tell partners apart there. A stranger who reaches the passive port first
+    completes TLS and gets 0 bytes; the port listens again, and the partner's own
+    (resuming) connection still gets its file."""
+    gw = start_gateway(server_extra=BALANCER)
+    payload = b"payroll " * 10_000
+    (gw.home() / "secret.bin").write_bytes(payload)
+    ftp = _proxied(gw, proxyproto.v2_header("198.51.100.7", 40123, gw.host, gw.port))
+    ftp.login("acme", PASSWORD)
+    ftp.prot_p()
+    ftp.voidcmd("TYPE I")
+    port = int(ftp.sendcmd("EPSV").split("|")[-2])
+    ftp.putcmd("RETR secret.bin")
+    assert ftp.getresp().startswith("150")
+    stranger = ssl.create_default_context(cafile=str(gw.ca_file)).wrap_socket(
+        socket.create_connection((gw.host, port), timeout=5),
+        server_hostname="localhost",
+    )
+    assert read_until_quiet(stranger, 2.0) == b""
+    stranger.close()
+    partner = ftp.context.wrap_socket(
+        socket.create_connection((gw.host, port), timeout=5),
+        server_hostname="localhost",
+        session=ftp.sock.session,
+    )
+    assert read_until_quiet(partner, 5.0) == payload
+    partner.close()
+    ftp.voidresp()
+    ftp.quit()
+    refused = [r for r in audit_records() if r["event"] == "data_refused"]
+    assert [(r["reason"], r["still_listening"]) for r in refused] == [
+        ("not-resumed", True)
+    ]

@@ -388,8 +388,13 @@ def test_required_any_ip_accepts_a_resumed_data_connection_from_another_address(
     ftp.voidcmd("TYPE I")
     assert _retr_from(gw, ftp, "127.0.0.2", resume=True) == SECRET
     ftp.voidresp()
-    # Without resumption, another address gets nothing.
+    # Without resumption, another address gets nothing; the port listens again
+    # for the partner's own connection, which here never comes (5 s timeout).
     assert _retr_from(gw, ftp, "127.0.0.2", resume=False) == b""
+    with pytest.raises(ftplib.error_temp, match="^425 Can't open data connection"):
+        ftp.voidresp()
+    # From the partner's own address, a client that cannot resume hears why at once.
+    assert _retr_from(gw, ftp, "127.0.0.1", resume=False) == b""
     with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
         ftp.voidresp()
     ftp.quit()
