@@ -360,10 +360,12 @@ class GatewayServer:
         if self.worker is not None:
             # The supervisor serves one /metrics that adds up the workers' pushes.
             channel = self.worker.channel
-            self.ioloop.call_every(
-                METRICS_PUSH_SECONDS,
-                lambda: channel.push_metrics(metrics.render()[0].decode()),
-            )
+
+            def push() -> None:
+                channel.push_metrics(metrics.render()[0].decode())
+
+            self.ioloop.call_later(0, push)  # at once: /metrics is whole from the start
+            self.ioloop.call_every(METRICS_PUSH_SECONDS, push)
         elif listen is not None:
             self.health = HealthServer(
                 metrics, listen.host, listen.port, readiness=self.readiness
@@ -504,6 +506,11 @@ class GatewayServer:
             self.admin.start()
         if self.worker is None:  # a supervisor speaks for its workers
             sdnotify.notify("READY=1", "STATUS=serving")
+        # pyftpdlib's loop starts with an unbounded poll and only then asks its
+        # scheduler for the next deadline: timers set before the loop (metrics push,
+        # partial sweep) would wait for the first connection. One wake-up at once
+        # lets the scheduler set the first timeout.
+        self.gateway.waker.call_soon_threadsafe(lambda: None)
         try:
             self.ioloop.loop()
         finally:

@@ -49,6 +49,7 @@ class GatewayProcess:
         *,
         workers: int,
         prefix: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         """Start the server; ``workers`` is how many "listening" lines to wait for."""
         self.ca_file = ca_file
@@ -59,6 +60,7 @@ class GatewayProcess:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,  # its own process group: kill -9 all of it
+            env={**os.environ, **(env or {})},
         )  # fmt: skip
         self.records: list[dict[str, object]] = []
         self.stderr: list[str] = []

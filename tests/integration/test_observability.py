@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from conftest import RunningGateway
@@ -154,3 +155,29 @@ def test_xferlog_line_per_transfer(
         ("1234", "/my_report.bin", "i", "c"),
         ("1234", "/my_report.bin", "o", "c"),
     ]
+
+
+def test_timers_set_before_the_loop_fire_without_any_connection(
+    tmp_path: Path, cert_files: tuple[Path, Path, Path]
+) -> None:
+    """pyftpdlib's loop first polls without a timeout: a worker that got no
+    connection never pushed its metrics (one worker missing from /metrics)."""
+    import threading
+
+    from conftest import FAST_PARAMETERS, write_config
+
+    from ftps_gateway import config as config_module
+    from ftps_gateway.passwords import PasswordVerifier
+    from ftps_gateway.server import GatewayServer
+
+    cfg = config_module.load(write_config(tmp_path, cert_files))
+    server = GatewayServer(cfg, verifier=PasswordVerifier(parameters=FAST_PARAMETERS))
+    fired = threading.Event()
+    server.ioloop.call_later(0.1, fired.set)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert fired.wait(5)
+    finally:
+        server.stop()
+        thread.join(10)

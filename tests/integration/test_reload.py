@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trustme
 from conftest import PASSWORD, PASSWORD_HASH, RunningGateway, admin_socket_path
-from ftps_helpers import ServeProcess
+from gateway_process import GatewayProcess
 
 from ftps_gateway import cli
 from ftps_gateway.client import ReusingFTP_TLS
@@ -99,7 +99,7 @@ def test_sighup_serves_a_new_certificate_while_a_download_finishes(
     home = files["dir"] / "storage" / "home" / "acme"
     home.mkdir(parents=True)
     (home / "big.bin").write_bytes(payload)
-    server = ServeProcess(files["config"])
+    server = GatewayProcess(files["config"], files["ca"], workers=1)
     try:
         old_session = _client(server.port, files)
         assert old_session.sock.getpeercert(binary_form=True) == old_der
@@ -110,7 +110,7 @@ def test_sighup_serves_a_new_certificate_while_a_download_finishes(
         new_der = _install_leaf(ca, files)
         _write_config(files, ["acme", "globex"])
         server.process.send_signal(signal.SIGHUP)
-        assert server.wait_for("config_reload")["result"] == "ok"
+        assert server.wait_for("config_reload", 1)[-1]["result"] == "ok"
 
         new_session = _client(server.port, files, user="globex")
         assert new_session.sock.getpeercert(binary_form=True) == new_der
@@ -130,7 +130,7 @@ def test_sighup_serves_a_new_certificate_while_a_download_finishes(
         # An invalid config is refused whole; the running one keeps serving.
         _write_config(files, ["acme"], extra="[defender]\nmax_failures = 0\n")
         server.process.send_signal(signal.SIGHUP)
-        refused = server.wait_for("config_reload")
+        refused = server.wait_for("config_reload", 2)[-1]
         assert refused["result"] == "refused"
         assert any(
             "defender.max_failures" in str(problem) for problem in refused["problems"]

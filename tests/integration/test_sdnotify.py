@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from conftest import write_config
-from ftps_helpers import ServeProcess
+from gateway_process import GatewayProcess
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -38,9 +38,10 @@ def test_ready_reloading_stopping(
             tmp_path, cert_files, passive_ports="41600-41619",
             server_extra=f"workers = {workers}",
         )  # fmt: skip
-        server = ServeProcess(
-            config, listeners=workers, env={"NOTIFY_SOCKET": str(notify_path)}
-        )
+        server = GatewayProcess(
+            config, cert_files[2], workers=workers,
+            env={"NOTIFY_SOCKET": str(notify_path)},
+        )  # fmt: skip
         try:
             ready = _messages(sock, "READY=1")
             assert any("STATUS=serving" in message for message in ready)

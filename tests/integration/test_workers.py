@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 from conftest import PASSWORD, admin_socket_path, write_config
-from ftps_helpers import ServeProcess, raw_connect, read_until_quiet, scrape
+from ftps_helpers import raw_connect, read_until_quiet, scrape
+from gateway_process import GatewayProcess
 
 from ftps_gateway.client import ReusingFTP_TLS
 
@@ -31,12 +32,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 PORTS = "41500-41539"
 
 
-class Cluster(ServeProcess):
+class Cluster(GatewayProcess):
     """``ftps-gateway serve`` with two workers, its audit lines collected."""
 
     def __init__(self, config_path: Path, ca_file: Path) -> None:
-        self.ca_file = ca_file
-        super().__init__(config_path, listeners=2)
+        super().__init__(config_path, ca_file, workers=2)
 
     def client(self, source_ip: str = "127.0.0.1") -> ReusingFTP_TLS:
         ftp = ReusingFTP_TLS(
@@ -159,10 +159,13 @@ def test_one_metrics_endpoint_adds_the_workers_up(cluster: Cluster) -> None:
     while True:  # workers push every 2 s; wait for the pushes after the last upload
         samples = scrape(metrics_port)
         logins = samples.get(("ftps_gateway_logins_total", (("result", "ok"),)), 0)
-        if samples.get(uploads_key, 0) >= 4 or time.monotonic() > deadline:
+        both = samples.get(("ftps_gateway_passive_ports_free", ()), 0) == 40
+        if (both and samples.get(uploads_key, 0) >= 4) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert logins == 4, f"sessions were on {workers}"
+    free = samples.get(("ftps_gateway_passive_ports_free", ()))
+    assert free == 40, f"{free}: {''.join(cluster.stderr)}"
     assert samples[("ftps_gateway_transfers_total",
                     (("direction", "upload"), ("result", "ok")))] == 4  # fmt: skip
     assert samples[
