@@ -739,7 +739,35 @@ def _gateway(root: _Table, source: Path) -> GatewayConfig:
         groups=groups,
     )  # fmt: skip
     _check_trees(root.problems, config)
+    _check_proxy_and_ip_match(root.problems, config)
     return config
+
+
+def _check_proxy_and_ip_match(problems: _Problems, config: GatewayConfig) -> None:
+    """Behind a PROXY balancer, "ip-match" would let any partner take any transfer.
+
+    Data connections then all come from the balancer's address, so the address
+    check cannot tell partners apart; only TLS resumption can.
+    """
+    if not config.server.proxy_protocol_from:
+        return
+    uses: list[tuple[str, str | None]] = [("tls.reuse", config.tls.reuse)]
+    uses += [
+        (f"tls.overrides[{index}].reuse", override.reuse)
+        for index, override in enumerate(config.tls.overrides)
+    ]
+    uses += [
+        (f"users[{index}].reuse", user.reuse) for index, user in enumerate(config.users)
+    ]
+    for key, reuse in uses:
+        if reuse == "ip-match":
+            problems.add(
+                key,
+                '"ip-match" cannot tell partners apart behind server.'
+                "proxy_protocol_from (their data connections all come from the "
+                'balancer); use "required" or "required-any-ip"',
+                reuse,
+            )
 
 
 def _server(table: _Table) -> ServerSettings:

@@ -24,6 +24,7 @@ gaps are listed in ARCHITECTURE.md):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import secrets
@@ -143,6 +144,7 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         return control.gateway.config.server.idle_timeout_seconds
 
     def __init__(self, sock: Any, cmd_channel: ControlHandler) -> None:
+        self.peer_ip = ""  # set by the control session at accept (stays if reset)
         self.approved = False
         self.resumed: bool | None = None
         self._handshake_timer: Any = None
@@ -177,13 +179,15 @@ class DataHandler(TLSChannelMixin, DTPHandler):
     def handle_tls_failed(self, reason: str) -> None:
         """The client could not (or would not) negotiate TLS on the data connection."""
         self._cancel_handshake_timer()
-        self.close()
+        # The control session first: it may listen on the port again, and must do
+        # so before this peer sees the close (and the partner tries the port).
         self.cmd_channel.on_data_channel_failed(self, f"tls-handshake: {reason}")
+        self.close()
 
     def _on_handshake_timeout(self) -> None:
         self._handshake_timer = None
-        self.close()
         self.cmd_channel.on_data_channel_failed(self, "tls-handshake: timeout")
+        self.close()
 
     def _cancel_handshake_timer(self) -> None:
         if self._handshake_timer is not None and not self._handshake_timer.cancelled:
@@ -466,7 +470,12 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             return
         self._end_proxy_wait()
         if header.client_ip is not None:
+            # pyftpdlib counts connections per address in ip_map and removes
+            # ``remote_ip`` on close: swap the entry, or the balancer's would pile up.
+            with contextlib.suppress(ValueError):
+                self.server.ip_map.remove(self.remote_ip)
             self.remote_ip = header.client_ip
+            self.server.ip_map.append(self.remote_ip)
         self._admit()
 
     def _on_proxy_header_timeout(self) -> None:
@@ -495,8 +504,15 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         if policy is not None and policy.reuse == "required-any-ip":
             return True  # the TLS resumption check after the handshake decides
         peer = strip_mapped(peer_ip)
-        return peer == self.client_ip or (
-            self.proxy_ip is not None and peer == strip_mapped(self.proxy_ip)
+        if peer == self.client_ip:
+            return True
+        # The balancer's address is every partner's: only a resumption check can
+        # then tell them apart, so it is accepted only under a resuming policy.
+        return (
+            self.proxy_ip is not None
+            and peer == strip_mapped(self.proxy_ip)
+            and policy is not None
+            and policy.reuse in RESUMING_POLICIES
         )
 
     def _admit(self) -> None:
@@ -902,14 +918,17 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             # Banned by another session's failures while this one was open.
             self._login_failed("banned")
             return
-        if user is not None and not AccessList(user.allow).is_allowed(self.client_ip):
-            # Decided without the password: no argon2 work for a refused network.
-            # The reply and its delay are those of a wrong password.
-            self._login_failed("network-not-allowed")
-            return
-        stored_hash = user.password_hash if user is not None else None
+        network_refused = user is not None and not AccessList(user.allow).is_allowed(
+            self.client_ip
+        )
+        # A refused network is decided without the password, but still costs one
+        # verification (against no hash): its reply must not come sooner than a
+        # wrong password's, or timing would tell which users have an allowlist.
+        stored_hash = (
+            user.password_hash if user is not None and not network_refused else None
+        )
         token = None
-        if stored_hash is not None:
+        if stored_hash is not None and not network_refused:
             token = gateway.recent_logins.token(stored_hash, line)
             if gateway.recent_logins.hit(token):
                 if self._login_succeeded(username, cached=True):
@@ -920,7 +939,8 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         future.add_done_callback(
             lambda done: waker.call_soon_threadsafe(
                 lambda: self._on_password_checked(
-                    username, done, known=user is not None, token=token
+                    username, done, known=user is not None, token=token,
+                    refused="network-not-allowed" if network_refused else None,
                 )
             )
         )
@@ -932,11 +952,19 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         self.ac_in_buffer = b""
         self.del_channel()
 
+    def _writable_while_paused(self) -> None:
+        """Put a paused session back in the poller (writing only) before a reply.
+
+        pyftpdlib's poller raises if a reply changes the events of a socket it no
+        longer watches; reading stays off until ``_resume_input``.
+        """
+        self._set_io_events(WRITE)
+
     def _resume_input(self) -> None:
         self._auth_pending = False
         if self._closed:
             return
-        self.add_channel(events=READ | (WRITE if self.producer_fifo else 0))
+        self._set_io_events(READ | (WRITE if self.producer_fifo else 0))
         self.ac_in_buffer = self._stashed_input + self.ac_in_buffer
         self._stashed_input = b""
         self._process_buffered_lines()
@@ -955,6 +983,26 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             self.found_terminator()
 
     def _on_password_checked(
+        self,
+        username: str,
+        done: Future[bool],
+        *,
+        known: bool,
+        token: bytes | None,
+        refused: str | None = None,
+    ) -> None:
+        # Runs from the loop waker, outside pyftpdlib's error handling: a bug here
+        # must close this session, not leave it paused with its slots held.
+        try:
+            if refused is not None:
+                if not self._closed:
+                    self._login_failed(refused)
+                return
+            self._password_checked(username, done, known=known, token=token)
+        except Exception:  # noqa: BLE001 - handed to the session's error handler
+            self.handle_error()
+
+    def _password_checked(
         self, username: str, done: Future[bool], *, known: bool, token: bytes | None
     ) -> None:
         if self._closed:
@@ -1002,15 +1050,18 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         ):
             self._respond_and_close("530 Authentication failed. Disconnecting.")
             return
+        self._writable_while_paused()
         self.respond("530 Authentication failed.")
         self._resume_input()
 
     def _respond_and_close(self, reply: str) -> None:
         """Send a last reply on a paused session, then close it."""
+        if self._closed:
+            return
+        self._writable_while_paused()
         self.respond(reply)
         self._auth_pending = False
         if not self._closed:
-            self.add_channel(events=WRITE)
             self.close_when_done()
 
     def _login_succeeded(self, username: str, *, cached: bool = False) -> bool:
@@ -1037,6 +1088,8 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             return False
         if self._login_timer is not None and not self._login_timer.cancelled:
             self._login_timer.cancel()
+        if self._auth_pending:
+            self._writable_while_paused()
         self.handle_auth_success("/", "", self.authorizer.get_msg_login(username))
         self.audit("login_ok", **({"cached": True} if cached else {}))
         gateway.metrics.login("ok")
@@ -1118,7 +1171,11 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
     def on_data_connection_accepted(self, sock: Any) -> None:
         """The client connected to its passive port; TLS comes next."""
         self._dtp_acceptor = None
+        peer = ""
+        with contextlib.suppress(OSError):
+            peer = strip_mapped(str(sock.getpeername()[0]))
         handler = self.dtp_handler(sock, self)
+        handler.peer_ip = peer
         if handler.connected:
             self._pending_data = handler
 
@@ -1145,7 +1202,7 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             # the partner's own client: listen on the port again, so the partner's
             # connection still gets its transfer. From the partner's own address it
             # is the partner's client that cannot resume: say so at once.
-            peer = strip_mapped(str(handler.socket.getpeername()[0]))
+            peer = handler.peer_ip
             waiting = peer != self.client_ip and self._listen_again()
             self.audit(
                 "data_refused", reason="not-resumed", version=version,
@@ -1201,12 +1258,19 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         if handler is not self._pending_data:
             return
         self._pending_data = None
-        self.audit("data_refused", reason=reason)
+        # A stranger from another address (balancer, NAT pool) that stalls or sends
+        # junk must not cost the partner its transfer: listen again for it.
+        waiting = handler.peer_ip != self.client_ip and self._listen_again()
+        self.audit(
+            "data_refused", reason=reason, peer_ip=handler.peer_ip,
+            still_listening=waiting,
+        )  # fmt: skip
         self.gateway.metrics.tls_failure("data", reason)
         self.gateway.metrics.data_connection_refused("tls-handshake-failed")
-        self._fail_data_connection(
-            "425 Can't open data connection: TLS negotiation failed."
-        )
+        if not waiting:
+            self._fail_data_connection(
+                "425 Can't open data connection: TLS negotiation failed."
+            )
 
     def on_data_connection_timeout(self) -> None:
         """Nobody connected to the passive port in time."""

@@ -20,8 +20,11 @@ them for its one ``/metrics`` (``workers.AggregatedMetrics``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
 import socket
 import threading
 from collections import Counter
@@ -152,8 +155,8 @@ class StateChannel:
                 self._conn.send(json.dumps({"op": op, "arg": arg}).encode())
                 return json.loads(self._conn.recv(MAX_MESSAGE_BYTES))["result"]
             except (OSError, ValueError, KeyError):
-                self.broken = True
                 logger.exception("lost the supervisor; refusing new sessions")
+                self._break()
                 return fallback
 
     def push_metrics(self, text: str) -> None:
@@ -164,7 +167,20 @@ class StateChannel:
             try:
                 self._conn.send(json.dumps({"op": "metrics", "text": text}).encode())
             except OSError:
-                self.broken = True
+                logger.exception("could not push metrics to the supervisor")
+                self._break()
+
+    def _break(self) -> None:
+        """Fail closed, then end this worker so the supervisor starts a fresh one.
+
+        Closing the socket tells the supervisor to release what this worker held;
+        SIGINT stops the worker's loop at once (its exit code is not the config
+        error's, so the supervisor restarts it).
+        """
+        self.broken = True
+        with contextlib.suppress(OSError):
+            self._conn.close()
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 class RemoteDefender:

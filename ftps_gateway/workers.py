@@ -266,7 +266,7 @@ class Supervisor:
         self._stopping = True
         sdnotify.notify("STOPPING=1", "STATUS=draining")
         self.readiness.start_draining()
-        for process in self._processes.values():
+        for process in list(self._processes.values()):
             if process.poll() is None:
                 process.send_signal(signum)
 
@@ -290,7 +290,7 @@ class Supervisor:
             new.server.max_sessions_per_user,
         )
         self._not_after = certificate_not_after(new.tls.certificate)
-        for process in self._processes.values():
+        for process in list(self._processes.values()):
             if process.poll() is None:
                 process.send_signal(signal.SIGHUP)
         self.audit.event("config_reload", result="ok", source=str(new.source))
@@ -309,7 +309,7 @@ class Supervisor:
     # --- readiness
 
     def _workers_problem(self) -> str | None:
-        alive = sum(1 for p in self._processes.values() if p.poll() is None)
+        alive = sum(1 for p in list(self._processes.values()) if p.poll() is None)
         return None if alive == self.count else f"{alive} of {self.count} workers up"
 
     def _certificate_problem(self) -> str | None:

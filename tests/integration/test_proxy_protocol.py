@@ -10,6 +10,7 @@ import ftplib
 import io
 import socket
 import ssl
+import time
 from collections.abc import Callable
 
 import pytest
@@ -172,3 +173,48 @@ def test_a_stranger_behind_the_balancer_does_not_cost_the_partner_its_transfer(
     assert [(r["reason"], r["still_listening"]) for r in refused] == [
         ("not-resumed", True)
     ]
+
+
+def test_a_stranger_sending_junk_behind_the_balancer_does_not_cost_the_transfer(
+    start_gateway: StartGateway, audit_records: Records
+) -> None:
+    """Not even a failed handshake (junk instead of a ClientHello) closes the port."""
+    gw = start_gateway(server_extra=BALANCER)
+    payload = b"invoice " * 10_000
+    (gw.home() / "secret.bin").write_bytes(payload)
+    ftp = _proxied(gw, proxyproto.v1_header("198.51.100.7", 40123, gw.host, gw.port))
+    ftp.login("acme", PASSWORD)
+    ftp.prot_p()
+    ftp.voidcmd("TYPE I")
+    port = int(ftp.sendcmd("EPSV").split("|")[-2])
+    ftp.putcmd("RETR secret.bin")
+    assert ftp.getresp().startswith("150")
+    junk = socket.create_connection((gw.host, port), timeout=5)
+    junk.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    assert read_until_quiet(junk, 2.0) in (b"", b"\x15\x03\x01\x00\x02\x02\x50")
+    junk.close()
+    partner = ftp.context.wrap_socket(
+        socket.create_connection((gw.host, port), timeout=5),
+        server_hostname="localhost",
+        session=ftp.sock.session,
+    )
+    assert read_until_quiet(partner, 5.0) == payload
+    partner.close()
+    ftp.voidresp()
+    ftp.quit()
+    refused = [r for r in audit_records() if r["event"] == "data_refused"]
+    assert [r["still_listening"] for r in refused] == [True]
+
+
+def test_proxied_sessions_leave_no_address_behind(start_gateway: StartGateway) -> None:
+    """pyftpdlib's per-address table stays in step when the header names the client."""
+    gw = start_gateway(server_extra=BALANCER)
+    for index in range(5):
+        header = proxyproto.v2_header(f"198.51.100.{index + 1}", 1, gw.host, gw.port)
+        ftp = _proxied(gw, header)
+        ftp.login("acme", PASSWORD)
+        ftp.quit()
+    deadline = time.monotonic() + 5
+    while gw.server.listeners[0].ip_map and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gw.server.listeners[0].ip_map == []

@@ -1259,3 +1259,18 @@ def test_environment_reference_can_stand_for_a_list(
         f"{path}: access.allow[0]: not an IP network (CIDR like 10.0.0.0/8, or one IP) "
         "(got '198.51.100.0/33')"
     ]
+
+
+def test_ip_match_is_refused_behind_a_proxy_balancer(config_dir: Path) -> None:
+    text = _edited(
+        {
+            "[server]\n": '[server]\nproxy_protocol_from = ["10.0.0.5/32"]\n',
+            "[tls]\n": '[tls]\nreuse = "ip-match"\n',
+        }
+    )
+    path, error = _problems(config_dir, text)
+    assert error.problems == [
+        f'{path}: tls.reuse: "ip-match" cannot tell partners apart behind '
+        "server.proxy_protocol_from (their data connections all come from the "
+        "balancer); use \"required\" or \"required-any-ip\" (got 'ip-match')"
+    ]

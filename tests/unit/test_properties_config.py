@@ -44,7 +44,7 @@ _SECTIONS: dict[str, dict[str, object]] = {
                 "allow_public": False},
 }  # fmt: skip
 _ARRAYS: dict[str, list[dict[str, object]]] = {
-    "tls.overrides": [{"networks": ["198.51.100.0/24"], "reuse": "ip-match",
+    "tls.overrides": [{"networks": ["198.51.100.0/24"], "reuse": "required-any-ip",
                        "max_version": "1.2"}],
     "passive.overrides": [{"networks": ["10.0.0.0/8"], "address": ""}],
     "groups": [{"name": "finance", "mounts": [
