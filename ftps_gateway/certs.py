@@ -222,9 +222,16 @@ def certificate_not_after(certificate: Path) -> datetime:
         OSError: the file cannot be read.
         ValueError: the file holds no PEM certificate.
     """
-    return x509.load_pem_x509_certificates(certificate.read_bytes())[
-        0
-    ].not_valid_after_utc
+    return leaf_not_after(certificate.read_bytes())
+
+
+def leaf_not_after(chain_pem: bytes) -> datetime:
+    """When the leaf (first) certificate of a PEM chain expires, in UTC.
+
+    Raises:
+        ValueError: no PEM certificate in ``chain_pem``.
+    """
+    return x509.load_pem_x509_certificates(chain_pem)[0].not_valid_after_utc
 
 
 # --- development certificates ------------------------------------------------------

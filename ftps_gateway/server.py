@@ -42,7 +42,7 @@ from ftps_gateway.handler import ControlHandler
 from ftps_gateway.health import HealthServer, ReadinessState
 from ftps_gateway.loopwaker import LoopWaker, TimerScheduler
 from ftps_gateway.metrics import GatewayMetrics
-from ftps_gateway.mounts import sweep_roots
+from ftps_gateway.mounts import home_source, sweep_roots
 from ftps_gateway.netpolicy import AccessList, PassiveAddressPolicy, TLSPolicyTable
 from ftps_gateway.passive import PortsInUse, worker_ports
 from ftps_gateway.passwords import PasswordVerifier, RecentLogins
@@ -136,10 +136,6 @@ class Gateway:
     def node_name(self) -> str:
         """``server.node_name``, or the host name."""
         return self.config.server.node_name or socket.gethostname()
-
-    def home_for(self, username: str) -> Path:
-        """``<storage.root>/home/<user>``."""
-        return home_dir(self.config, username)
 
 
 # The server's own parts of a Gateway, carried over by a reload.
@@ -238,17 +234,12 @@ def storage_problem(root: Path) -> str | None:
     return None
 
 
-def home_dir(config: GatewayConfig, username: str) -> Path:
-    """Where ``username``'s home lives: ``<storage.root>/home/<user>``."""
-    return config.storage.root / "home" / username
-
-
 def prepare_homes(config: GatewayConfig) -> None:
     """Create every user's home (mode 0750, parents included) if missing."""
     try:
         for user in config.users:
             if user.home:  # other folders are created at login (they may hold {user})
-                home_dir(config, user.name).mkdir(
+                home_source(config, user.name).mkdir(
                     mode=0o750, parents=True, exist_ok=True
                 )
     except OSError as err:

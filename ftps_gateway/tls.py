@@ -59,7 +59,8 @@ class _PemSnapshot:
     """Key and chain, read once, in an in-memory file ``load_cert_chain`` can open."""
 
     def __init__(self, certificate: Path, private_key: Path) -> None:
-        pem = private_key.read_bytes() + b"\n" + certificate.read_bytes()
+        self.chain = certificate.read_bytes()
+        pem = private_key.read_bytes() + b"\n" + self.chain
         self._fd = -1
         if sys.platform.startswith("linux"):
             self._fd = os.memfd_create("ftps-gateway-tls", os.MFD_CLOEXEC)
@@ -92,9 +93,10 @@ class TLSContextFactory:
         if problems:
             raise ConfigError([f"{key}: {problem}" for key, problem in problems])
         self.default_policy = TLSPolicy(settings.min_version, settings.max_version)
-        self.not_after = certs.certificate_not_after(settings.certificate)
         self.min_version = settings.min_version
         self._snapshot = _PemSnapshot(settings.certificate, settings.private_key)
+        # From the bytes being served, not a second read of a file that may change.
+        self.not_after = certs.leaf_not_after(self._snapshot.chain)
         # The descriptor goes with the factory: after a reload, the old factory lives
         # as long as sessions that have not done AUTH TLS yet still refer to it.
         weakref.finalize(self, self._snapshot.close)

@@ -52,8 +52,16 @@ def cert_files(
     ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, Path, Path]:
     """(certificate chain, private key, CA file) for localhost and 127.0.0.1."""
-    directory = tmp_path_factory.mktemp("certs")
-    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    return write_certificate(
+        ca, tmp_path_factory.mktemp("certs"), ["localhost", "127.0.0.1"]
+    )
+
+
+def write_certificate(
+    ca: trustme.CA, directory: Path, names: list[str]
+) -> tuple[Path, Path, Path]:
+    """Write a leaf for ``names``: (chain, key mode 0600, CA file) in ``directory``."""
+    leaf = ca.issue_cert(*names)
     chain, key, ca_file = (
         directory / "server.crt",
         directory / "server.key",
@@ -64,6 +72,25 @@ def cert_files(
     key.chmod(0o600)
     ca.cert_pem.write_to_path(str(ca_file))
     return chain, key, ca_file
+
+
+@pytest.fixture(scope="session")
+def pem_pair(ca: trustme.CA) -> tuple[bytes, bytes]:
+    """A real certificate and key, made once."""
+    leaf = ca.issue_cert("localhost")
+    return leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes()
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path, pem_pair: tuple[bytes, bytes]) -> Path:
+    """A directory with ``certs/server.crt`` and ``certs/server.key`` in it."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "server.crt").write_bytes(pem_pair[0])
+    key = certs / "server.key"
+    key.write_bytes(pem_pair[1])
+    key.chmod(0o600)
+    return tmp_path
 
 
 @dataclass

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 import trustme
-from conftest import PASSWORD
+from conftest import PASSWORD, write_certificate
 
 from network import ftpsclient, netlab, nodes
 
@@ -229,7 +229,7 @@ def two_nodes(
     both nodes' configs.
     """
     nodes.require_lab("haproxy")
-    certificate = nodes.write_certificate(ca, directory, [VIP])
+    certificate = write_certificate(ca, directory, [VIP])
     lab = netlab.Lab(directory)
     with netlab.sigterm_interrupts():
         try:

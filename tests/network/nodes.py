@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import trustme
 from conftest import PASSWORD_HASH
 
 from network import netlab
@@ -32,23 +31,6 @@ def require_lab(*tools: str) -> None:
     for tool in tools:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: install it (scripts/test.sh does)")
-
-
-def write_certificate(
-    ca: trustme.CA, directory: Path, addresses: list[str]
-) -> tuple[Path, Path, Path]:
-    """(chain, key, CA file) for a certificate naming every address clients dial."""
-    leaf = ca.issue_cert(*addresses)
-    chain, key, ca_file = (
-        directory / "server.crt",
-        directory / "server.key",
-        directory / "ca.pem",
-    )
-    chain.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    leaf.private_key_pem.write_to_path(str(key))
-    key.chmod(0o600)
-    ca.cert_pem.write_to_path(str(ca_file))
-    return chain, key, ca_file
 
 
 @dataclass

@@ -28,7 +28,7 @@ from pathlib import Path
 import goftps_client
 import pytest
 import trustme
-from conftest import PASSWORD, PASSWORD_HASH
+from conftest import PASSWORD, PASSWORD_HASH, write_certificate
 
 from network import netlab
 
@@ -116,16 +116,9 @@ def deployment(
     if haproxy is None:
         pytest.fail("haproxy is missing: install it (scripts/test.sh does)")
     directory = tmp_path_factory.mktemp("netlab")
-    leaf = ca.issue_cert(netlab.BALANCER_PUBLIC_IP)
-    cert, key, ca_file = (
-        directory / "server.crt",
-        directory / "server.key",
-        directory / "ca.pem",
+    cert, key, ca_file = write_certificate(
+        ca, directory, [netlab.BALANCER_PUBLIC_IP]
     )
-    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    leaf.private_key_pem.write_to_path(str(key))
-    key.chmod(0o600)
-    ca.cert_pem.write_to_path(str(ca_file))
     config = gateway_config(directory, cert, key)
 
     lab = netlab.Lab(directory)

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 import trustme
-from conftest import PASSWORD
+from conftest import PASSWORD, write_certificate
 
 from network import ftpsclient, netlab, nodes
 
@@ -101,7 +101,7 @@ def nat(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Na
     """Namespaces, router rules and both gateways; all removed on every exit path."""
     nodes.require_lab("nft")
     directory = tmp_path_factory.mktemp("natlab")
-    certificate = nodes.write_certificate(ca, directory, [ROUTER_PUBLIC_IP, SERVER_IP])
+    certificate = write_certificate(ca, directory, [ROUTER_PUBLIC_IP, SERVER_IP])
     lab = netlab.Lab(directory)
     with netlab.sigterm_interrupts():
         try:

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import argon2
 import pytest
-import trustme
 
 from ftps_gateway import certs, config
 from ftps_gateway.config import (
@@ -77,25 +76,6 @@ def _edited(edits: dict[str, str]) -> str:
         assert old in text, old
         text = text.replace(old, new)
     return text
-
-
-@pytest.fixture(scope="module")
-def pem_pair() -> tuple[bytes, bytes]:
-    """A real certificate and key (trustme), made once per module."""
-    leaf = trustme.CA().issue_cert("localhost")
-    return leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes()
-
-
-@pytest.fixture
-def config_dir(tmp_path: Path, pem_pair: tuple[bytes, bytes]) -> Path:
-    """A directory with ``certs/server.crt`` and ``certs/server.key`` in it."""
-    certs = tmp_path / "certs"
-    certs.mkdir()
-    (certs / "server.crt").write_bytes(pem_pair[0])
-    key = certs / "server.key"
-    key.write_bytes(pem_pair[1])
-    key.chmod(0o600)
-    return tmp_path
 
 
 def _write(directory: Path, text: str) -> Path:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import argon2
 import pytest
-import trustme
 
 from ftps_gateway import config
 from ftps_gateway.config import ListenAddress, MetricsSettings
@@ -38,25 +37,6 @@ root = "data"
 name = "acme"
 password = "{HASH}"
 """
-
-
-@pytest.fixture(scope="module")
-def pem_pair() -> tuple[bytes, bytes]:
-    """A real certificate and key (trustme), made once per module."""
-    leaf = trustme.CA().issue_cert("localhost")
-    return leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes()
-
-
-@pytest.fixture
-def config_dir(tmp_path: Path, pem_pair: tuple[bytes, bytes]) -> Path:
-    """A directory with ``certs/server.crt`` and ``certs/server.key`` in it."""
-    certs = tmp_path / "certs"
-    certs.mkdir()
-    (certs / "server.crt").write_bytes(pem_pair[0])
-    key = certs / "server.key"
-    key.write_bytes(pem_pair[1])
-    key.chmod(0o600)
-    return tmp_path
 
 
 def _write(directory: Path, metrics_section: str | None) -> Path:
