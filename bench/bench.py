@@ -83,7 +83,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # ftps_gateway.client, when run without installing
 
-from ftps_gateway.client import ReusingFTP_TLS  # noqa: E402 - after the path fix
+from ftps_gateway.selftest.client import ReusingFTP_TLS  # noqa: E402 - after the path fix
 
 BIG_NAME = "bench-big.bin"
 SMALL_NAME = "bench-4k.bin"

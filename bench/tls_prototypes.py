@@ -132,7 +132,8 @@ def pyopenssl_tickets(pem: Path, ca: Path) -> None:
         thread.start()
         client = ssl.create_default_context(cafile=str(ca))
         sock = client.wrap_socket(
-            socket.create_connection(listener.getsockname()), server_hostname="localhost"
+            socket.create_connection(listener.getsockname()),
+            server_hostname="localhost",
         )
         print(f"pyOpenSSL {name}: {_peek_after_handshake(sock)} B after handshake")
         sock.close()

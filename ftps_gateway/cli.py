@@ -20,25 +20,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from ftps_gateway import (
-    __version__,
-    admin,
-    certs,
-    config,
-    demo,
-    mounts,
-    passwords,
-    selftest,
-    selftest_report,
-)
+from ftps_gateway import __version__, config
 from ftps_gateway.audit import AUDIT_LOGGER_NAME, XFERLOG_LOGGER_NAME
+from ftps_gateway.config import tree as mounts
 from ftps_gateway.errors import ConfigError, GatewayError, StartupError
+from ftps_gateway.policy import passwords
+from ftps_gateway.selftest import report as selftest_report
+from ftps_gateway.selftest import runner as selftest
+from ftps_gateway.service import admin, demo
+from ftps_gateway.tls import certificates as certs
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from types import FrameType
 
-    from ftps_gateway.server import GatewayServer
+    from ftps_gateway.service.server import GatewayServer
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the server died (self-test: its own codes, selftest_report)
@@ -265,7 +261,7 @@ def _line_handler(path: Path | None, stream: TextIO | None) -> logging.Handler:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ftps_gateway import workers  # noqa: PLC0415 - keep other verbs light
+    from ftps_gateway.service import supervisor as workers  # noqa: PLC0415 - keep other verbs light
 
     prepared: demo.Demo | None = None
     if args.config is None:
@@ -282,7 +278,7 @@ def _serve(args: argparse.Namespace) -> int:
             host, port = supervisor.explicit[0].getsockname()[:2]
             _print_demo(prepared, host, port)
         return supervisor.run()
-    from ftps_gateway.server import GatewayServer  # noqa: PLC0415
+    from ftps_gateway.service.server import GatewayServer  # noqa: PLC0415
 
     server = GatewayServer(cfg)
     if prepared is not None:
@@ -305,7 +301,7 @@ def _print_demo(prepared: demo.Demo, host: str, port: int) -> None:
 
 def _worker(args: argparse.Namespace) -> int:
     """One worker process, started by ``serve``'s supervisor (not for operators)."""
-    from ftps_gateway import workers  # noqa: PLC0415
+    from ftps_gateway.service import supervisor as workers  # noqa: PLC0415
 
     cfg = config.load(args.config)
     configure_logging(cfg.log_level, args.debug, cfg.audit_file, cfg.xferlog_file)
@@ -325,18 +321,18 @@ def _serve_signals(server: GatewayServer, *, second_term_stops: bool = True) -> 
     terms = [0]
 
     def _stop(_signum: int, _frame: FrameType | None) -> None:
-        server.gateway.waker.request_stop()
+        server.waker.request_stop()
 
     def _drain(_signum: int, _frame: FrameType | None) -> None:
         # No logging here: a handler's lock may be held by the interrupted code.
         terms[0] += 1
         if terms[0] > 1 and second_term_stops:
-            server.gateway.waker.request_stop()
+            server.waker.request_stop()
         else:
-            server.gateway.waker.call_soon_threadsafe(server.drain)
+            server.waker.call_soon_threadsafe(server.drain)
 
     def _reload(_signum: int, _frame: FrameType | None) -> None:
-        server.gateway.waker.call_soon_threadsafe(server.reload)
+        server.waker.call_soon_threadsafe(server.reload)
 
     signal.signal(signal.SIGTERM, _drain)
     signal.signal(signal.SIGINT, _stop)

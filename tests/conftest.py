@@ -18,9 +18,9 @@ import trustme
 from hypothesis import settings
 
 from ftps_gateway import config as config_module
-from ftps_gateway.client import ReusingFTP_TLS
-from ftps_gateway.passwords import PasswordVerifier
-from ftps_gateway.server import GatewayServer
+from ftps_gateway.policy.passwords import PasswordVerifier
+from ftps_gateway.selftest.client import ReusingFTP_TLS
+from ftps_gateway.service.server import GatewayServer
 
 # Cheap argon2id parameters for tests: the real cost is a production setting.
 FAST_PARAMETERS = argon2.Parameters(

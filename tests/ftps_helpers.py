@@ -8,7 +8,6 @@ import urllib.request
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-
     from conftest import RunningGateway
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from conftest import PASSWORD
 
-from ftps_gateway.client import ReusingFTP_TLS
+from ftps_gateway.selftest.client import ReusingFTP_TLS
 
 START_TIMEOUT_SECONDS = 60  # two fresh interpreters on a busy 2-core machine
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

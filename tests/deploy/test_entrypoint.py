@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from conftest import PASSWORD, PASSWORD_HASH
 
-from ftps_gateway.client import ReusingFTP_TLS
+from ftps_gateway.selftest.client import ReusingFTP_TLS
 
 pytestmark = pytest.mark.integration
 

@@ -26,8 +26,8 @@ from conftest import FAST_PARAMETERS, PASSWORD, write_config
 
 from ftps_gateway import cli
 from ftps_gateway import config as config_module
-from ftps_gateway.passwords import PasswordVerifier
-from ftps_gateway.server import GatewayServer
+from ftps_gateway.policy.passwords import PasswordVerifier
+from ftps_gateway.service.server import GatewayServer
 
 PASSIVE = "40000-40009"
 

@@ -21,7 +21,7 @@ from conftest import PASSWORD, PASSWORD_HASH, RunningGateway
 from ftps_helpers import raw_connect, read_until_quiet
 
 from ftps_gateway import cli
-from ftps_gateway.client import ImplicitFTP_TLS
+from ftps_gateway.selftest.client import ImplicitFTP_TLS
 
 if TYPE_CHECKING:
     from pathlib import Path

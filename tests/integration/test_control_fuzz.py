@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from ftps_gateway.handler import MAX_COMMAND_BYTES
+from ftps_gateway.ftp.control import MAX_COMMAND_BYTES
 
 if TYPE_CHECKING:
     import socket

@@ -25,8 +25,8 @@ import pytest
 from conftest import PASSWORD_HASH, write_config
 from gateway_process import GatewayProcess
 
-from ftps_gateway import vfs
-from ftps_gateway.filesystem import TEMP_MIN_AGE_SECONDS
+from ftps_gateway.storage import vfs
+from ftps_gateway.storage.uploads import TEMP_MIN_AGE_SECONDS
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

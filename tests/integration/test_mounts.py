@@ -81,7 +81,9 @@ def sha256(data: bytes) -> str:
 
 def nlst(ftp: ftplib.FTP, path: str = "") -> list[str]:
     """Names in ``path`` (sorted)."""
-    return sorted(os.path.basename(name) for name in ftp.nlst(*([path] if path else [])))
+    return sorted(
+        os.path.basename(name) for name in ftp.nlst(*([path] if path else []))
+    )
 
 
 # --- the tree --------------------------------------------------------------------

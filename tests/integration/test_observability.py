@@ -167,8 +167,8 @@ def test_timers_set_before_the_loop_fire_without_any_connection(
     from conftest import FAST_PARAMETERS, write_config
 
     from ftps_gateway import config as config_module
-    from ftps_gateway.passwords import PasswordVerifier
-    from ftps_gateway.server import GatewayServer
+    from ftps_gateway.policy.passwords import PasswordVerifier
+    from ftps_gateway.service.server import GatewayServer
 
     cfg = config_module.load(write_config(tmp_path, cert_files))
     server = GatewayServer(cfg, verifier=PasswordVerifier(parameters=FAST_PARAMETERS))

@@ -22,7 +22,7 @@ import pytest
 from conftest import FAST_PARAMETERS, PASSWORD, RunningGateway
 from ftps_helpers import plain_control, raw_connect, read_until_quiet, tls_only
 
-from ftps_gateway.passwords import PasswordVerifier
+from ftps_gateway.policy.passwords import PasswordVerifier
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ import pytest
 from conftest import PASSWORD, RunningGateway
 from ftps_helpers import raw_connect, read_until_quiet
 
-from ftps_gateway import proxyproto
-from ftps_gateway.client import ReusingFTP_TLS
+from ftps_gateway.policy import proxyproto
+from ftps_gateway.selftest.client import ReusingFTP_TLS
 
 pytestmark = pytest.mark.integration
 

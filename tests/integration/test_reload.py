@@ -14,7 +14,7 @@ from conftest import PASSWORD, PASSWORD_HASH, RunningGateway, admin_socket_path
 from gateway_process import GatewayProcess
 
 from ftps_gateway import cli
-from ftps_gateway.client import ReusingFTP_TLS
+from ftps_gateway.selftest.client import ReusingFTP_TLS
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from conftest import PASSWORD, RunningGateway
 
-from ftps_gateway import cli, selftest
-from ftps_gateway.selftest_report import STAGE_BY_NAME
+from ftps_gateway import cli
+from ftps_gateway.selftest import runner as selftest
+from ftps_gateway.selftest.report import STAGE_BY_NAME
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import PASSWORD, RunningGateway
 from ftps_helpers import read_until_quiet
 
-from ftps_gateway.client import ReusingFTP_TLS
+from ftps_gateway.selftest.client import ReusingFTP_TLS
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from conftest import PASSWORD, admin_socket_path, write_config
 from ftps_helpers import raw_connect, read_until_quiet, scrape
 from gateway_process import GatewayProcess
 
-from ftps_gateway.client import ReusingFTP_TLS
+from ftps_gateway.selftest.client import ReusingFTP_TLS
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from conftest import RunningGateway
 
-from ftps_gateway.handler import DataHandler
+from ftps_gateway.ftp.data import DataHandler
 
 pytestmark = pytest.mark.integration
 

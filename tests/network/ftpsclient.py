@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ftps_gateway.client import ReusingFTP_TLS
+from ftps_gateway.selftest.client import ReusingFTP_TLS
 
 _print_lock = threading.Lock()
 LAB_VIP = "203.0.113.1"  # the name in the balancer lab's certificate

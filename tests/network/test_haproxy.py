@@ -116,9 +116,7 @@ def deployment(
     if haproxy is None:
         pytest.fail("haproxy is missing: install it (scripts/test.sh does)")
     directory = tmp_path_factory.mktemp("netlab")
-    cert, key, ca_file = write_certificate(
-        ca, directory, [netlab.BALANCER_PUBLIC_IP]
-    )
+    cert, key, ca_file = write_certificate(ca, directory, [netlab.BALANCER_PUBLIC_IP])
     config = gateway_config(directory, cert, key)
 
     lab = netlab.Lab(directory)

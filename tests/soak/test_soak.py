@@ -26,7 +26,7 @@ import pytest
 from conftest import PASSWORD, write_config
 from gateway_process import GatewayProcess
 
-from ftps_gateway.server import PASSWORD_WORKERS
+from ftps_gateway.session.runtime import PASSWORD_WORKERS
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(3600)]
 
@@ -214,7 +214,9 @@ def test_soak_mixed_clients(
             if pid != pids[0]:
                 allowed = max(allowed, 1 + PASSWORD_WORKERS)
             assert after[pid].threads <= allowed, report
-            assert after[pid].rss_kib <= baseline[pid].rss_kib + RSS_TOLERANCE_KIB, report
+            assert after[pid].rss_kib <= baseline[pid].rss_kib + RSS_TOLERANCE_KIB, (
+                report
+            )
     finally:
         code = server.stop()
     assert code == 0, "".join(server.stderr)

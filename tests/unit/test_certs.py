@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ftps_gateway.certs import (
+from ftps_gateway.tls.certificates import (
     DEVELOPMENT_VALIDITY_DAYS,
     certificate_not_after,
     certificate_problems,

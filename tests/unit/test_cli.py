@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import PASSWORD_HASH, write_config
 
-from ftps_gateway import cli, passwords
+from ftps_gateway import cli
+from ftps_gateway.policy import passwords
 
 
 def test_check_config_prints_a_redacted_summary(
@@ -112,7 +113,13 @@ def test_usage_errors_exit_2() -> None:
 @pytest.fixture
 def restored_loggers() -> Iterator[None]:
     """configure_logging changes process-wide loggers: put them back afterwards."""
-    names = ["", "ftps_gateway", "pyftpdlib", "ftps_gateway.audit", "ftps_gateway.xferlog"]
+    names = [
+        "",
+        "ftps_gateway",
+        "pyftpdlib",
+        "ftps_gateway.audit",
+        "ftps_gateway.xferlog",
+    ]
     saved = {
         name: (list(lg.handlers), lg.level, lg.propagate)
         for name in names

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import argon2
 import pytest
 
-from ftps_gateway import certs, config
+from ftps_gateway import config
 from ftps_gateway.config import (
     AccessSettings,
     AdminSettings,
@@ -26,6 +26,7 @@ from ftps_gateway.config import (
     UserSettings,
 )
 from ftps_gateway.errors import ConfigError
+from ftps_gateway.tls import certificates as certs
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -1252,5 +1253,5 @@ def test_ip_match_is_refused_behind_a_proxy_balancer(config_dir: Path) -> None:
     assert error.problems == [
         f'{path}: tls.reuse: "ip-match" cannot tell partners apart behind '
         "server.proxy_protocol_from (their data connections all come from the "
-        "balancer); use \"required\" or \"required-any-ip\" (got 'ip-match')"
+        'balancer); use "required" or "required-any-ip" (got \'ip-match\')'
     ]

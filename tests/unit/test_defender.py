@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from ftps_gateway.config import DefenderSettings
-from ftps_gateway.defender import (
+from ftps_gateway.policy.defender import (
     LIMIT_PER_IP,
     LIMIT_PER_USER,
     LIMIT_TOTAL,

@@ -8,7 +8,7 @@ import time
 import pytest
 from pyftpdlib.ioloop import IOLoop
 
-from ftps_gateway.loopwaker import TimerScheduler
+from ftps_gateway.ftp.loop import TimerScheduler
 
 
 @pytest.mark.parametrize("patched", [True, False], ids=["ours", "pyftpdlib"])

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 from conftest import PASSWORD_HASH, write_config
 
-from ftps_gateway import cli, config, mounts, vfs
+from ftps_gateway import cli, config
+from ftps_gateway.config import tree as mounts
 from ftps_gateway.errors import ConfigError
+from ftps_gateway.storage import vfs
 
 P = vfs.Permission
 
@@ -18,12 +20,18 @@ def table(tmp_path: Path) -> vfs.MountTable:
     """Home at /, /finance read-only, /finance/drop dropbox, /a/b/deep read-write."""
     for name in ("home", "finance", "drop", "deep", "outside"):
         (tmp_path / name).mkdir()
-    return vfs.MountTable([
-        vfs.Mount("/", tmp_path / "home", vfs.ALL_PERMISSIONS, "home", personal=True),
-        vfs.Mount("/finance", tmp_path / "finance", vfs.PRESETS["read"], "group f"),
-        vfs.Mount("/finance/drop", tmp_path / "drop", vfs.PRESETS["dropbox"], "group o"),
-        vfs.Mount("/a/b/deep", tmp_path / "deep", vfs.ALL_PERMISSIONS, "user"),
-    ])
+    return vfs.MountTable(
+        [
+            vfs.Mount(
+                "/", tmp_path / "home", vfs.ALL_PERMISSIONS, "home", personal=True
+            ),
+            vfs.Mount("/finance", tmp_path / "finance", vfs.PRESETS["read"], "group f"),
+            vfs.Mount(
+                "/finance/drop", tmp_path / "drop", vfs.PRESETS["dropbox"], "group o"
+            ),
+            vfs.Mount("/a/b/deep", tmp_path / "deep", vfs.ALL_PERMISSIONS, "user"),
+        ]
+    )
 
 
 def test_longest_prefix_decides(table: vfs.MountTable, tmp_path: Path) -> None:
@@ -43,7 +51,9 @@ def test_longest_prefix_decides(table: vfs.MountTable, tmp_path: Path) -> None:
     assert table.locate("/", "/finance/drop/x").permissions == {P.UPLOAD}
 
 
-def test_traversal_never_leaves_the_mount(table: vfs.MountTable, tmp_path: Path) -> None:
+def test_traversal_never_leaves_the_mount(
+    table: vfs.MountTable, tmp_path: Path
+) -> None:
     """.. from inside a mount is virtual: it climbs the tree, never the disk."""
     location = table.locate("/finance/drop", "../../../../outside/secret")
     assert location.virtual == "/outside/secret"
@@ -96,7 +106,9 @@ def test_duplicate_and_malformed_mounts_are_refused(tmp_path: Path) -> None:
 
 def test_missing_source_is_unavailable(tmp_path: Path) -> None:
     """A mount whose folder is gone refuses its paths instead of failing the session."""
-    table = vfs.MountTable([vfs.Mount("/", tmp_path / "gone", vfs.ALL_PERMISSIONS, "h")])
+    table = vfs.MountTable(
+        [vfs.Mount("/", tmp_path / "gone", vfs.ALL_PERMISSIONS, "h")]
+    )
     with pytest.raises(vfs.PathRefused, match="folder unavailable"):
         table.locate("/", "/x")
 
@@ -224,56 +236,99 @@ def test_config_reads_groups_and_user_trees(
 @pytest.mark.parametrize(
     ("users", "expected"),
     [
-        (user("acme", 'groups = ["nope"]'), ["users[0].groups[0]: no group named 'nope'"]),
         (
-            user("acme", 'groups = ["finance"]\n[[users.mounts]]\npath = "/finance"\n'
-                 'source = "x"\npermissions = "read"'),
-            ["users[0].mounts[0]: /finance is mounted twice for user 'acme': "
-             "groups[0].mounts[0] (group finance, source 'shared/finance') and "
-             "users[0].mounts[0] (user, source 'x')"],
+            user("acme", 'groups = ["nope"]'),
+            ["users[0].groups[0]: no group named 'nope'"],
         ),
         (
-            user("acme", '[[users.mounts]]\npath = "/"\nsource = "x"\npermissions = "read"'),
-            ["users[0].mounts[0]: / is mounted twice for user 'acme': users[0] (home, "
-             "source 'home/acme') and users[0].mounts[0] (user, source 'x')"],
+            user(
+                "acme",
+                'groups = ["finance"]\n[[users.mounts]]\npath = "/finance"\n'
+                'source = "x"\npermissions = "read"',
+            ),
+            [
+                "users[0].mounts[0]: /finance is mounted twice for user 'acme': "
+                "groups[0].mounts[0] (group finance, source 'shared/finance') and "
+                "users[0].mounts[0] (user, source 'x')"
+            ],
         ),
         (
-            user("acme", '[[users.mounts]]\npath = "/all"\nsource = "."\npermissions = "read"'),
-            ["users[0].mounts[0].source: would expose storage.root (every home); "
-             "mount a folder inside it"],
+            user(
+                "acme",
+                '[[users.mounts]]\npath = "/"\nsource = "x"\npermissions = "read"',
+            ),
+            [
+                "users[0].mounts[0]: / is mounted twice for user 'acme': users[0] (home, "
+                "source 'home/acme') and users[0].mounts[0] (user, source 'x')"
+            ],
         ),
         (
-            user("acme", '[[users.mounts]]\npath = "/h"\nsource = "home"\npermissions = "read"'),
-            ["users[0].mounts[0].source: would expose every user's home; mount one "
-             "folder inside it"],
+            user(
+                "acme",
+                '[[users.mounts]]\npath = "/all"\nsource = "."\npermissions = "read"',
+            ),
+            [
+                "users[0].mounts[0].source: would expose storage.root (every home); "
+                "mount a folder inside it"
+            ],
         ),
         (
-            user("acme", '[[users.mounts]]\npath = "/up"\nsource = "../x"\npermissions = "read"'),
-            ["users[0].mounts[0].source: a relative source must stay under "
-             "storage.root (no ..)"],
+            user(
+                "acme",
+                '[[users.mounts]]\npath = "/h"\nsource = "home"\npermissions = "read"',
+            ),
+            [
+                "users[0].mounts[0].source: would expose every user's home; mount one "
+                "folder inside it"
+            ],
         ),
         (
-            user("acme", '[[users.mounts]]\npath = "/etc"\nsource = "/"\npermissions = "read"'),
-            ["users[0].mounts[0].source: would expose storage.root (every home); "
-             "mount a folder inside it"],
+            user(
+                "acme",
+                '[[users.mounts]]\npath = "/up"\nsource = "../x"\npermissions = "read"',
+            ),
+            [
+                "users[0].mounts[0].source: a relative source must stay under "
+                "storage.root (no ..)"
+            ],
         ),
         (
-            user("acme", '[[users.mounts]]\npath = "x/../y"\nsource = "s"\n'
-                 'permissions = ["read", "fly"]\nquota_bytes = 0'),
-            ["users[0].mounts[0].path: must be an absolute virtual path such as "
-             "/finance (got 'x/../y')",
-             "users[0].mounts[0].quota_bytes: must be 1 to 4611686018427387904 (got 0)",
-             "users[0].mounts[0].permissions: unknown permission 'fly' (known: read, "
-             "dropbox, read-write, none, list, download, upload, overwrite, delete, "
-             "rename, mkdir)"],
+            user(
+                "acme",
+                '[[users.mounts]]\npath = "/etc"\nsource = "/"\npermissions = "read"',
+            ),
+            [
+                "users[0].mounts[0].source: would expose storage.root (every home); "
+                "mount a folder inside it"
+            ],
         ),
         (
-            user("acme", '[[users.mounts]]\npath = "/a/"\nsource = "{usr}"\npermissions = 3'),
-            ["users[0].mounts[0].path: not in normal form; write '/a' (got '/a/')",
-             "users[0].mounts[0].source: unknown placeholder {usr} (only {user}) "
-             "(got '{usr}')",
-             "users[0].mounts[0].permissions: must be a preset name or an array of "
-             "permission words (got 3)"],
+            user(
+                "acme",
+                '[[users.mounts]]\npath = "x/../y"\nsource = "s"\n'
+                'permissions = ["read", "fly"]\nquota_bytes = 0',
+            ),
+            [
+                "users[0].mounts[0].path: must be an absolute virtual path such as "
+                "/finance (got 'x/../y')",
+                "users[0].mounts[0].quota_bytes: must be 1 to 4611686018427387904 (got 0)",
+                "users[0].mounts[0].permissions: unknown permission 'fly' (known: read, "
+                "dropbox, read-write, none, list, download, upload, overwrite, delete, "
+                "rename, mkdir)",
+            ],
+        ),
+        (
+            user(
+                "acme",
+                '[[users.mounts]]\npath = "/a/"\nsource = "{usr}"\npermissions = 3',
+            ),
+            [
+                "users[0].mounts[0].path: not in normal form; write '/a' (got '/a/')",
+                "users[0].mounts[0].source: unknown placeholder {usr} (only {user}) "
+                "(got '{usr}')",
+                "users[0].mounts[0].permissions: must be a preset name or an array of "
+                "permission words (got 3)",
+            ],
         ),
     ],
 )

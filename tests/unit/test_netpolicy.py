@@ -10,7 +10,7 @@ import pytest
 
 from ftps_gateway.config import PassiveOverride, PassiveSettings
 from ftps_gateway.errors import GatewayError
-from ftps_gateway.netpolicy import (
+from ftps_gateway.policy.netpolicy import (
     AccessList,
     PassiveAddressError,
     PassiveAddressPolicy,

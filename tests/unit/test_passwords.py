@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 import pytest
 from argon2 import PasswordHasher, Type, extract_parameters, profiles
 
-from ftps_gateway.passwords import (
+from ftps_gateway.policy.passwords import (
     DEFAULT_PARAMETERS,
     PasswordVerifier,
     hash_password,
@@ -244,7 +244,7 @@ def test_is_argon2id_hash(value: str, expected: bool) -> None:
 
 
 def test_recent_logins_remember_successes_for_a_while() -> None:
-    from ftps_gateway.passwords import RecentLogins
+    from ftps_gateway.policy.passwords import RecentLogins
 
     now = [100.0]
     cache = RecentLogins(60, max_entries=2, clock=lambda: now[0])
@@ -265,7 +265,7 @@ def test_recent_logins_remember_successes_for_a_while() -> None:
 
 
 def test_recent_logins_never_hold_the_password() -> None:
-    from ftps_gateway.passwords import RecentLogins
+    from ftps_gateway.policy.passwords import RecentLogins
 
     cache = RecentLogins(60)
     cache.remember(cache.token("$argon2id$h", "correct horse"))
@@ -275,7 +275,7 @@ def test_recent_logins_never_hold_the_password() -> None:
 
 
 def test_recent_logins_off() -> None:
-    from ftps_gateway.passwords import RecentLogins
+    from ftps_gateway.policy.passwords import RecentLogins
 
     cache = RecentLogins(0)
     token = cache.token("h", "p")

@@ -13,7 +13,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ftps_gateway.handler import (
+from ftps_gateway.ftp.control import (
     COMMAND_TOO_LONG_REPLY,
     CONTROL_CHARACTERS_REPLY,
     MAX_COMMAND_BYTES,

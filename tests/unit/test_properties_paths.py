@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from ftps_gateway import vfs
-from ftps_gateway.filesystem import GatewayFS
+from ftps_gateway.ftp.filesystem import GatewayFS
+from ftps_gateway.storage import vfs
 
 _NAMES = st.sampled_from(
     [

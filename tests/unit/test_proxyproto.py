@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ftps_gateway import proxyproto
-from ftps_gateway.proxyproto import ProxyHeader, ProxyProtocolError
+from ftps_gateway.policy import proxyproto
+from ftps_gateway.policy.proxyproto import ProxyHeader, ProxyProtocolError
 
 V1 = b"PROXY TCP4 198.51.100.7 10.0.0.5 40123 21\r\n"
 

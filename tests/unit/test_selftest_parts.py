@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ftps_gateway import cli, selftest
-from ftps_gateway.selftest_report import (
+from ftps_gateway import cli
+from ftps_gateway.selftest import runner as selftest
+from ftps_gateway.selftest.report import (
     STAGES,
     Report,
     Status,

@@ -6,8 +6,8 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from ftps_gateway import vfs
-from ftps_gateway.filesystem import TEMP_MIN_AGE_SECONDS, sweep_partials
+from ftps_gateway.storage import vfs
+from ftps_gateway.storage.uploads import TEMP_MIN_AGE_SECONDS, sweep_partials
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from ftps_gateway import tls
 from ftps_gateway.config import TLSOverride, TLSSettings, UserSettings
 from ftps_gateway.errors import StartupError
-from ftps_gateway.netpolicy import DataChannelPolicy, TLSPolicyTable
+from ftps_gateway.policy.netpolicy import DataChannelPolicy, TLSPolicyTable
+from ftps_gateway.tls import contexts as tls
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from ftps_gateway.errors import GatewayError
-from ftps_gateway.vfs import (
+from ftps_gateway.storage.vfs import (
     MAX_NAME_BYTES,
     UPLOAD_TEMP_PREFIX,
     HomeTree,

@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from ftps_gateway.selftest_report import Report, Status, Step
+from ftps_gateway.selftest.report import Report, Status, Step
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable

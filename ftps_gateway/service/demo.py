@@ -14,7 +14,9 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftps_gateway import certs, config, passwords
+from ftps_gateway import config
+from ftps_gateway.policy import passwords
+from ftps_gateway.tls import certificates as certs
 
 DEMO_USER = "demo"
 DEFAULT_LISTEN = "127.0.0.1:2121"

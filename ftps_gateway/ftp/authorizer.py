@@ -18,10 +18,7 @@ SESSION_PERMISSIONS = "elradfmwT"
 
 
 class GatewayAuthorizer:
-    """Read-only view pyftpdlib needs; the user table lives in the config."""
-
-    def __init__(self, usernames: frozenset[str]) -> None:
-        self._usernames = usernames
+    """What pyftpdlib asks of an authorizer; the user table lives in the config."""
 
     def validate_authentication(
         self, username: str, password: str, handler: object
@@ -30,12 +27,15 @@ class GatewayAuthorizer:
         raise AuthenticationFailed("Authentication failed.")
 
     def has_perm(self, username: str, perm: str, path: str | None = None) -> bool:
-        """Letters pyftpdlib checks after the mount gate allowed the command."""
-        return username in self._usernames and perm in SESSION_PERMISSIONS
+        """Letters pyftpdlib checks after the session's own decision allowed it.
+
+        Only a logged-in session asks, and its user was found at login.
+        """
+        return perm in SESSION_PERMISSIONS
 
     def get_perms(self, username: str) -> str:
         """Unused for facts: GatewayFS.format_mlsx computes them per mount."""
-        return SESSION_PERMISSIONS if username in self._usernames else ""
+        return SESSION_PERMISSIONS
 
     def get_msg_login(self, username: str) -> str:
         """230 text: no user details."""

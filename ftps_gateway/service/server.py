@@ -20,9 +20,8 @@ import os
 import socket
 import threading
 import time
-import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -30,24 +29,38 @@ from pyftpdlib.ioloop import IOLoop
 from pyftpdlib.servers import FTPServer
 
 from ftps_gateway import config as config_module
-from ftps_gateway import sdnotify
-from ftps_gateway.admin import AdminServer
 from ftps_gateway.audit import AuditLog
-from ftps_gateway.authorizer import GatewayAuthorizer
 from ftps_gateway.config import endpoint
-from ftps_gateway.defender import BanKeeper, Defender, LimitKeeper, SessionLimits
+from ftps_gateway.config.tree import home_source, sweep_roots
 from ftps_gateway.errors import ConfigError, GatewayError, StartupError
-from ftps_gateway.filesystem import sweep_partials
-from ftps_gateway.handler import ControlHandler
-from ftps_gateway.health import HealthServer, ReadinessState
-from ftps_gateway.loopwaker import LoopWaker, TimerScheduler
+from ftps_gateway.ftp.control import ControlHandler
+from ftps_gateway.ftp.loop import LoopWaker, TimerScheduler
+from ftps_gateway.ftp.passive import worker_ports
 from ftps_gateway.metrics import GatewayMetrics
-from ftps_gateway.mounts import home_source, sweep_roots
-from ftps_gateway.netpolicy import AccessList, PassiveAddressPolicy, TLSPolicyTable
-from ftps_gateway.passive import PortsInUse, worker_ports
-from ftps_gateway.passwords import PasswordVerifier, RecentLogins
-from ftps_gateway.sharedstate import RemoteDefender, RemoteLimits, StateChannel
-from ftps_gateway.tls import TicketRefresher, TLSContextFactory, prove_session_binding
+from ftps_gateway.policy.defender import BanKeeper, Defender, LimitKeeper, SessionLimits
+from ftps_gateway.policy.netpolicy import (
+    AccessList,
+    PassiveAddressPolicy,
+    TLSPolicyTable,
+)
+from ftps_gateway.policy.passwords import PasswordVerifier, RecentLogins
+from ftps_gateway.service import sdnotify
+from ftps_gateway.service.admin import AdminServer
+from ftps_gateway.service.health import HealthServer, ReadinessState
+from ftps_gateway.service.sharedstate import RemoteDefender, RemoteLimits, StateChannel
+from ftps_gateway.session.runtime import (
+    PASSWORD_WORKERS,
+    SHARED_PARTS,
+    Gateway,
+    GatewayHolder,
+    PortsInUse,
+)
+from ftps_gateway.storage.uploads import sweep_partials
+from ftps_gateway.tls.contexts import (
+    TicketRefresher,
+    TLSContextFactory,
+    prove_session_binding,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -97,64 +110,9 @@ def bind_listener(listen: ListenAddress) -> socket.socket:
         raise
     return sock
 
+
 # How often a drain looks for sessions whose transfer has finished.
 DRAIN_POLL_SECONDS = 0.2
-
-# argon2id threads. Each verification holds its memory cost (64 MiB with the default
-# parameters) while it runs, so this also bounds login memory.
-PASSWORD_WORKERS = 2
-
-
-@dataclass
-class Gateway:
-    """What the sessions under one configuration share.
-
-    The first group is rebuilt from the config on reload; the second is the
-    server's own and carried over to each new ``Gateway``.
-    """
-
-    config: GatewayConfig
-    tls: TLSContextFactory
-    tls_policies: TLSPolicyTable
-    passive_policy: PassiveAddressPolicy
-    access: AccessList
-    proxy_sources: AccessList | None  # None: no PROXY protocol anywhere
-    authorizer: GatewayAuthorizer
-    recent_logins: RecentLogins  # per config: a reload forgets them
-
-    verifier: PasswordVerifier
-    executor: ThreadPoolExecutor
-    waker: LoopWaker
-    audit: AuditLog
-    defender: BanKeeper
-    limits: LimitKeeper
-    metrics: GatewayMetrics
-    passive_ports: PortsInUse
-    tickets: TicketRefresher
-
-    @property
-    def node_name(self) -> str:
-        """``server.node_name``, or the host name."""
-        return self.config.server.node_name or socket.gethostname()
-
-
-# The server's own parts of a Gateway, carried over by a reload.
-SHARED_PARTS = (
-    "verifier", "executor", "waker", "audit", "defender", "limits", "metrics",
-    "passive_ports", "tickets",
-)  # fmt: skip
-
-
-@dataclass
-class GatewayHolder:
-    """The current ``Gateway`` (swapped on reload) and the server's session state."""
-
-    current: Gateway
-    # Admitted control sessions, for the drain; weak, so a session that is gone is
-    # never kept alive by this set.
-    sessions: weakref.WeakSet[ControlHandler] = field(default_factory=weakref.WeakSet)
-    draining: bool = False
-    worker: tuple[int, int] = (0, 1)  # (index, count): this process's passive share
 
 
 def build_gateway(
@@ -216,7 +174,6 @@ def build_gateway(
             if config.server.proxy_protocol_from
             else None
         ),
-        authorizer=GatewayAuthorizer(frozenset(u.name for u in config.users)),
         recent_logins=RecentLogins(config.server.login_cache_seconds),
         **parts,
     )
@@ -271,6 +228,7 @@ class GatewayServer:
         prepare_homes(config)
         self.ioloop = IOLoop()
         self.ioloop.sched = TimerScheduler()  # no traceback for a cancelled timer
+        self.waker = LoopWaker(self.ioloop)
         self.worker = worker
         executor = ThreadPoolExecutor(PASSWORD_WORKERS, thread_name_prefix="argon2")
         shared: dict[str, Any] = {}
@@ -284,7 +242,7 @@ class GatewayServer:
                 config,
                 verifier=verifier or PasswordVerifier(),
                 executor=executor,
-                waker=LoopWaker(self.ioloop),
+                waker=self.waker,
                 audit=audit or AuditLog(),
                 **shared,
             )
@@ -412,7 +370,7 @@ class GatewayServer:
             except Exception as err:  # noqa: BLE001 - handed to the waiting thread
                 done.set_exception(err)
 
-        self.gateway.waker.call_soon_threadsafe(run)
+        self.waker.call_soon_threadsafe(run)
         return done.result(RELOAD_TIMEOUT_SECONDS)
 
     @property
@@ -501,7 +459,7 @@ class GatewayServer:
         # scheduler for the next deadline: timers set before the loop (metrics push,
         # partial sweep) would wait for the first connection. One wake-up at once
         # lets the scheduler set the first timeout.
-        self.gateway.waker.call_soon_threadsafe(lambda: None)
+        self.waker.call_soon_threadsafe(lambda: None)
         try:
             self.ioloop.loop()
         finally:
@@ -510,7 +468,7 @@ class GatewayServer:
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Close every connection and end ``serve_forever``; safe from any thread."""
-        self.gateway.waker.call_soon_threadsafe(self.ioloop.close)
+        self.waker.call_soon_threadsafe(self.ioloop.close)
         self._stopped.wait(timeout)
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
@@ -596,6 +554,5 @@ def build_handler_class(
     attributes: dict[str, Any] = {
         "gateways": holder,
         "implicit_tls": implicit,
-        "authorizer": holder.current.authorizer,
     }
     return type("GatewayControlHandler", (ControlHandler,), attributes)

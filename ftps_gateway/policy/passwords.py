@@ -198,8 +198,8 @@ class RecentLogins:
 
     def token(self, stored_hash: str, password: str) -> bytes:
         """The key a successful verification of this pair is remembered under."""
-        message = stored_hash.encode() + b"\0" + password.encode(
-            "utf-8", "surrogateescape"
+        message = (
+            stored_hash.encode() + b"\0" + password.encode("utf-8", "surrogateescape")
         )
         return hmac.new(self._key, message, hashlib.sha256).digest()
 

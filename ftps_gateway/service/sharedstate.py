@@ -31,13 +31,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ftps_gateway.defender import LIMIT_TOTAL, Ban
+from ftps_gateway.policy.defender import LIMIT_TOTAL, Ban
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from ftps_gateway.config import DefenderSettings, IPNetwork
-    from ftps_gateway.defender import Defender, SessionLimits
+    from ftps_gateway.policy.defender import Defender, SessionLimits
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -243,7 +243,5 @@ class RemoteLimits:
 
     def snapshot(self) -> tuple[int, dict[str, int], dict[str, int]]:
         """(total, per address, per user) across all workers."""
-        total, per_ip, per_user = self._channel.call(
-            "snapshot", fallback=(0, {}, {})
-        )
+        total, per_ip, per_user = self._channel.call("snapshot", fallback=(0, {}, {}))
         return int(total), dict(per_ip), dict(per_user)

@@ -24,8 +24,9 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from ftps_gateway import mounts, vfs
-from ftps_gateway.filesystem import (
+from ftps_gateway.config import tree as mounts
+from ftps_gateway.storage import vfs
+from ftps_gateway.storage.uploads import (
     AtomicUpload,
     QuotaExceededError,
     RestartOutOfRangeError,
@@ -34,8 +35,8 @@ from ftps_gateway.filesystem import (
 )
 
 if TYPE_CHECKING:
-    from ftps_gateway.filesystem import GatewayFS
-    from ftps_gateway.server import Gateway
+    from ftps_gateway.ftp.filesystem import GatewayFS
+    from ftps_gateway.session.runtime import Gateway
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -74,6 +75,7 @@ class MountCommandsMixin:
     mount_table: vfs.MountTable | None = None
 
     if TYPE_CHECKING:  # provided by ControlHandler / pyftpdlib's FTPHandler
+
         @property
         def gateway(self) -> Gateway: ...
 

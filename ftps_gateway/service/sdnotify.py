@@ -22,9 +22,10 @@ def notify(*states: str) -> bool:
         return False
     if address.startswith("@"):  # an abstract socket
         address = "\0" + address[1:]
-    with contextlib.suppress(OSError), socket.socket(
-        socket.AF_UNIX, socket.SOCK_DGRAM
-    ) as sock:
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
+    ):
         sock.sendto("\n".join(states).encode(), address)
         return True
     return False

@@ -109,6 +109,11 @@ def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+def strip_mapped(ip: str) -> str:
+    """``::ffff:192.0.2.1`` -> ``192.0.2.1``; other addresses unchanged."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
 def parse_ip(value: str) -> IPAddress | None:
     """Parse a peer address as the socket layer reports it; None if it does not parse.
 

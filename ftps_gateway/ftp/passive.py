@@ -17,17 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 from pyftpdlib.ioloop import Acceptor
 
+from ftps_gateway.policy.netpolicy import strip_mapped
+
 if TYPE_CHECKING:
-    from ftps_gateway.handler import ControlHandler
+    from ftps_gateway.ftp.control import ControlHandler
+    from ftps_gateway.session.runtime import PortsInUse
 
 
 class PassivePortsExhausted(Exception):  # noqa: N818 - a condition, not a bug
     """Every port of the passive range is in use."""
-
-
-def strip_mapped(ip: str) -> str:
-    """``::ffff:192.0.2.1`` -> ``192.0.2.1``; other addresses unchanged."""
-    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
 def pasv_reply(address: str, port: int) -> str:
@@ -51,16 +49,6 @@ def worker_ports(port_min: int, port_max: int, share: tuple[int, int]) -> list[i
     """
     index, count = share
     return list(range(port_min + index, port_max + 1, count))
-
-
-class PortsInUse:
-    """How many passive listeners are open now (for metrics and readiness).
-
-    Changed on the IO loop only; read from the metrics thread (an int read is atomic).
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
 
 
 class PassiveListener(Acceptor):

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from ftps_gateway.netpolicy import AccessList, parse_ip
+from ftps_gateway.policy.netpolicy import AccessList, parse_ip
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable

@@ -35,14 +35,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ftps_gateway import config as config_module
-from ftps_gateway import sdnotify, sharedstate
-from ftps_gateway.admin import AdminServer
 from ftps_gateway.audit import AuditLog
-from ftps_gateway.certs import certificate_not_after
-from ftps_gateway.defender import BanKeeper, Defender, LimitKeeper, SessionLimits
 from ftps_gateway.errors import ConfigError, StartupError
-from ftps_gateway.health import HealthServer, ReadinessState
-from ftps_gateway.server import (
+from ftps_gateway.policy.defender import BanKeeper, Defender, LimitKeeper, SessionLimits
+from ftps_gateway.service import sdnotify, sharedstate
+from ftps_gateway.service.admin import AdminServer
+from ftps_gateway.service.health import HealthServer, ReadinessState
+from ftps_gateway.service.server import (
     GatewayServer,
     WorkerRole,
     bind_listener,
@@ -50,6 +49,7 @@ from ftps_gateway.server import (
     storage_problem,
     unreloadable_changes,
 )
+from ftps_gateway.tls.certificates import certificate_not_after
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

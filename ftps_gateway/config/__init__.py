@@ -15,8 +15,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Generic, TypeGuard, TypeVar
 
-from ftps_gateway import passwords, vfs
 from ftps_gateway.errors import ConfigError
+from ftps_gateway.policy import passwords
+from ftps_gateway.storage import vfs
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -435,9 +436,7 @@ def _reuse_words(reuse: str) -> str:
     if reuse == "required":
         return "must resume the control connection's TLS session"
     if reuse == "required-any-ip":
-        return (
-            "must resume the control connection's TLS session, from any address"
-        )
+        return "must resume the control connection's TLS session, from any address"
     return "same client IP only (no TLS session resumption check)"
 
 
@@ -914,7 +913,7 @@ def _check_certificate_files(
     """Add the certificate module's findings (missing file, key mismatch, expiry)."""
     # Imported here: certs pulls in cryptography, which nothing else in loading needs,
     # and a late import cannot become an import cycle if certs ever uses this module.
-    from ftps_gateway import certs  # noqa: PLC0415
+    from ftps_gateway.tls import certificates as certs  # noqa: PLC0415
 
     for key, problem in certs.certificate_problems(certificate, private_key):
         problems.add(key, problem)
@@ -1013,9 +1012,7 @@ def _admin(table: _Table, base: Path, storage_root: Path) -> AdminSettings:
     return AdminSettings(socket)
 
 
-def _logging(
-    table: _Table, base: Path
-) -> tuple[str, Path | None, Path | None, bool]:
+def _logging(table: _Table, base: Path) -> tuple[str, Path | None, Path | None, bool]:
     level = table.optional("level", _one_of(LOG_LEVELS), GatewayConfig.log_level)
     # "" is the documented default ("stdout", "off"), so ${VAR:-} works in containers.
     audit_file = table.optional("audit_file", _optional_path_under(base), None)
@@ -1214,7 +1211,7 @@ def _check_trees(problems: _Problems, config: GatewayConfig) -> None:
     """
     # Imported here: mounts imports this module (for types only at run time, but a
     # late import keeps the dependency one-way whatever mounts grows into).
-    from ftps_gateway import mounts  # noqa: PLC0415
+    from ftps_gateway.config import tree as mounts  # noqa: PLC0415
 
     seen: set[tuple[str, str]] = set()
     for index, user in enumerate(config.users):

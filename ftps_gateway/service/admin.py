@@ -19,13 +19,13 @@ import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ftps_gateway.errors import GatewayError, StartupError
-from ftps_gateway.netpolicy import parse_ip
+from ftps_gateway.policy.netpolicy import parse_ip
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from ftps_gateway.audit import AuditLog
-    from ftps_gateway.defender import BanKeeper, LimitKeeper
+    from ftps_gateway.policy.defender import BanKeeper, LimitKeeper
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -100,7 +100,6 @@ class AdminServer:
                 "bans": defender.active_count(),
             }
         return {"error": f"unknown command: {command!r}"}
-
 
 
 class AdminTarget(Protocol):

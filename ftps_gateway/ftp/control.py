@@ -25,7 +25,6 @@ gaps are listed in ARCHITECTURE.md):
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import secrets
 import socket
@@ -33,40 +32,43 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pyftpdlib.exceptions import _FileReadWriteError
-from pyftpdlib.handlers import DTPHandler, FTPHandler
-from pyftpdlib.ioloop import AsyncChat
+from pyftpdlib.handlers import FTPHandler
 
-from ftps_gateway import proxyproto, tls, vfs
 from ftps_gateway.audit import Transfer
 from ftps_gateway.config import RESUMING_POLICIES
-from ftps_gateway.fileops import OVER_QUOTA, STORAGE_FULL, MountCommandsMixin
-from ftps_gateway.filesystem import AtomicUpload, GatewayFS, QuotaExceededError
-from ftps_gateway.netpolicy import (
-    AccessList,
-    DataChannelPolicy,
-    PassiveAddressError,
-    TLSPolicyTable,
-)
-from ftps_gateway.passive import (
+from ftps_gateway.ftp.authorizer import GatewayAuthorizer
+from ftps_gateway.ftp.data import DataHandler
+from ftps_gateway.ftp.filesystem import GatewayFS
+from ftps_gateway.ftp.fileverbs import MountCommandsMixin
+from ftps_gateway.ftp.passive import (
     PassiveListener,
     PassivePortsExhausted,
     epsv_reply,
     pasv_reply,
-    strip_mapped,
 )
-from ftps_gateway.tlsmixin import (
+from ftps_gateway.ftp.tlschannel import (
     READ,
     WRITE,
     TLSChannelMixin,
     TLSState,
     describe_tls_error,
 )
+from ftps_gateway.policy import proxyproto
+from ftps_gateway.policy.netpolicy import (
+    AccessList,
+    DataChannelPolicy,
+    PassiveAddressError,
+    TLSPolicyTable,
+    strip_mapped,
+)
+from ftps_gateway.storage import vfs
+from ftps_gateway.storage.uploads import AtomicUpload
+from ftps_gateway.tls import contexts as tls
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-    from ftps_gateway.server import Gateway, GatewayHolder
+    from ftps_gateway.session.runtime import Gateway, GatewayHolder
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -120,186 +122,6 @@ LIMIT_REPLIES = {
 }
 SHUTDOWN_REPLY = "421 Service restarting; please reconnect."
 
-# A full filesystem or quota while writing an upload: "452 Insufficient storage
-# space" (RFC 959), and the temporary file goes (pyftpdlib would answer 426 and, with
-# partial retention, keep the data that filled the disk).
-STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-# Upload reads are looped up to this many bytes per readiness event: one SSL_read
-# returns one record (16 KiB at most), and returning to the poller for each one
-# would cost a system call per record.
-UPLOAD_READ_BUDGET = 1 << 20
-
-
-class DataHandler(TLSChannelMixin, DTPHandler):
-    """A data connection: TLS first, then the transfer pyftpdlib queued for it."""
-
-    ac_in_buffer_size = 256 * 1024
-    ac_out_buffer_size = 256 * 1024
-
-    @property
-    def timeout(self) -> int:
-        """Idle seconds before a stalled transfer is closed (the session's config)."""
-        control: ControlHandler = self.cmd_channel
-        return control.gateway.config.server.idle_timeout_seconds
-
-    def __init__(self, sock: Any, cmd_channel: ControlHandler) -> None:
-        self.peer_ip = ""  # set by the control session at accept (stays if reset)
-        self.approved = False
-        self.resumed: bool | None = None
-        self._handshake_timer: Any = None
-        super().__init__(sock, cmd_channel)
-        if not self.connected or self._closed:
-            return
-        self._handshake_timer = self.ioloop.call_later(
-            cmd_channel.gateway.config.passive.connect_timeout_seconds,
-            self._on_handshake_timeout,
-        )
-        context = cmd_channel.tls_context
-        if context is not None:
-            self.start_tls(context)
-
-    # --- TLS hooks
-
-    def handle_tls_established(self) -> None:
-        """Apply the session's policy, then hand the channel to its control session.
-
-        Runs before anything can be sent (the send gate in ``tlsmixin``): a refused
-        connection is closed without a byte of payload.
-        """
-        self._cancel_handshake_timer()
-        self.resumed = bool(self.socket.session_reused)
-        if not self.cmd_channel.accept_data_channel(self):
-            self.close()  # not approved: a quiet close, no transfer bookkeeping
-            return
-        self.approved = True
-        self._set_io_events(READ)
-        self.cmd_channel.on_data_channel_ready(self)
-
-    def handle_tls_failed(self, reason: str) -> None:
-        """The client could not (or would not) negotiate TLS on the data connection."""
-        self._cancel_handshake_timer()
-        # The control session first: it may listen on the port again, and must do
-        # so before this peer sees the close (and the partner tries the port).
-        self.cmd_channel.on_data_channel_failed(self, f"tls-handshake: {reason}")
-        self.close()
-
-    def _on_handshake_timeout(self) -> None:
-        self._handshake_timer = None
-        self.cmd_channel.on_data_channel_failed(self, "tls-handshake: timeout")
-        self.close()
-
-    def _cancel_handshake_timer(self) -> None:
-        if self._handshake_timer is not None and not self._handshake_timer.cancelled:
-            self._handshake_timer.cancel()
-        self._handshake_timer = None
-
-    # --- I/O
-
-    def send(self, data: bytes) -> int:
-        """Count what TLS accepted (pyftpdlib's own ``send`` is bypassed)."""
-        sent = self.tls_send(data)
-        self.tot_bytes_sent += sent
-        return sent
-
-    def handle_read(self) -> None:
-        """Receive upload data: many records per readiness event, one file write."""
-        if self._closed:
-            return
-        view, ended = self.tls_recv_many(UPLOAD_READ_BUDGET)
-        if view:
-            self.tot_bytes_received += len(view)
-            chunk: bytes | memoryview = view
-            if self._data_wrapper is not None:  # TYPE A: line endings converted
-                chunk = self._data_wrapper(bytes(view))
-            try:
-                self.file_obj.write(chunk)
-            except QuotaExceededError as exceeded:
-                self._refuse_over_quota(exceeded)
-                return
-            except OSError as err:
-                if err.errno in STORAGE_FULL_ERRNOS:
-                    self._refuse_storage_full(err)
-                    return
-                raise _FileReadWriteError(err) from err
-        if ended and not self._closed:
-            self.handle_close()
-
-    def _refuse_over_quota(self, exceeded: QuotaExceededError) -> None:
-        """452, and the upload is discarded (not kept as a partial)."""
-        self.cmd_channel.audit(
-            "upload_refused", path=getattr(self.file_obj, "name", None),
-            reason="quota", scope=exceeded.scope,
-        )  # fmt: skip
-        self.transfer_finished = False
-        self._resp = (OVER_QUOTA, logger.info)
-        self.close()
-
-    def _refuse_storage_full(self, err: OSError) -> None:
-        """452, and the temporary file is removed: kept, it would hold the space."""
-        upload = self.file_obj
-        if isinstance(upload, AtomicUpload):
-            upload.discard(keep=False)
-        self.cmd_channel.audit(
-            "upload_refused", path=getattr(upload, "name", None),
-            reason="storage-full", detail=err.strerror,
-        )  # fmt: skip
-        self.transfer_finished = False
-        self._resp = (STORAGE_FULL, logger.warning)
-        self.close()
-
-    def handle_close(self) -> None:
-        """An upload counts as complete only if the client's close_notify arrived."""
-        if not self._closed and self.receive and not self.tls_peer_closed:
-            self.transfer_finished = False
-            self._resp = ("426 Connection closed; transfer aborted.", logger.info)
-            self.close()
-            return
-        super().handle_close()
-
-    def close(self) -> None:
-        """Finish or discard the upload before pyftpdlib sends the final reply."""
-        if self._closed:
-            return
-        self._cancel_handshake_timer()
-        if not self.approved:
-            # Never handed to the control session: close quietly, without the
-            # transfer bookkeeping (and replies) of DTPHandler.close. A refused
-            # connection whose handshake completed gets a clean close_notify, so the
-            # client sees an empty stream and reads the 425 on its control channel.
-            self.tls_close()
-            self.tls_state = TLSState.FAILED
-            if self._idler is not None and not self._idler.cancelled:
-                self._idler.cancel()
-            AsyncChat.close(self)
-            return
-        upload = self.file_obj if isinstance(self.file_obj, AtomicUpload) else None
-        if upload is not None:
-            self._settle_upload(upload)
-        self.tls_close()
-        super().close()
-
-    def _settle_upload(self, upload: AtomicUpload) -> None:
-        if self.receive and self.transfer_finished and not self.tls_truncated:
-            try:
-                upload.commit()
-            except FileExistsError:
-                # No overwrite permission, and the name appeared during the upload.
-                self.transfer_finished = False
-                self._resp = ("550 File exists; upload not stored.", logger.info)
-            except OSError as err:
-                self.transfer_finished = False
-                if err.errno in STORAGE_FULL_ERRNOS:  # fsync found no room
-                    self._resp = (STORAGE_FULL, logger.warning)
-                    return
-                logger.exception("could not move upload into place: %s", upload.final)
-                self._resp = ("451 Local error: upload not stored.", logger.error)
-            return
-        upload.discard()  # kept as a resumable partial if the config says so
-        self.transfer_finished = False
-        if not self._resp or self._resp[0].startswith("226"):
-            self._resp = ("426 Transfer aborted.", logger.info)
-
 
 class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
     """One partner session on the control port."""
@@ -317,7 +139,7 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
     remote_ip: str
     attempted_logins: int
     fs: GatewayFS
-    authorizer: Any
+    authorizer = GatewayAuthorizer()  # stateless; see ftp.authorizer
     data_channel: DataHandler | None
     _dtp_acceptor: PassiveListener | None
     _dtp_connector: Any
@@ -939,7 +761,10 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
         future.add_done_callback(
             lambda done: waker.call_soon_threadsafe(
                 lambda: self._on_password_checked(
-                    username, done, known=user is not None, token=token,
+                    username,
+                    done,
+                    known=user is not None,
+                    token=token,
                     refused="network-not-allowed" if network_refused else None,
                 )
             )
@@ -1078,7 +903,6 @@ class ControlHandler(TLSChannelMixin, MountCommandsMixin, FTPHandler):
             return False
         self._login_counted = username
         self._pinned_gateway = gateway
-        self.authorizer = gateway.authorizer
         self._apply_user_policy(gateway, username)
         try:
             self.build_mount_table(username)  # the tree GatewayFS serves (fileops)

@@ -29,8 +29,8 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ftps_gateway import certs
 from ftps_gateway.errors import ConfigError, StartupError
+from ftps_gateway.tls import certificates as certs
 
 if TYPE_CHECKING:
     from pathlib import Path

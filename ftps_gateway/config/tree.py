@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ftps_gateway import vfs
+from ftps_gateway.storage import vfs
 
 if TYPE_CHECKING:
     from ftps_gateway.config import GatewayConfig, MountSettings, UserSettings
@@ -174,8 +174,10 @@ def _warn(cfg: GatewayConfig, plan: TreePlan, user: UserSettings) -> None:
         if not mount.permissions:
             plan.warnings.append(f"{mount.virtual} grants no permission at all")
         for other in mounts:
-            if other is not mount and _under(text, _norm(other.source)) and (
-                text != _norm(other.source) or other.virtual < mount.virtual
+            if (
+                other is not mount
+                and _under(text, _norm(other.source))
+                and (text != _norm(other.source) or other.virtual < mount.virtual)
             ):
                 plan.warnings.append(
                     f"{mount.virtual} and {other.virtual} reach the same files"

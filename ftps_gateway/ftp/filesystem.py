@@ -1,0 +1,261 @@
+"""pyftpdlib's ``AbstractedFS`` over a ``vfs.MountTable``: confined paths and listings.
+
+pyftpdlib maps paths with ``ftp2fs`` and checks ``validpath`` for most commands, but
+(measured on 2.2.0) LIST shows symlink targets, MLSD reports facts of files outside the
+home and STOU follows symlinked directories. Here the "filesystem path" pyftpdlib
+carries between its methods is the *virtual* path itself: every operation maps it
+through the session's mount table at the moment it touches the disk, so a path can
+only ever reach the mount it belongs to, listings never describe a link or anything
+outside the mount, and mount points appear in their parent's listing.
+
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Any
+
+from pyftpdlib.filesystems import AbstractedFS
+
+from ftps_gateway.storage import vfs
+
+# What ftp2fs returns for a refused virtual path: pyftpdlib's own validpath() check
+# then answers 550 instead of raising.
+_REFUSED = "\x00refused"
+# A stat result for virtual directories (no real folder behind them): read-only dir.
+_VIRTUAL_DIR_STAT = os.stat_result((stat.S_IFDIR | 0o555, 0, 0, 2, 0, 0, 0, 0, 0, 0))
+
+
+class GatewayFS(AbstractedFS):
+    """One user's tree, as pyftpdlib sees it: paths are virtual end to end."""
+
+    def __init__(self, root: str, cmd_channel: Any) -> None:
+        super().__init__("/", cmd_channel)
+        self.table: vfs.MountTable = cmd_channel.mount_table
+
+    # --- path mapping
+
+    def locate(self, path: str) -> vfs.Location:
+        """Map a client path (relative to the cwd); raises vfs.PathRefused."""
+        return self.table.locate(self.cwd, path)
+
+    def check_virtual(self, path: str) -> str:
+        """Normalize a client path against the cwd; raises vfs.PathRefused."""
+        return self.table.normalize(self.cwd, path)
+
+    def ftpnorm(self, ftppath: str) -> str:
+        """Virtual normalization that never raises (refusals map to a bad path)."""
+        try:
+            return self.table.normalize(self.cwd, ftppath)
+        except vfs.PathRefused:
+            return _REFUSED
+
+    def ftp2fs(self, ftppath: str) -> str:
+        """The virtual path itself, once it is known to map into some mount."""
+        try:
+            return self.locate(ftppath).virtual
+        except vfs.PathRefused:
+            return _REFUSED
+
+    def fs2ftp(self, fspath: str) -> str:
+        """Paths are virtual already (``/`` for a refused one)."""
+        return fspath if fspath.startswith("/") else "/"
+
+    def validpath(self, path: str) -> bool:
+        """True for virtual paths that map into a mount (or are virtual dirs)."""
+        if path == _REFUSED:
+            return False
+        try:
+            self.table.locate("/", path)
+        except vfs.PathRefused:
+            return False
+        return True
+
+    def realpath(self, path: str) -> str:
+        """Virtual paths have no links: the path itself."""
+        return path
+
+    def _real(self, path: str) -> str:
+        """The real path of a virtual one; OSError where there is none."""
+        try:
+            location = self.table.locate("/", path)
+        except vfs.PathRefused as refusal:
+            raise PermissionError(errno.EACCES, refusal.reason) from None
+        if location.real is None:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return str(location.real)
+
+    def _is_virtual_dir(self, path: str) -> bool:
+        """No real folder, but mount points below: a directory that only lists them
+        (``/`` without a home, or ``/a`` on the way to a mount at ``/a/b``)."""
+        try:
+            location = self.table.locate("/", path)
+        except vfs.PathRefused:
+            return False
+        if location.real is None:
+            return True
+        return self.table.is_structural(location.virtual) and not os.path.isdir(
+            location.real
+        )
+
+    # --- operations (pyftpdlib calls these with virtual paths)
+
+    def open(self, filename: str, mode: str) -> Any:
+        """Downloads only (uploads use ``AtomicUpload``); the file reports its
+        virtual name, so transfer hooks and logs never show real paths."""
+        if mode != "rb":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        file = open(self._real(filename), "rb")  # noqa: SIM115 - pyftpdlib closes it
+        setattr(file.raw, "name", filename)  # noqa: B010 - untyped attribute of FileIO
+        return file
+
+    def chdir(self, path: str) -> None:
+        """Change the virtual cwd (the process cwd is never touched)."""
+        location = self.table.locate("/", path)
+        if not self.isdir(location.virtual):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        self.cwd = location.virtual
+
+    def mkdir(self, path: str) -> None:
+        """Create a directory (mode 0750)."""
+        os.mkdir(self._real(path), 0o750)
+
+    def rmdir(self, path: str) -> None:
+        """Remove an empty directory."""
+        os.rmdir(self._real(path))
+
+    def remove(self, path: str) -> None:
+        """Remove a file."""
+        os.remove(self._real(path))
+
+    def rename(self, src: str, dst: str) -> None:
+        """Rename inside one mount (the handler refuses anything else first)."""
+        os.rename(self._real(src), self._real(dst))
+
+    def chmod(self, path: str, mode: int) -> None:
+        """SITE CHMOD is disabled."""
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    def stat(self, path: str) -> os.stat_result:
+        """Follow links (they stay inside the mount, or the path is refused)."""
+        if self._is_virtual_dir(path):
+            return _VIRTUAL_DIR_STAT
+        return os.stat(self._real(path))
+
+    lstat = stat  # listings show what a link points to, never the link
+
+    def utime(self, path: str, timeval: float) -> None:
+        """MFMT."""
+        os.utime(self._real(path), (timeval, timeval))
+
+    def isfile(self, path: str) -> bool:
+        """True for a regular file (links followed inside the mount)."""
+        try:
+            return stat.S_ISREG(self.stat(path).st_mode)
+        except OSError:
+            return False
+
+    def isdir(self, path: str) -> bool:
+        """True for a directory, virtual ones included."""
+        try:
+            return stat.S_ISDIR(self.stat(path).st_mode)
+        except OSError:
+            return False
+
+    def islink(self, path: str) -> bool:
+        """Links are never reported as links."""
+        return False
+
+    def lexists(self, path: str) -> bool:
+        """True if there is something at ``path``."""
+        try:
+            self.stat(path)
+        except OSError:
+            return False
+        return True
+
+    def getsize(self, path: str) -> int:
+        """Size in bytes."""
+        return self.stat(path).st_size
+
+    def getmtime(self, path: str) -> float:
+        """Modification time."""
+        return self.stat(path).st_mtime
+
+    def readlink(self, path: str) -> str:
+        """Link targets are never revealed."""
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    # --- listings: mount points, nothing outside the mount, no temp files
+
+    def listdir(self, path: str) -> list[str]:
+        """Entries a partner may see: the folder's own plus mount points in it."""
+        location = self.table.locate("/", path)
+        children = self.table.children(location.virtual)
+        names = set(children)
+        if location.mount is not None and not self._is_virtual_dir(location.virtual):
+            real = str(self._real(location.virtual))
+            for name in os.listdir(real):
+                if name in children or not self._is_showable(name):
+                    continue
+                if self.table.is_visible(location.mount, os.path.join(real, name)):
+                    names.add(name)
+        return sorted(names)
+
+    @staticmethod
+    def _is_showable(name: str) -> bool:
+        """Names a partner could also address (no temporaries, no control chars)."""
+        try:
+            vfs.normalize_virtual("/", name)
+        except vfs.PathRefused:
+            return False
+        return True
+
+    def listdirinfo(self, path: str) -> list[str]:
+        """Same as ``listdir`` (pyftpdlib's hook for faster listings)."""
+        return self.listdir(path)
+
+    def format_mlsx(
+        self,
+        basedir: str,
+        listing: list[str],
+        perms: str,
+        facts: list[str],
+        ignore_err: bool = True,
+    ) -> Any:
+        """MLSD/MLST facts, with each entry's ``perm`` fact from its own mount."""
+        for name in listing:
+            virtual = os.path.join(basedir, name)
+            yield from super().format_mlsx(
+                basedir, [name], self.perm_letters(virtual), facts, ignore_err
+            )
+
+    def perm_letters(self, virtual: str) -> str:
+        """RFC 3659 ``perm`` letters for a virtual path, from its mount's words."""
+        try:
+            location = self.table.locate("/", virtual)
+        except vfs.PathRefused:
+            return ""
+        granted = location.permissions
+        letters = "e" if granted or location.mount is None else ""
+        letters += "l" if vfs.Permission.LIST in granted or not location.mount else ""
+        mapping = {vfs.Permission.DOWNLOAD: "r", vfs.Permission.UPLOAD: "w",
+                   vfs.Permission.MKDIR: "m"}  # fmt: skip
+        if not self.table.is_structural(location.virtual):
+            mapping |= {vfs.Permission.DELETE: "d", vfs.Permission.RENAME: "f"}
+        letters += "".join(letter for p, letter in mapping.items() if p in granted)
+        return letters
+
+    def get_user_by_uid(self, uid: int) -> str:
+        """Do not reveal server account names in listings."""
+        return "owner"
+
+    def get_group_by_gid(self, gid: int) -> str:
+        """Do not reveal server group names in listings."""
+        return "group"
+
+    def mkstemp(self, *args: Any, **kwargs: Any) -> Any:
+        """STOU is disabled; it created files through symlinked directories."""
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))

@@ -1,0 +1,109 @@
+"""The runtime context every session reads (``Gateway``) and what it needs from above.
+
+A ``Gateway`` is immutable per configuration: reload builds a new one and swaps it in
+(``GatewayHolder.current``); a session pins the one it logged in under. The service
+floor builds it (``service.server.build_gateway``); this floor only describes it, with
+``Protocol`` types for the parts that live above (the loop waker, the sessions).
+"""
+
+from __future__ import annotations
+
+import socket
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ftps_gateway.audit import AuditLog
+    from ftps_gateway.config import GatewayConfig
+    from ftps_gateway.metrics import GatewayMetrics
+    from ftps_gateway.policy.defender import BanKeeper, LimitKeeper
+    from ftps_gateway.policy.netpolicy import (
+        AccessList,
+        PassiveAddressPolicy,
+        TLSPolicyTable,
+    )
+    from ftps_gateway.policy.passwords import PasswordVerifier, RecentLogins
+    from ftps_gateway.tls.contexts import TicketRefresher, TLSContextFactory
+
+
+class Waker(Protocol):
+    """Runs a callback on the IO loop from any thread (``ftp.loop.LoopWaker``)."""
+
+    def call_soon_threadsafe(self, callback: Callable[[], object]) -> None: ...
+
+
+class SessionHandle(Protocol):
+    """What the service floor asks of a running control session (the drain)."""
+
+    def transfer_in_progress(self) -> bool: ...
+    def close_for_shutdown(self) -> None: ...
+
+
+class PortsInUse:
+    """How many passive listeners are open now (for metrics and readiness).
+
+    Changed on the IO loop only; read from the metrics thread (an int read is atomic).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+# argon2id threads. Each verification holds its memory cost (64 MiB with the default
+# parameters) while it runs, so this also bounds login memory.
+PASSWORD_WORKERS = 2
+
+
+@dataclass
+class Gateway:
+    """What the sessions under one configuration share.
+
+    The first group is rebuilt from the config on reload; the second is the
+    server's own and carried over to each new ``Gateway``.
+    """
+
+    config: GatewayConfig
+    tls: TLSContextFactory
+    tls_policies: TLSPolicyTable
+    passive_policy: PassiveAddressPolicy
+    access: AccessList
+    proxy_sources: AccessList | None  # None: no PROXY protocol anywhere
+    recent_logins: RecentLogins  # per config: a reload forgets them
+
+    verifier: PasswordVerifier
+    executor: ThreadPoolExecutor
+    waker: Waker
+    audit: AuditLog
+    defender: BanKeeper
+    limits: LimitKeeper
+    metrics: GatewayMetrics
+    passive_ports: PortsInUse
+    tickets: TicketRefresher
+
+    @property
+    def node_name(self) -> str:
+        """``server.node_name``, or the host name."""
+        return self.config.server.node_name or socket.gethostname()
+
+
+# The server's own parts of a Gateway, carried over by a reload.
+SHARED_PARTS = (
+    "verifier", "executor", "waker", "audit", "defender", "limits", "metrics",
+    "passive_ports", "tickets",
+)  # fmt: skip
+
+
+@dataclass
+class GatewayHolder:
+    """The current ``Gateway`` (swapped on reload) and the server's session state."""
+
+    current: Gateway
+    # Admitted control sessions, for the drain; weak, so a session that is gone is
+    # never kept alive by this set.
+    sessions: weakref.WeakSet[SessionHandle] = field(default_factory=weakref.WeakSet)
+    draining: bool = False
+    worker: tuple[int, int] = (0, 1)  # (index, count): this process's passive share
