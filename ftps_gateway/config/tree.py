@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ftps_gateway.storage import vfs
 
 if TYPE_CHECKING:
-    from ftps_gateway.config import GatewayConfig, MountSettings, UserSettings
+    from ftps_gateway.config.model import GatewayConfig, MountSettings, UserSettings
 
 HOME_DIRECTORY = "home"  # homes live at <storage.root>/home/<user>
 

@@ -324,7 +324,7 @@ def test_per_user_labels_are_capped(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_other_user_cannot_be_a_user_name() -> None:
     """The overflow label cannot collide with a real user (names forbid parentheses)."""
-    from ftps_gateway.config import _USER_NAME
+    from ftps_gateway.config.users import _USER_NAME
 
     assert _USER_NAME.fullmatch(OTHER_USER) is None
     assert _USER_NAME.fullmatch("other") is not None  # why it is not plain "other"

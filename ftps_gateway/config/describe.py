@@ -1,0 +1,177 @@
+"""``check-config``'s description of a loaded config: effective values, no secrets.
+
+May import: ``config.model``; nothing else in the package.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ftps_gateway.config.model import is_internal
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ftps_gateway.config.model import (
+        AccessSettings,
+        DefenderSettings,
+        GatewayConfig,
+        IPNetwork,
+        ListenAddress,
+        MetricsSettings,
+    )
+
+
+def summary(cfg: GatewayConfig) -> str:
+    """Describe ``cfg`` for ``check-config``: effective values, no secrets.
+
+    Users appear by name only; password hashes never leave ``UserSettings``.
+    """
+    server, passive, tls = cfg.server, cfg.passive, cfg.tls
+    active = "allowed" if server.allow_active_mode else "refused"
+    port_count = passive.port_max - passive.port_min + 1
+    names = ", ".join(user.name for user in cfg.users) or "none (nobody can log in)"
+    lines = [
+        f"Configuration: {cfg.source if cfg.source is not None else 'built-in demo'}",
+        f"Listeners (explicit TLS): {_endpoints(server.listen)}",
+        f"Listeners (implicit TLS): {_endpoints(server.implicit_listen)}",
+        f"Banner: {server.banner}",
+        f"Node name: {server.node_name or 'the host name'}",
+        (
+            "PROXY protocol from: "
+            + (_networks(server.proxy_protocol_from) or "nobody (off)")
+        ),
+        (
+            f"Sessions: at most {server.max_sessions}, "
+            f"{server.max_sessions_per_ip} per client address, "
+            f"{server.max_sessions_per_user} per user; "
+            f"login timeout {server.login_timeout_seconds} s, "
+            f"idle timeout {server.idle_timeout_seconds} s, "
+            f"shutdown grace {server.shutdown_grace_seconds} s, "
+            f"verified logins remembered {server.login_cache_seconds} s"
+        ),
+        (
+            "Worker processes: "
+            + (str(server.workers) if server.workers else "auto (one per CPU core)")
+        ),
+        f"Active mode (PORT/EPRT): {active}",
+        _access_line(cfg.access),
+        _defender_line(cfg.defender, cfg.access),
+        (
+            f"TLS: certificate {tls.certificate}, private key {tls.private_key}, "
+            f"versions {tls.min_version}-{tls.max_version}, "
+            f"data connections: {_reuse_words(tls.reuse)}"
+        ),
+        *(
+            f"TLS override: {_networks(override.networks)} -> "
+            f"{_policy_words(override.reuse, override.max_version)}"
+            for override in tls.overrides
+        ),
+        (
+            f"Passive ports: {passive.port_min}-{passive.port_max} "
+            f"({_count(port_count, 'port')}), "
+            f"connect timeout {passive.connect_timeout_seconds} s"
+        ),
+        f"Passive address: {_advertised(passive.address)}",
+        *(
+            f"Passive override: {', '.join(str(net) for net in override.networks)}"
+            f" -> {_advertised(override.address)}"
+            for override in passive.overrides
+        ),
+        f"Storage root: {cfg.storage.root}",
+        f"Admin socket: {cfg.admin.socket}",
+        f"Users ({len(cfg.users)}): {names}",
+        *(
+            f"User {user.name}: "
+            + "; ".join(
+                part
+                for part in (
+                    f"login only from {_networks(user.allow)}" if user.allow else "",
+                    _policy_words(user.reuse, user.max_version)
+                    if user.reuse or user.max_version
+                    else "",
+                )
+                if part
+            )
+            for user in cfg.users
+            if user.allow or user.reuse or user.max_version
+        ),
+        f"Log level: {cfg.log_level}",
+        f"Audit log: {cfg.audit_file or 'stdout'}",
+        f"xferlog: {cfg.xferlog_file or 'off'}",
+        f"Upload sha256 in the audit log: {'on' if cfg.upload_sha256 else 'off'}",
+        f"Metrics: {_metrics_summary(cfg.metrics)}",
+    ]
+    return "\n".join(lines)
+
+
+def _endpoints(addresses: Sequence[ListenAddress]) -> str:
+    return ", ".join(endpoint(address) for address in addresses) or "none"
+
+
+def _networks(networks: Sequence[IPNetwork]) -> str:
+    return ", ".join(str(network) for network in networks)
+
+
+def _access_line(access: AccessSettings) -> str:
+    if not access.allow:
+        return (
+            "Access: WARNING: every client address may connect "
+            "(access.allow is empty; list your partners' networks)"
+        )
+    return f"Access: only from {_networks(access.allow)}"
+
+
+def _defender_line(defender: DefenderSettings, access: AccessSettings) -> str:
+    if not defender.enabled:
+        return "Defender: off (failed logins never lead to a ban)"
+    line = (
+        f"Defender: ban after {defender.max_failures} failed logins within "
+        f"{defender.window_seconds} s, for {defender.ban_seconds} s "
+        f"(doubling on repeat, at most {defender.max_ban_seconds} s)"
+    )
+    if access.safe:
+        line += f"; never banned: {_networks(access.safe)}"
+    return line
+
+
+def _reuse_words(reuse: str) -> str:
+    if reuse == "required":
+        return "must resume the control connection's TLS session"
+    if reuse == "required-any-ip":
+        return "must resume the control connection's TLS session, from any address"
+    return "same client IP only (no TLS session resumption check)"
+
+
+def _policy_words(reuse: str | None, max_version: str | None) -> str:
+    parts = []
+    if reuse is not None:
+        parts.append(f"data connections {_reuse_words(reuse)}")
+    if max_version is not None:
+        parts.append(f"TLS at most {max_version}")
+    return ", ".join(parts)
+
+
+def endpoint(address: ListenAddress) -> str:
+    """Write a listener the way the config does: ``IP:port``, ``[IPv6]:port``."""
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"{host}:{address.port}"
+
+
+def _metrics_summary(metrics: MetricsSettings) -> str:
+    if metrics.listen is None:
+        return "off"
+    where = endpoint(metrics.listen)
+    text = f"http://{where}/metrics (also /healthz, /readyz)"
+    if not is_internal(metrics.listen.host):
+        text += ", public (metrics.allow_public)"
+    labels = "on" if metrics.per_user_labels else "off"
+    return f"{text}, per-user labels {labels}"
+
+
+def _advertised(address: str) -> str:
+    return address or "local address of the control connection"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
