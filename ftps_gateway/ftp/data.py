@@ -7,7 +7,6 @@ nothing behind.
 
 from __future__ import annotations
 
-import errno
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +14,8 @@ from pyftpdlib.exceptions import _FileReadWriteError
 from pyftpdlib.handlers import DTPHandler
 from pyftpdlib.ioloop import AsyncChat
 
-from ftps_gateway.ftp.fileverbs import OVER_QUOTA, STORAGE_FULL
+from ftps_gateway.ftp import replies
+from ftps_gateway.ftp.fileverbs import STORAGE_FULL_ERRNOS
 from ftps_gateway.ftp.tlschannel import READ, TLSChannelMixin, TLSState
 from ftps_gateway.storage.uploads import AtomicUpload, QuotaExceededError
 
@@ -23,11 +23,6 @@ if TYPE_CHECKING:
     from ftps_gateway.ftp.control import ControlHandler
 
 logger = logging.getLogger("ftps_gateway")
-
-# A full filesystem or quota while writing an upload: "452 Insufficient storage
-# space" (RFC 959), and the temporary file goes (pyftpdlib would answer 426 and, with
-# partial retention, keep the data that filled the disk).
-STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 # Upload reads are looped up to this many bytes per readiness event: one SSL_read
 # returns one record (16 KiB at most), and returning to the poller for each one
@@ -131,12 +126,12 @@ class DataHandler(TLSChannelMixin, DTPHandler):
 
     def _refuse_over_quota(self, exceeded: QuotaExceededError) -> None:
         """452, and the upload is discarded (not kept as a partial)."""
-        self.cmd_channel.audit(
+        self.cmd_channel.events.note(
             "upload_refused", path=getattr(self.file_obj, "name", None),
             reason="quota", scope=exceeded.scope,
         )  # fmt: skip
         self.transfer_finished = False
-        self._resp = (OVER_QUOTA, logger.info)
+        self._resp = (replies.OVER_QUOTA, logger.info)
         self.close()
 
     def _refuse_storage_full(self, err: OSError) -> None:
@@ -144,19 +139,19 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         upload = self.file_obj
         if isinstance(upload, AtomicUpload):
             upload.discard(keep=False)
-        self.cmd_channel.audit(
+        self.cmd_channel.events.note(
             "upload_refused", path=getattr(upload, "name", None),
             reason="storage-full", detail=err.strerror,
         )  # fmt: skip
         self.transfer_finished = False
-        self._resp = (STORAGE_FULL, logger.warning)
+        self._resp = (replies.STORAGE_FULL, logger.warning)
         self.close()
 
     def handle_close(self) -> None:
         """An upload counts as complete only if the client's close_notify arrived."""
         if not self._closed and self.receive and not self.tls_peer_closed:
             self.transfer_finished = False
-            self._resp = ("426 Connection closed; transfer aborted.", logger.info)
+            self._resp = (replies.UPLOAD_CUT, logger.info)
             self.close()
             return
         super().handle_close()
@@ -190,16 +185,16 @@ class DataHandler(TLSChannelMixin, DTPHandler):
             except FileExistsError:
                 # No overwrite permission, and the name appeared during the upload.
                 self.transfer_finished = False
-                self._resp = ("550 File exists; upload not stored.", logger.info)
+                self._resp = (replies.UPLOAD_NAME_TAKEN, logger.info)
             except OSError as err:
                 self.transfer_finished = False
                 if err.errno in STORAGE_FULL_ERRNOS:  # fsync found no room
-                    self._resp = (STORAGE_FULL, logger.warning)
+                    self._resp = (replies.STORAGE_FULL, logger.warning)
                     return
                 logger.exception("could not move upload into place: %s", upload.final)
-                self._resp = ("451 Local error: upload not stored.", logger.error)
+                self._resp = (replies.UPLOAD_NOT_STORED, logger.error)
             return
         upload.discard()  # kept as a resumable partial if the config says so
         self.transfer_finished = False
         if not self._resp or self._resp[0].startswith("226"):
-            self._resp = ("426 Transfer aborted.", logger.info)
+            self._resp = (replies.TRANSFER_ABORTED, logger.info)

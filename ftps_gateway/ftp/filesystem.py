@@ -8,6 +8,11 @@ through the session's mount table at the moment it touches the disk, so a path c
 only ever reach the mount it belongs to, listings never describe a link or anything
 outside the mount, and mount points appear in their parent's listing.
 
+Every method that touches the disk asks the session's ``FileAccess`` first, on the
+virtual path it was given (the path pyftpdlib finally uses, whatever verb, alias or
+flag led there): the command gate in ``fileverbs`` answers first with a precise
+reply, and this is the floor under it. A refusal here is ``PermissionError``, which
+pyftpdlib answers ``550 Permission denied.``; the session audits the reason.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 from pyftpdlib.filesystems import AbstractedFS
 
+from ftps_gateway.session.fileaccess import Action, FileAccess, Kind, Refusal
 from ftps_gateway.storage import vfs
 
 # What ftp2fs returns for a refused virtual path: pyftpdlib's own validpath() check
@@ -33,7 +39,8 @@ class GatewayFS(AbstractedFS):
 
     def __init__(self, root: str, cmd_channel: Any) -> None:
         super().__init__("/", cmd_channel)
-        self.table: vfs.MountTable = cmd_channel.mount_table
+        self.access: FileAccess = cmd_channel.file_access
+        self.table: vfs.MountTable = self.access.table
 
     # --- path mapping
 
@@ -77,12 +84,40 @@ class GatewayFS(AbstractedFS):
         """Virtual paths have no links: the path itself."""
         return path
 
-    def _real(self, path: str) -> str:
-        """The real path of a virtual one; OSError where there is none."""
+    # --- the access floor
+
+    def _location(self, path: str) -> vfs.Location:
         try:
-            location = self.table.locate("/", path)
+            return self.table.locate("/", path)
         except vfs.PathRefused as refusal:
             raise PermissionError(errno.EACCES, refusal.reason) from None
+
+    def _checked(
+        self, action: Action, path: str, *, rename_source: vfs.Location | None = None
+    ) -> vfs.Location:
+        """The location of ``path`` if ``action`` is allowed there; else refuse."""
+        location = self._location(path)
+        refusal = self.access.decide(action, location, rename_source=rename_source)
+        if refusal is not None:
+            self._refuse(refusal, location)
+        return location
+
+    def _visible(self, path: str, *, also: vfs.Permission | None = None) -> None:
+        """Refuse unless the user may see ``path``'s metadata (or holds ``also``)."""
+        location = self._location(path)
+        if self.access.may_see_metadata(location):
+            return
+        if also is not None and also in location.permissions:
+            return
+        self._refuse(Refusal("needs-list-or-download", Kind.DENIED), location)
+
+    def _refuse(self, refusal: Refusal, location: vfs.Location) -> None:
+        self.cmd_channel.on_access_refused(refusal, location)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    def _real(self, path: str) -> str:
+        """The real path of a virtual one; OSError where there is none."""
+        location = self._location(path)
         if location.real is None:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         return str(location.real)
@@ -100,6 +135,12 @@ class GatewayFS(AbstractedFS):
             location.real
         )
 
+    def _stat(self, path: str) -> os.stat_result:
+        """stat without the visibility check, for this class's own questions."""
+        if self._is_virtual_dir(path):
+            return _VIRTUAL_DIR_STAT
+        return os.stat(self._real(path))
+
     # --- operations (pyftpdlib calls these with virtual paths)
 
     def open(self, filename: str, mode: str) -> Any:
@@ -107,60 +148,64 @@ class GatewayFS(AbstractedFS):
         virtual name, so transfer hooks and logs never show real paths."""
         if mode != "rb":
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-        file = open(self._real(filename), "rb")  # noqa: SIM115 - pyftpdlib closes it
+        real = self._checked(Action.DOWNLOAD, filename).real
+        file = open(str(real), "rb")  # noqa: SIM115 - pyftpdlib closes it
         setattr(file.raw, "name", filename)  # noqa: B010 - untyped attribute of FileIO
         return file
 
     def chdir(self, path: str) -> None:
         """Change the virtual cwd (the process cwd is never touched)."""
-        location = self.table.locate("/", path)
+        location = self._checked(Action.ENTER, path)
         if not self.isdir(location.virtual):
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         self.cwd = location.virtual
 
     def mkdir(self, path: str) -> None:
         """Create a directory (mode 0750)."""
-        os.mkdir(self._real(path), 0o750)
+        os.mkdir(str(self._checked(Action.MKDIR, path).real), 0o750)
 
     def rmdir(self, path: str) -> None:
         """Remove an empty directory."""
-        os.rmdir(self._real(path))
+        os.rmdir(str(self._checked(Action.REMOVE, path).real))
 
     def remove(self, path: str) -> None:
         """Remove a file."""
-        os.remove(self._real(path))
+        os.remove(str(self._checked(Action.REMOVE, path).real))
 
     def rename(self, src: str, dst: str) -> None:
-        """Rename inside one mount (the handler refuses anything else first)."""
-        os.rename(self._real(src), self._real(dst))
+        """Rename inside one mount."""
+        source = self._checked(Action.RENAME_FROM, src)
+        target = self._checked(Action.RENAME_TO, dst, rename_source=source)
+        os.rename(str(source.real), str(target.real))
 
     def chmod(self, path: str, mode: int) -> None:
         """SITE CHMOD is disabled."""
         raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
 
     def stat(self, path: str) -> os.stat_result:
-        """Follow links (they stay inside the mount, or the path is refused)."""
-        if self._is_virtual_dir(path):
-            return _VIRTUAL_DIR_STAT
-        return os.stat(self._real(path))
+        """Follow links (they stay inside the mount, or the path is refused); only
+        for paths whose metadata the user may see."""
+        self._visible(path)
+        return self._stat(path)
 
     lstat = stat  # listings show what a link points to, never the link
 
     def utime(self, path: str, timeval: float) -> None:
         """MFMT."""
-        os.utime(self._real(path), (timeval, timeval))
+        real = self._checked(Action.SET_TIME, path).real
+        os.utime(str(real), (timeval, timeval))
 
     def isfile(self, path: str) -> bool:
         """True for a regular file (links followed inside the mount)."""
         try:
-            return stat.S_ISREG(self.stat(path).st_mode)
+            return stat.S_ISREG(self._stat(path).st_mode)
         except OSError:
             return False
 
     def isdir(self, path: str) -> bool:
         """True for a directory, virtual ones included."""
         try:
-            return stat.S_ISDIR(self.stat(path).st_mode)
+            return stat.S_ISDIR(self._stat(path).st_mode)
         except OSError:
             return False
 
@@ -171,18 +216,21 @@ class GatewayFS(AbstractedFS):
     def lexists(self, path: str) -> bool:
         """True if there is something at ``path``."""
         try:
-            self.stat(path)
+            self._stat(path)
         except OSError:
             return False
         return True
 
     def getsize(self, path: str) -> int:
-        """Size in bytes."""
-        return self.stat(path).st_size
+        """Size in bytes, for users who may see it."""
+        self._visible(path)
+        return self._stat(path).st_size
 
     def getmtime(self, path: str) -> float:
-        """Modification time."""
-        return self.stat(path).st_mtime
+        """Modification time, for users who may see it (or set it: MFMT answers
+        with the time it just set)."""
+        self._visible(path, also=vfs.Permission.OVERWRITE)
+        return self._stat(path).st_mtime
 
     def readlink(self, path: str) -> str:
         """Link targets are never revealed."""
@@ -192,7 +240,7 @@ class GatewayFS(AbstractedFS):
 
     def listdir(self, path: str) -> list[str]:
         """Entries a partner may see: the folder's own plus mount points in it."""
-        location = self.table.locate("/", path)
+        location = self._checked(Action.LIST, path)
         children = self.table.children(location.virtual)
         names = set(children)
         if location.mount is not None and not self._is_virtual_dir(location.virtual):
@@ -217,6 +265,16 @@ class GatewayFS(AbstractedFS):
         """Same as ``listdir`` (pyftpdlib's hook for faster listings)."""
         return self.listdir(path)
 
+    def format_list(
+        self, basedir: str, listing: list[str], ignore_err: bool = True
+    ) -> Any:
+        """LIST/STAT lines, only for a folder the user may list.
+
+        Checked before the lines are produced (pyftpdlib consumes them later).
+        """
+        self._checked(Action.LIST, basedir)
+        return super().format_list(basedir, listing, ignore_err)
+
     def format_mlsx(
         self,
         basedir: str,
@@ -225,7 +283,14 @@ class GatewayFS(AbstractedFS):
         facts: list[str],
         ignore_err: bool = True,
     ) -> Any:
-        """MLSD/MLST facts, with each entry's ``perm`` fact from its own mount."""
+        """MLSD/MLST facts, only for a folder the user may list, with each entry's
+        ``perm`` fact from its own mount."""
+        self._checked(Action.LIST, basedir)
+        return self._mlsx_lines(basedir, listing, facts, ignore_err)
+
+    def _mlsx_lines(
+        self, basedir: str, listing: list[str], facts: list[str], ignore_err: bool
+    ) -> Any:
         for name in listing:
             virtual = os.path.join(basedir, name)
             yield from super().format_mlsx(

@@ -28,18 +28,6 @@ class PassivePortsExhausted(Exception):  # noqa: N818 - a condition, not a bug
     """Every port of the passive range is in use."""
 
 
-def pasv_reply(address: str, port: int) -> str:
-    """The RFC 959 227 reply for an IPv4 ``address`` and ``port``."""
-    return "227 Entering Passive Mode ({},{},{}).".format(
-        address.replace(".", ","), port // 256, port % 256
-    )
-
-
-def epsv_reply(port: int) -> str:
-    """The RFC 2428 229 reply: no address, the client reuses the control address."""
-    return f"229 Entering Extended Passive Mode (|||{port}|)."
-
-
 @functools.lru_cache(maxsize=16)
 def worker_ports(port_min: int, port_max: int, share: tuple[int, int]) -> list[int]:
     """The passive ports worker ``index`` of ``count`` may use (computed once).

@@ -13,12 +13,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ftps_gateway.ftp.control import (
-    COMMAND_TOO_LONG_REPLY,
-    CONTROL_CHARACTERS_REPLY,
-    MAX_COMMAND_BYTES,
-    ControlHandler,
-)
+from ftps_gateway.ftp.control import MAX_COMMAND_BYTES, ControlHandler
+from ftps_gateway.ftp.replies import COMMAND_TOO_LONG, CONTROL_CHARACTERS
 
 DISPATCHED = "200 dispatched"
 
@@ -71,9 +67,9 @@ EDGE = st.sampled_from(
 def expected_reply(line: bytes) -> str:
     """The one reply the channel owes ``line``."""
     if len(line) > MAX_COMMAND_BYTES:
-        return COMMAND_TOO_LONG_REPLY
+        return COMMAND_TOO_LONG
     if b"\r" in line or b"\n" in line:
-        return CONTROL_CHARACTERS_REPLY
+        return CONTROL_CHARACTERS
     return DISPATCHED
 
 
@@ -109,7 +105,7 @@ def test_tail_of_a_long_line_never_runs_as_a_command(head: int, record: int) -> 
     chunks = [stream[i : i + record] for i in range(0, len(stream), record)]
     channel = FramingHarness(chunks)
     channel.feed_all()
-    assert channel.replies == [COMMAND_TOO_LONG_REPLY, DISPATCHED]
+    assert channel.replies == [COMMAND_TOO_LONG, DISPATCHED]
     assert channel.lines == ["NOOP"]
 
 

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ftps_gateway.ftp.filesystem import GatewayFS
+from ftps_gateway.session.fileaccess import FileAccess
 from ftps_gateway.storage import vfs
 
 _NAMES = st.sampled_from(
@@ -171,8 +172,13 @@ def test_upload_temp_names_fit_and_stay_hidden(name: str, token: str) -> None:
 
 
 class _Channel:
+    """What GatewayFS needs of its control session: the user's file access."""
+
     def __init__(self, table: vfs.MountTable) -> None:
-        self.mount_table = table
+        self.file_access = FileAccess(table, "user")
+
+    def on_access_refused(self, refusal: object, location: object) -> None:
+        """Refusals are part of the answer; nothing to audit here."""
 
 
 @FUZZ

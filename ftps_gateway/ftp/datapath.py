@@ -1,0 +1,288 @@
+"""PASV/EPSV plumbing of a control session: ports, accepted connections, failures.
+
+A mixin for ``control.ControlHandler``. A data connection goes through three doors:
+its passive port (``passive.PassiveListener``: the address rule of
+``session.binding``), its TLS handshake (``data.DataHandler``), and the TLS rule of
+``session.binding`` (resumed this control session's own session?). Only then does it
+become pyftpdlib's ``data_channel`` and start the queued transfer. A stranger that
+fails a door from another address (a balancer, a NAT pool) gets the port reopened, so
+it cannot spoil the partner's transfer; the partner's own failing client hears 425.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+from ftps_gateway.ftp import replies
+from ftps_gateway.ftp.passive import PassiveListener, PassivePortsExhausted
+from ftps_gateway.policy.netpolicy import PassiveAddressError, strip_mapped
+from ftps_gateway.session import binding
+
+if TYPE_CHECKING:
+    from ftps_gateway.ftp.control import ControlHandler
+    from ftps_gateway.ftp.data import DataHandler
+    from ftps_gateway.policy.netpolicy import DataChannelPolicy
+    from ftps_gateway.session.events import SessionEvents
+    from ftps_gateway.session.runtime import Gateway, GatewayHolder
+
+
+class DataPathMixin:
+    """Passive data connections of one control session."""
+
+    _pending_data: DataHandler | None = None  # accepted, TLS not finished yet
+    _data_failure_reply: str | None = None  # why the last data connection failed
+    _passive_port: int | None = None  # the last PASV/EPSV port
+    _passive_reopened = 0
+    last_data_tls: tuple[str, bool] | None = None  # (version, resumed), SITE DIAG
+    proxy_ip: str | None = None  # the balancer, when a PROXY header named us
+    network_policy: DataChannelPolicy | None = None
+    data_policy: DataChannelPolicy | None = None
+
+    if TYPE_CHECKING:  # provided by ControlHandler / pyftpdlib's FTPHandler
+        gateways: ClassVar[GatewayHolder]
+        events: SessionEvents
+        socket: Any
+        data_channel: Any
+        dtp_handler: type[DataHandler]
+        _closed: bool
+        _dtp_acceptor: Any
+        _dtp_connector: Any
+        _in_dtp_queue: Any
+        _out_dtp_queue: Any
+
+        @property
+        def gateway(self) -> Gateway: ...
+        @property
+        def client_ip(self) -> str: ...
+        def respond(self, resp: str, logfun: Any = ...) -> None: ...
+        def _on_dtp_connection(self) -> None: ...
+
+    @property
+    def control(self) -> ControlHandler:
+        """This session, as the listener and the data handler know it."""
+        return cast("ControlHandler", self)
+
+    @property
+    def binding_policy(self) -> DataChannelPolicy | None:
+        """The user's data-connection policy after login, the network's before."""
+        return self.data_policy or self.network_policy
+
+    # --- PASV / EPSV
+
+    def _make_epasv(self, extmode: bool = False) -> None:
+        """PASV/EPSV: one port from the range, the address for this client's network."""
+        self._data_failure_reply = None
+        self._shutdown_connecting_dtp()
+        if self.data_channel is not None:
+            self.data_channel.close()
+            self.data_channel = None
+        passive = self.gateway.config.passive
+        try:
+            listener = PassiveListener(
+                self.control, passive.port_min, passive.port_max, self.gateways.worker
+            )
+        except PassivePortsExhausted:
+            self.events.data_refused("passive-range-exhausted")
+            self.respond(replies.PASSIVE_EXHAUSTED)
+            return
+        if extmode:
+            reply = replies.EPSV.format(port=listener.port)
+        else:
+            local_ip = strip_mapped(self.socket.getsockname()[0])
+            try:
+                address = self.pasv_address(local_ip)
+            except PassiveAddressError as err:
+                listener.close()
+                self.events.data_refused("passive-address", detail=str(err))
+                self.respond(replies.PASSIVE_NO_ADDRESS)
+                return
+            reply = replies.PASV.format(
+                address=address.replace(".", ","),
+                high=listener.port // 256,
+                low=listener.port % 256,
+            )
+        listener.start_timer(passive.connect_timeout_seconds)
+        self._dtp_acceptor = listener
+        self._passive_port = listener.port
+        self._passive_reopened = 0
+        self.respond(reply)
+
+    def pasv_address(self, local_ip: str) -> str:
+        """The IPv4 address a 227 reply gives this client (RFC 959 has no IPv6 form)."""
+        address = self.gateway.passive_policy.address_for(self.client_ip, local_ip)
+        if ":" in address:
+            raise PassiveAddressError("a 227 reply cannot carry an IPv6 address")
+        return address
+
+    def _shutdown_connecting_dtp(self) -> None:
+        super()._shutdown_connecting_dtp()  # type: ignore[misc]
+        self._close_pending_data()
+
+    def _close_pending_data(self) -> None:
+        pending, self._pending_data = self._pending_data, None
+        if pending is not None:
+            pending.close()
+
+    # --- the three doors
+
+    def is_session_data_peer(self, peer_ip: str) -> bool:
+        """The address rule (``session.binding.is_session_peer``)."""
+        return binding.is_session_peer(
+            self.binding_policy, peer_ip, self.client_ip, self.proxy_ip
+        )
+
+    def on_foreign_data_connection(self, peer_ip: str) -> None:
+        """A foreign address connected to the port; the victim hears nothing."""
+        self.events.data_refused("foreign-ip", peer_ip=peer_ip)
+
+    def on_data_connection_accepted(self, sock: Any) -> None:
+        """The client connected to its passive port; TLS comes next."""
+        self._dtp_acceptor = None
+        peer = ""
+        with contextlib.suppress(OSError):
+            peer = strip_mapped(str(sock.getpeername()[0]))
+        handler = self.dtp_handler(sock, self.control)
+        handler.peer_ip = peer
+        if handler.connected:
+            self._pending_data = handler
+
+    def accept_data_channel(self, handler: DataHandler) -> bool:
+        """The TLS rule, right after the data connection's handshake."""
+        if handler is not self._pending_data:
+            return False
+        version = str(handler.socket.version())
+        self.last_data_tls = (version, bool(handler.resumed))
+        self.events.data_handshake_done(version, resumed=bool(handler.resumed))
+        policy = self.binding_policy
+        if handler.resumed or not binding.needs_resumption(policy):
+            return True
+        self._pending_data = None
+        waiting = self._listen_again(handler.peer_ip)
+        self.events.data_refused(
+            "not-resumed", version=version,
+            policy=policy.source if policy is not None else None,
+            peer_ip=handler.peer_ip, still_listening=waiting,
+        )  # fmt: skip
+        if not waiting:
+            self._fail_data_connection(replies.NOT_RESUMED)
+        return False
+
+    def on_data_channel_ready(self, handler: DataHandler) -> None:
+        """TLS is up on the data connection: start the queued transfer, if any."""
+        if handler is not self._pending_data:
+            handler.close()
+            return
+        self._pending_data = None
+        self.events.tls_established(
+            "data", handler.socket.version(), resumed=bool(handler.resumed)
+        )
+        self.data_channel = handler
+        # The data connection used up a TLS 1.3 ticket: the next reply on the
+        # control connection carries a fresh one for the next data connection.
+        self.gateway.tickets.refresh(self.socket)
+        self._on_dtp_connection()
+
+    def on_data_channel_failed(self, handler: DataHandler, reason: str) -> None:
+        """TLS on the data connection failed or timed out."""
+        if handler is not self._pending_data:
+            return
+        self._pending_data = None
+        # A stranger from another address that stalls or sends junk must not cost
+        # the partner its transfer: listen again for it.
+        waiting = self._listen_again(handler.peer_ip)
+        self.events.data_refused(
+            reason, peer_ip=handler.peer_ip, still_listening=waiting
+        )
+        if not waiting:
+            self._fail_data_connection(replies.DATA_TLS_FAILED)
+
+    def on_data_connection_timeout(self) -> None:
+        """Nobody connected to the passive port in time."""
+        self._dtp_acceptor = None
+        self.events.data_refused("no-connection-within-timeout")
+        self._fail_data_connection(replies.DATA_TIMEOUT)
+
+    def _listen_again(self, peer_ip: str) -> bool:
+        """Reopen the last passive port after a refusal, if the rule says so."""
+        port = self._passive_port
+        if port is None or not binding.may_listen_again(
+            peer_ip, self.client_ip, self._passive_reopened
+        ):
+            return False
+        passive = self.gateway.config.passive
+        try:
+            listener = PassiveListener(
+                self.control, passive.port_min, passive.port_max,
+                self.gateways.worker, port=port,
+            )  # fmt: skip
+        except (PassivePortsExhausted, OSError):
+            return False
+        listener.start_timer(passive.connect_timeout_seconds)
+        self._dtp_acceptor = listener
+        self._passive_reopened += 1
+        return True
+
+    # --- transfers waiting for a data connection
+
+    def push_dtp_data(
+        self, data: Any, isproducer: bool = False, file: Any = None, cmd: Any = None
+    ) -> None:
+        """Queue a listing or download, but only if a data connection is on its way."""
+        if not self.data_path_arranged():
+            if file is not None:
+                file.close()
+            self.respond(self.take_data_failure_reply())
+            return
+        super().push_dtp_data(data, isproducer, file, cmd)  # type: ignore[misc]
+
+    def take_data_failure_reply(self) -> str:
+        """Why the last data connection failed (once), else "use PASV first"."""
+        reply, self._data_failure_reply = self._data_failure_reply, None
+        return reply or replies.NO_DATA_PATH
+
+    def data_path_arranged(self) -> bool:
+        """A data connection exists or is on its way (a port listens for it)."""
+        return any(
+            item is not None
+            for item in (
+                self.data_channel,
+                self._pending_data,
+                self._dtp_acceptor,
+                self._dtp_connector,
+            )
+        )
+
+    def transfer_in_progress(self) -> bool:
+        """A transfer is running or waiting for its data connection (for the drain)."""
+        return any(
+            item is not None
+            for item in (
+                self.data_channel,
+                self._pending_data,
+                self._in_dtp_queue,
+                self._out_dtp_queue,
+            )
+        )
+
+    def _fail_data_connection(self, reply: str) -> None:
+        """Answer the transfer waiting for this connection, or the next one."""
+        if not self._fail_queued_transfer(reply):
+            self._data_failure_reply = reply
+
+    def _fail_queued_transfer(self, reply: str) -> bool:
+        """Answer a transfer command waiting for a data connection; False if none."""
+        queued = False
+        if self._out_dtp_queue is not None:
+            file_obj = self._out_dtp_queue[2]
+            if file_obj is not None:
+                file_obj.close()
+            self._out_dtp_queue = None
+            queued = True
+        if self._in_dtp_queue is not None:
+            self._in_dtp_queue[0].close()
+            self._in_dtp_queue = None
+            queued = True
+        if queued and not self._closed:
+            self.respond(reply)
+        return queued

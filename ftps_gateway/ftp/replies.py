@@ -1,0 +1,98 @@
+"""Every reply text the gateway writes itself, by name (tests import these).
+
+Replies that pyftpdlib writes unchanged (``226 Transfer complete.``, ``250 ...``) are
+not repeated here. Texts are deliberately generic: the client learns that something
+was refused, the audit log learns why.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- RFC 4217: TLS on the control channel and PROT P for data
+AUTH_OK: Final = "234 AUTH TLS successful."
+AUTH_ALREADY: Final = "503 Already using TLS."
+AUTH_UNSUPPORTED: Final = "504 Unsupported security mechanism; use AUTH TLS."
+PBSZ_OK: Final = "200 PBSZ=0 successful."
+PBSZ_NEEDS_TLS: Final = "503 PBSZ not allowed on insecure control connection."
+PROT_NEEDS_TLS: Final = "503 PROT not allowed on insecure control connection."
+PROT_NEEDS_PBSZ: Final = "503 You must issue the PBSZ command prior to PROT."
+PROT_PRIVATE: Final = "200 Protection set to Private."
+PROT_C_REFUSED: Final = "534 PROT C refused: data connections must be encrypted."
+PROT_UNSUPPORTED: Final = "536 PROT {level} not supported; use PROT P."  # S or E
+PROT_UNKNOWN: Final = "504 Unknown protection level; use PROT P."
+CCC_NEEDS_TLS: Final = "533 CCC not allowed on insecure control connection."
+CCC_REFUSED: Final = "534 CCC refused: the control connection stays encrypted."
+TLS_FIRST: Final = "530 Send AUTH TLS first."
+CLEAR_TEXT_LOGIN: Final = "530 Clear-text login refused: send AUTH TLS first."
+PROT_P_REQUIRED: Final = (
+    "521 Data connections must be encrypted: send PBSZ 0 and PROT P."
+)
+
+# --- command framing
+COMMAND_TOO_LONG: Final = "500 Command too long."
+CONTROL_CHARACTERS: Final = "501 Command contains CR or LF."
+NOT_UNDERSTOOD: Final = '500 Command "{command}" not understood.'
+NOT_IMPLEMENTED: Final = "502 {command} not supported."
+
+# --- admission and session life
+LIMIT_REPLIES: Final = {
+    "limit-total": "421 Too many sessions; try again later.",
+    "limit-per-ip": "421 Too many sessions from your address; try again later.",
+    "limit-per-user": "421 Too many sessions for this user; try again later.",
+    "draining": "421 Service restarting; try again shortly.",
+}
+SHUTDOWN: Final = "421 Service restarting; please reconnect."
+LOGIN_TIMEOUT: Final = "421 Login timed out; closing control connection."
+
+# --- login
+LOGIN_FIRST: Final = "530 Log in with USER and PASS first."
+USER_FIRST: Final = "503 Login with USER first."
+ALREADY_LOGGED_IN: Final = "503 Already logged in; reconnect to log in as another user."
+ALREADY_AUTHENTICATED: Final = "503 User already authenticated."
+LOGIN_FAILED: Final = "530 Authentication failed."
+LOGIN_FAILED_CLOSING: Final = "530 Authentication failed. Disconnecting."
+LOGIN_OK_TEXT: Final = "Login successful."  # pyftpdlib prefixes 230
+QUIT_TEXT: Final = "Goodbye."  # pyftpdlib prefixes 221
+
+# --- data connections
+NO_DATA_PATH: Final = "425 Use PASV or EPSV first."
+NOT_RESUMED: Final = (
+    "425 Can't open data connection: TLS session of data connection not resumed."
+)
+DATA_TLS_FAILED: Final = "425 Can't open data connection: TLS negotiation failed."
+DATA_TIMEOUT: Final = "425 Can't open data connection: timed out."
+PASSIVE_EXHAUSTED: Final = "425 Can't open data connection: no passive port free."
+PASSIVE_NO_ADDRESS: Final = "425 Can't open data connection; use EPSV."
+ACTIVE_DISABLED: Final = "502 Active mode is disabled; use PASV or EPSV."
+PASV: Final = "227 Entering Passive Mode ({address},{high},{low})."
+EPSV: Final = "229 Entering Extended Passive Mode (|||{port}|)."
+
+# --- paths and permissions
+INVALID_PATH: Final = "550 Invalid path."
+DENIED: Final = "550 Permission denied."
+MOUNT_POINT: Final = "550 A mounted folder cannot be changed."
+ACROSS_MOUNTS: Final = (
+    "550 Cannot rename across mounted folders; upload a copy instead."
+)
+NO_SIZE: Final = "550 Could not get file size."
+SIZE: Final = "213 {size}"
+
+# --- uploads
+OVER_QUOTA: Final = "452 Quota exceeded; upload not stored."
+STORAGE_FULL: Final = "452 Insufficient storage space."
+APPE_AFTER_REST: Final = "450 Can't APPE while REST request is pending."
+UPLOAD_BUSY: Final = "450 This file is being uploaded by another session."
+RESTART_BEYOND_DATA: Final = "554 Restart position beyond the data there is to resume."
+NOT_A_FILE: Final = "550 Not a file."
+CANNOT_CREATE: Final = "550 Can't create file."
+DATA_ALREADY_OPEN: Final = "125 Data connection already open. Transfer starting."
+OPENING_DATA: Final = "150 File status okay. About to open data connection."
+UPLOAD_CUT: Final = "426 Connection closed; transfer aborted."
+TRANSFER_ABORTED: Final = "426 Transfer aborted."
+UPLOAD_NAME_TAKEN: Final = "550 File exists; upload not stored."
+UPLOAD_NOT_STORED: Final = "451 Local error: upload not stored."
+
+# --- diagnostics
+DIAG_HEAD: Final = "200-Diagnostics: what the server sees"
+DIAG_END: Final = "200 End of diagnostics."

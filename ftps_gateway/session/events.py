@@ -1,0 +1,187 @@
+"""One call per happening in a session: the audit line and the metric, together.
+
+Audit events and metric samples used to be written in hand-made pairs by the protocol
+handler and drifted apart (a login refused after a reload was audited, never
+counted). Each method here is one happening, in one vocabulary: the audit event name
+and fields stay what operators already parse, the metric label comes from the same
+reason. Imports only the leaves; the session is seen through ``SessionIdentity``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from ftps_gateway.audit import Transfer
+
+if TYPE_CHECKING:
+    from ftps_gateway.policy.defender import Ban
+    from ftps_gateway.session.runtime import Gateway
+
+# Audit reasons of a failed login -> the login metric's result.
+LOGIN_RESULTS: Final = {
+    "bad-password": "bad-credentials",
+    "unknown-user": "bad-credentials",
+    "network-not-allowed": "not-allowed-from-network",
+    "banned": "banned",
+    "limit-total": "limit",
+    "limit-per-ip": "limit",
+    "limit-per-user": "limit",
+}
+# Session-limit reasons, also counted as refused sessions when a login hits them.
+LIMIT_REASONS: Final = frozenset({"limit-total", "limit-per-ip", "limit-per-user"})
+
+# Audit reasons of a refused data connection -> the data-refusal metric's label.
+DATA_REFUSAL_LABELS: Final = {
+    "not-resumed": "not-resumed",
+    "foreign-ip": "foreign-ip",
+    "passive-range-exhausted": "passive-range-exhausted",
+    "passive-address": "passive-address",
+    "no-connection-within-timeout": "timeout",
+}
+# Any other reason is a failed data handshake ("tls-handshake: <cause>").
+DATA_HANDSHAKE_LABEL: Final = "tls-handshake-failed"
+
+
+class SessionIdentity(Protocol):
+    """Who an event is about: read at the moment it happens (PROXY, login change it)."""
+
+    session_id: str
+    username: str
+
+    @property
+    def client_ip(self) -> str: ...
+
+    @property
+    def gateway(self) -> Gateway: ...
+
+
+class SessionEvents:
+    """The audit trail and the metrics of one session."""
+
+    def __init__(self, session: SessionIdentity) -> None:
+        self._session = session
+
+    def note(self, event: str, **fields: Any) -> None:
+        """An audit-only event (no metric describes it): connect, path refusals..."""
+        session = self._session
+        session.gateway.audit.event(
+            event,
+            session=session.session_id,
+            client_ip=session.client_ip,
+            user=session.username or None,
+            **fields,
+        )
+
+    @property
+    def _metrics(self) -> Any:
+        return self._session.gateway.metrics
+
+    # --- the session's life
+
+    def session_opened(self) -> None:
+        """The session holds a slot from now on (``session_closed`` exactly once)."""
+        self._metrics.session_opened()
+
+    def session_closed(self, result: str) -> None:
+        """An opened session ended; ``result``: one of the metrics' session results."""
+        self._metrics.session_closed(result)
+
+    def connection_refused(self, reason: str, **detail: Any) -> None:
+        """The connection is refused by policy (not allowed, banned, a limit...)."""
+        self.note("connection_refused", reason=reason, **detail)
+        self._metrics.session_refused(reason)
+
+    # --- login
+
+    def login_failed(self, reason: str) -> None:
+        """A login was refused; the client hears one generic reply for every reason."""
+        self.note("login_failed", reason=reason)
+        self._metrics.login(LOGIN_RESULTS[reason])
+        if reason in LIMIT_REASONS:
+            self._metrics.session_refused(reason)
+
+    def login_succeeded(self, *, cached: bool) -> None:
+        """The session is logged in (``cached``: the password was verified recently)."""
+        self.note("login_ok", **({"cached": True} if cached else {}))
+        self._metrics.login("ok")
+
+    def banned(self, ban: Ban) -> None:
+        """This session's failures earned its address a ban."""
+        self.note(
+            "ban", banned_ip=ban.ip, seconds=round(ban.remaining_seconds),
+            offences=ban.offences,
+        )  # fmt: skip
+
+    # --- TLS
+
+    def tls_established(
+        self, channel: str, version: str | None, *, cipher: str | None = None,
+        resumed: bool = False,
+    ) -> None:  # fmt: skip
+        """A handshake completed (data: after the binding check accepted it)."""
+        fields: dict[str, Any] = {"channel": channel, "version": version}
+        if channel == "control":
+            fields["cipher"] = cipher
+        else:
+            fields["resumed"] = resumed
+        self.note("tls_established", **fields)
+        if channel == "control":
+            self._metrics.tls_handshake(channel, version, resumed=False)
+
+    def data_handshake_done(self, version: str | None, *, resumed: bool) -> None:
+        """A data connection's handshake completed, before the binding check."""
+        self._metrics.tls_handshake("data", version, resumed)
+
+    def tls_failed(self, channel: str, reason: str, **fields: Any) -> None:
+        """A handshake failed, stalled, or the established stream broke."""
+        self.note("tls_failed", channel=channel, reason=reason, **fields)
+        self._metrics.tls_failure(channel, reason)
+
+    # --- data connections
+
+    def data_refused(self, reason: str, **fields: Any) -> None:
+        """A data connection (or the port for one) was refused or failed."""
+        self.note("data_refused", reason=reason, **fields)
+        label = DATA_REFUSAL_LABELS.get(reason)
+        if label is None:
+            self._metrics.tls_failure("data", reason)
+            label = DATA_HANDSHAKE_LABEL
+        self._metrics.data_connection_refused(label)
+
+    def data_command_refused(self, label: str) -> None:
+        """PASV/PORT refused before any connection (no PROT P, active mode off)."""
+        self._metrics.data_connection_refused(label)
+
+    def prot_c_refused(self) -> None:
+        """A client asked for clear-text data connections (PROT C)."""
+        self.note("prot_c_refused")
+        self._metrics.data_connection_refused("prot-c")
+
+    # --- transfers
+
+    def transfer_finished(
+        self, *, upload: bool, path: str, nbytes: int, seconds: float, result: str,
+        binary: bool, sha256: str | None = None,
+    ) -> None:  # fmt: skip
+        """A file transfer ended: audit line, metric sample and xferlog line."""
+        session = self._session
+        completed = result == "ok"
+        direction = "upload" if upload else "download"
+        extra: dict[str, Any] = {} if completed else {"result": result}
+        if completed and sha256:
+            extra["sha256"] = sha256
+        self.note(
+            f"{direction}_{'completed' if completed else 'failed'}", path=path,
+            bytes=nbytes, seconds=seconds, **extra,
+        )  # fmt: skip
+        self._metrics.transfer_finished(
+            direction, result, nbytes, seconds, user=session.username or None
+        )
+        session.gateway.audit.xferlog(
+            Transfer(
+                end=time.time(), seconds=seconds, client_ip=session.client_ip,
+                nbytes=nbytes, path=path, upload=upload, user=session.username,
+                completed=completed, binary=binary,
+            )
+        )  # fmt: skip

@@ -1,0 +1,239 @@
+"""File access of one logged-in user: every decision on the final virtual path.
+
+What a partner may do with a path is decided here, on the virtual path the protocol
+layer is about to use (after every alias, flag and ``..`` was resolved), never on the
+text of a command. Each decision returns a ``Refusal`` (the reason for the audit log,
+and its kind, which the protocol layer maps to a reply) or None to allow:
+
+- permission words of the mount the path belongs to (``list``, ``download``,
+  ``upload``, ``overwrite``, ``mkdir``, ``delete``, ``rename``);
+- mount points, and the virtual directories leading to them, are never created,
+  removed, renamed, uploaded over or re-timed; nothing is renamed across mounts;
+- a folder that may not be listed shows nothing of what is in it: no names, no sizes,
+  no dates (``may_see_metadata``), whichever command asks;
+- quotas: how large an upload may grow (``upload_room``).
+
+Protocol-neutral: no pyftpdlib, no replies. Imports the storage and config floors.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import TYPE_CHECKING, NamedTuple
+
+from ftps_gateway.config.tree import plan_tree
+from ftps_gateway.storage import vfs
+from ftps_gateway.storage.uploads import QuotaExceededError, partial_size
+
+if TYPE_CHECKING:
+    from ftps_gateway.config import GatewayConfig
+
+logger = logging.getLogger("ftps_gateway")
+
+P = vfs.Permission
+
+
+class Action(enum.Enum):
+    """What a command does to its path (the protocol layer maps verbs to these)."""
+
+    ENTER = "enter"  # change into a folder
+    LIST = "list"  # names (and facts) of what a folder holds, or a file's line
+    READ_METADATA = "read-metadata"  # a file's size or date
+    SIZE = "size"  # a file's size, or the user's own resumable partial
+    DOWNLOAD = "download"
+    UPLOAD = "upload"
+    MKDIR = "mkdir"
+    REMOVE = "remove"  # a file or an empty folder
+    RENAME_FROM = "rename-from"
+    RENAME_TO = "rename-to"
+    SET_TIME = "set-time"  # a file's modification time
+
+
+class Kind(enum.Enum):
+    """How a refusal reads to the client (the protocol layer words it)."""
+
+    DENIED = "denied"
+    MOUNT_POINT = "mount-point"  # a mounted folder cannot be changed
+    ACROSS_MOUNTS = "across-mounts"  # renames stay inside one mount
+
+
+class Refusal(NamedTuple):
+    """Why an action is refused: ``reason`` for the audit, ``kind`` for the reply."""
+
+    reason: str
+    kind: Kind
+
+
+# The permission word each action needs in the path's mount (ENTER, LIST,
+# READ_METADATA and SIZE have rules of their own).
+REQUIRED: dict[Action, vfs.Permission] = {
+    Action.DOWNLOAD: P.DOWNLOAD,
+    Action.UPLOAD: P.UPLOAD,
+    Action.MKDIR: P.MKDIR,
+    Action.REMOVE: P.DELETE,
+    Action.RENAME_FROM: P.RENAME,
+    Action.RENAME_TO: P.RENAME,
+    Action.SET_TIME: P.OVERWRITE,
+}
+# Changes that a mount point (or a virtual directory) never accepts.
+STRUCTURAL_CHANGES = frozenset(
+    {
+        Action.UPLOAD,
+        Action.MKDIR,
+        Action.REMOVE,
+        Action.RENAME_FROM,
+        Action.RENAME_TO,
+        Action.SET_TIME,
+    }
+)
+# What a purely virtual directory (no folder behind it) allows.
+VIRTUAL_DIRECTORY_ACTIONS = frozenset({Action.ENTER, Action.LIST})
+# Permission words that show a file's metadata (size, date, its line in a listing).
+METADATA_PERMISSIONS = frozenset({P.LIST, P.DOWNLOAD})
+
+
+class FileAccess:
+    """One user's tree (``vfs.MountTable``) and the rules over it."""
+
+    def __init__(
+        self, table: vfs.MountTable, username: str, *, retention_seconds: int = 0
+    ) -> None:
+        self.table = table
+        self.username = username
+        self.retention_seconds = retention_seconds
+
+    @classmethod
+    def for_user(cls, config: GatewayConfig, username: str) -> FileAccess:
+        """Plan ``username``'s tree from ``config`` and create its folders.
+
+        A folder that cannot be created is logged; paths into it are refused later
+        ("folder unavailable") instead of failing the whole login.
+
+        Raises:
+            LookupError: ``username`` is not in ``config`` (a reload removed it).
+        """
+        user = config.user(username)
+        if user is None:
+            raise LookupError(username)
+        table = plan_tree(config, user).table(user)
+        for mount in table.mounts:
+            try:
+                mount.source.mkdir(mode=0o750, parents=True, exist_ok=True)
+            except OSError as err:  # an operational fault, not a bug: no traceback
+                logger.error(  # noqa: TRY400
+                    "cannot create %s for %s: %s; paths into %s are refused",
+                    mount.source, username, err.strerror, mount.virtual,
+                )  # fmt: skip
+        return cls(
+            table, username, retention_seconds=config.storage.partial_retention_seconds
+        )
+
+    def locate(self, virtual: str) -> vfs.Location:
+        """Map a normalized virtual path; raises ``vfs.PathRefused``."""
+        return self.table.locate("/", virtual)
+
+    # --- decisions
+
+    def decide(
+        self,
+        action: Action,
+        location: vfs.Location,
+        *,
+        rename_source: vfs.Location | None = None,
+    ) -> Refusal | None:
+        """May the user do ``action`` at ``location``? None: yes.
+
+        Args:
+            rename_source: for ``RENAME_TO``, where the file comes from.
+        """
+        if action in STRUCTURAL_CHANGES and self.table.is_structural(location.virtual):
+            return Refusal("mount-point", Kind.MOUNT_POINT)
+        reason = _missing_permission(action, location)
+        if reason is not None:
+            return Refusal(reason, Kind.DENIED)
+        if action is Action.RENAME_TO and rename_source is not None:
+            if not self.table.same_mount(rename_source, location):
+                return Refusal("across-mounts", Kind.ACROSS_MOUNTS)
+            if self.exists(location) and P.OVERWRITE not in location.permissions:
+                return Refusal("needs-overwrite", Kind.DENIED)
+        replaces = action is Action.UPLOAD and self.exists(location)
+        if replaces and P.OVERWRITE not in location.permissions:
+            return Refusal("needs-overwrite", Kind.DENIED)
+        return None
+
+    def may_see_metadata(self, location: vfs.Location) -> bool:
+        """May the user see this path's size, date, or its line in a listing?
+
+        Yes for mount points and virtual directories (they appear in their parent's
+        listing), and for paths in a mount that grants ``list`` or ``download``. A
+        dropbox (upload only) shows nothing of what is in it.
+        """
+        if location.mount is None or self.table.is_structural(location.virtual):
+            return True
+        return bool(location.permissions & METADATA_PERMISSIONS)
+
+    def exists(self, location: vfs.Location) -> bool:
+        """True if something is at ``location`` (links followed inside the mount)."""
+        if location.real is None:
+            return self.table.is_structural(location.virtual)
+        return location.real.exists()
+
+    def own_partial_size(self, location: vfs.Location, *, binary: bool) -> int | None:
+        """The size of this user's resumable partial upload to ``location``, if any.
+
+        What SIZE answers an uploader (curl ``-C -``, lftp ``reput`` ask it to learn
+        where to resume); only for users who may upload there.
+        """
+        if not binary or P.UPLOAD not in location.permissions or location.real is None:
+            return None
+        return partial_size(location.real, self.username, self.retention_seconds)
+
+    def upload_room(
+        self, location: vfs.Location, *, exists: bool
+    ) -> tuple[int | None, str]:
+        """(largest size the upload may reach, the scope that sets it).
+
+        Usage is measured when the upload starts. The file being replaced and the
+        user's own temporary file count as free room: both are gone once the upload
+        is committed.
+
+        Raises:
+            QuotaExceededError: a new file would exceed a file-count limit.
+        """
+        if location.mount is None or location.real is None:
+            return None, ""
+        max_size: int | None = None
+        limiting = ""
+        replaced = location.real.stat().st_size if exists else 0
+        temp = location.real.parent / vfs.upload_temp_name(
+            location.real.name, vfs.partial_token(self.username, location.real.name)
+        )
+        own_temp = temp.stat().st_size if temp.is_file() else 0
+        for scope in self.table.quota_scopes(location.mount):
+            used = vfs.usage(scope.roots)
+            full = scope.max_files is not None and used.files + 1 > scope.max_files
+            if full and not exists:
+                raise QuotaExceededError(scope.name)
+            if scope.max_bytes is not None:
+                room = scope.max_bytes - (used.bytes - replaced - own_temp)
+                if max_size is None or room < max_size:
+                    max_size, limiting = max(room, 0), scope.name
+        return max_size, limiting
+
+
+def _missing_permission(action: Action, location: vfs.Location) -> str | None:
+    """The audit reason if ``location``'s permissions do not allow ``action``."""
+    granted = location.permissions
+    if location.mount is None:  # a virtual directory: enter and list only
+        return None if action in VIRTUAL_DIRECTORY_ACTIONS else "virtual-directory"
+    if action is Action.ENTER:
+        return None if granted else "no-permission"
+    if action is Action.LIST:
+        return None if P.LIST in granted else "needs-list"
+    if action in (Action.READ_METADATA, Action.SIZE):
+        readable = granted & METADATA_PERMISSIONS
+        uploader = action is Action.SIZE and P.UPLOAD in granted
+        return None if readable or uploader else "needs-list-or-download"
+    needed = REQUIRED[action]
+    return None if needed in granted else f"needs-{needed.value}"
