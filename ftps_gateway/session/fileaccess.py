@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 from typing import TYPE_CHECKING, NamedTuple
 
 from ftps_gateway.config.tree import plan_tree
@@ -177,7 +178,9 @@ class FileAccess:
         """True if something is at ``location`` (links followed inside the mount)."""
         if location.real is None:
             return self.table.is_structural(location.virtual)
-        return location.real.exists()
+        # os.path.exists answers False for any OSError (an unreadable folder);
+        # Path.exists raises on EACCES.
+        return os.path.exists(location.real)  # noqa: PTH110
 
     def own_partial_size(self, location: vfs.Location, *, binary: bool) -> int | None:
         """The size of this user's resumable partial upload to ``location``, if any.
