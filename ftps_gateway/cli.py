@@ -13,7 +13,6 @@ import json
 import logging
 import logging.handlers
 import os
-import signal
 import sys
 import traceback
 from datetime import UTC, datetime
@@ -32,7 +31,6 @@ from ftps_gateway.tls import certificates as certs
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from types import FrameType
 
     from ftps_gateway.service.server import GatewayServer
 
@@ -284,9 +282,7 @@ def _serve(args: argparse.Namespace) -> int:
     if prepared is not None:
         host, port = server.addresses[0]
         _print_demo(prepared, host, port)
-    _serve_signals(server)
-    server.serve_forever()
-    return EXIT_OK
+    return _serve_until_stopped(server)
 
 
 def _print_demo(prepared: demo.Demo, host: str, port: int) -> None:
@@ -305,38 +301,14 @@ def _worker(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config)
     configure_logging(cfg.log_level, args.debug, cfg.audit_file, cfg.xferlog_file)
-    server = workers.build_worker(args)
-    _serve_signals(server, second_term_stops=False)
+    return _serve_until_stopped(workers.build_worker(args, cfg))
+
+
+def _serve_until_stopped(server: GatewayServer) -> int:
+    """Run ``server`` until a signal ends it (see ``install_signal_handlers``)."""
+    server.install_signal_handlers()
     server.serve_forever()
     return EXIT_OK
-
-
-def _serve_signals(server: GatewayServer, *, second_term_stops: bool = True) -> None:
-    """SIGTERM drains, SIGINT stops at once, SIGHUP reloads.
-
-    A second SIGTERM stops at once too, except in a worker: systemd signals every
-    process of the service and the supervisor forwards its own, so a worker hears
-    SIGTERM twice for one stop (the supervisor sends SIGINT for "at once").
-    """
-    terms = [0]
-
-    def _stop(_signum: int, _frame: FrameType | None) -> None:
-        server.waker.request_stop()
-
-    def _drain(_signum: int, _frame: FrameType | None) -> None:
-        # No logging here: a handler's lock may be held by the interrupted code.
-        terms[0] += 1
-        if terms[0] > 1 and second_term_stops:
-            server.waker.request_stop()
-        else:
-            server.waker.call_soon_threadsafe(server.drain)
-
-    def _reload(_signum: int, _frame: FrameType | None) -> None:
-        server.waker.call_soon_threadsafe(server.reload)
-
-    signal.signal(signal.SIGTERM, _drain)
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGHUP, _reload)
 
 
 def _check_config(path: Path) -> int:

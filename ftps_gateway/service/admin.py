@@ -31,6 +31,8 @@ logger = logging.getLogger("ftps_gateway")
 
 MAX_REQUEST_BYTES = 4096
 CLIENT_TIMEOUT_SECONDS = 10.0
+# How long a server waits for its reload to run (GatewayServer.reload_from_thread);
+# ``request`` waits a little longer, so the server's answer wins the race.
 RELOAD_TIMEOUT_SECONDS = 30.0
 
 

@@ -1,4 +1,4 @@
-"""Build a running gateway from a validated config: listeners, loop, workers, homes.
+"""One gateway process, alone or one worker of several: build, bind, serve, drain, stop.
 
 pyftpdlib keeps all settings in class attributes, so any change is global. Each
 ``GatewayServer`` therefore builds its own handler subclasses that carry a
@@ -10,43 +10,41 @@ config file first and swaps it in only if that worked: an invalid config changes
 nothing. Sessions that have logged in keep the ``Gateway`` they logged in under; the
 defender's bans and the session counts belong to the server, not to a config, and
 carry over.
+
+What a supervisor of workers does the same way (binding, the kept state, the reload
+flow, readiness, signals) is in ``lifecycle``; this module adds what needs the IO
+loop and pyftpdlib (outside ``ftp/``, the one module allowed to import it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pyftpdlib.ioloop import IOLoop
 from pyftpdlib.servers import FTPServer
 
-from ftps_gateway import config as config_module
 from ftps_gateway.audit import AuditLog
-from ftps_gateway.config import endpoint
-from ftps_gateway.config.tree import home_source, sweep_roots
-from ftps_gateway.errors import ConfigError, GatewayError, StartupError
+from ftps_gateway.config.tree import sweep_roots
+from ftps_gateway.errors import GatewayError
 from ftps_gateway.ftp.control import ControlHandler
 from ftps_gateway.ftp.loop import LoopWaker, TimerScheduler
 from ftps_gateway.ftp.passive import worker_ports
 from ftps_gateway.metrics import GatewayMetrics
-from ftps_gateway.policy.defender import BanKeeper, Defender, LimitKeeper, SessionLimits
 from ftps_gateway.policy.netpolicy import (
     AccessList,
     PassiveAddressPolicy,
     TLSPolicyTable,
 )
 from ftps_gateway.policy.passwords import PasswordVerifier, RecentLogins
-from ftps_gateway.service import sdnotify
-from ftps_gateway.service.admin import AdminServer
-from ftps_gateway.service.health import HealthServer, ReadinessState
+from ftps_gateway.service import lifecycle, sdnotify
+from ftps_gateway.service.admin import RELOAD_TIMEOUT_SECONDS, AdminServer
 from ftps_gateway.service.sharedstate import RemoteDefender, RemoteLimits, StateChannel
 from ftps_gateway.session.runtime import (
     PASSWORD_WORKERS,
@@ -63,31 +61,26 @@ from ftps_gateway.tls.contexts import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-    from pathlib import Path
+    from collections.abc import Callable, Mapping, Sequence
 
     from ftps_gateway.config import GatewayConfig, ListenAddress
+    from ftps_gateway.policy.defender import BanKeeper, LimitKeeper
+    from ftps_gateway.service.health import HealthServer
 
 logger = logging.getLogger("ftps_gateway")
 
 # How often expired partial uploads are looked for (at most; see _start_sweeper).
 SWEEP_INTERVAL_SECONDS = 600
 
-# /readyz reports "storage full" when less than this is free on storage.root (statvfs
-# f_bavail: what an unprivileged writer may still use), or no inode is left: uploads
-# would get "452 Insufficient storage space". One MiB: a node that cannot take a
-# small file should get no new sessions; anything more is capacity planning, which
-# belongs to the disk-space alerts (node_exporter), not to the balancer.
-STORAGE_FULL_BELOW_BYTES = 1 << 20
-
-RELOAD_TIMEOUT_SECONDS = 30.0
 METRICS_PUSH_SECONDS = 2.0  # a worker's metrics reach the supervisor this often
-LISTEN_BACKLOG = 128
+
+# How often a drain looks for sessions whose transfer has finished.
+DRAIN_POLL_SECONDS = 0.2
 
 
 @dataclass
 class WorkerRole:
-    """What makes a GatewayServer one worker of several (see ``workers``)."""
+    """What makes a GatewayServer one worker of several (see ``supervisor``)."""
 
     index: int
     count: int
@@ -96,38 +89,19 @@ class WorkerRole:
     channel: StateChannel
 
 
-def bind_listener(listen: ListenAddress) -> socket.socket:
-    """A listening TCP socket for ``listen`` (SO_REUSEADDR, non-blocking)."""
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((listen.host, listen.port))
-        sock.listen(LISTEN_BACKLOG)
-        sock.settimeout(0.0)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+def build_gateway(config: GatewayConfig, own: Mapping[str, Any]) -> Gateway:
+    """A ``Gateway`` for ``config`` around the server's own parts.
 
-
-# How often a drain looks for sessions whose transfer has finished.
-DRAIN_POLL_SECONDS = 0.2
-
-
-def build_gateway(
-    config: GatewayConfig, shared: Gateway | None = None, **parts: Any
-) -> Gateway:
-    """A ``Gateway`` for ``config``; the server's own parts come from ``shared``.
+    Args:
+        own: one value per name in ``SHARED_PARTS``: what the server keeps across
+            reloads (bans, session counts, metrics, the password pool...).
 
     Raises:
         ConfigError: the certificate or key is unusable.
         StartupError: TLS session binding cannot be enforced on this runtime.
     """
     tls_factory = TLSContextFactory(config.tls)
-    tickets = shared.tickets if shared is not None else parts.get("tickets")
-    if tickets is None:
-        tickets = parts["tickets"] = TicketRefresher()
+    tickets: TicketRefresher = own["tickets"]
     prove_session_binding(tls_factory, tickets)
     if not tickets.available and not tickets.warned:
         tickets.warned = True
@@ -135,33 +109,6 @@ def build_gateway(
             "TLS 1.3 clients that keep one session (curl) resume only their first "
             "data connection per session: cannot issue fresh tickets (%s)",
             tickets.problem,
-        )
-    server = config.server
-    if shared is not None:
-        shared.defender.update(config.defender, config.access.safe)
-        shared.limits.update(
-            server.max_sessions,
-            server.max_sessions_per_ip,
-            server.max_sessions_per_user,
-        )
-        parts = {name: getattr(shared, name) for name in SHARED_PARTS}
-    else:
-        parts.setdefault("defender", Defender(config.defender, config.access.safe))
-        parts.setdefault(
-            "metrics",
-            GatewayMetrics(
-                per_user_labels=config.metrics.per_user_labels,
-                node=config.server.node_name or socket.gethostname(),
-            ),
-        )
-        parts.setdefault("passive_ports", PortsInUse())
-        parts.setdefault(
-            "limits",
-            SessionLimits(
-                server.max_sessions,
-                server.max_sessions_per_ip,
-                server.max_sessions_per_user,
-            ),
         )
     return Gateway(
         config=config,
@@ -175,35 +122,8 @@ def build_gateway(
             else None
         ),
         recent_logins=RecentLogins(config.server.login_cache_seconds),
-        **parts,
+        **own,
     )
-
-
-def storage_problem(root: Path) -> str | None:
-    """Why ``root`` cannot take uploads (full, or gone), for ``/readyz``; else None."""
-    try:
-        stats = os.statvfs(root)
-    except OSError as err:
-        return f"storage root unavailable: {err.strerror}"
-    free = stats.f_bavail * stats.f_frsize
-    if free < STORAGE_FULL_BELOW_BYTES or (stats.f_files and not stats.f_favail):
-        return f"storage full: {free} bytes free on storage.root"
-    return None
-
-
-def prepare_homes(config: GatewayConfig) -> None:
-    """Create every user's home (mode 0750, parents included) if missing."""
-    try:
-        for user in config.users:
-            if user.home:  # other folders are created at login (they may hold {user})
-                home_source(config, user.name).mkdir(
-                    mode=0o750, parents=True, exist_ok=True
-                )
-    except OSError as err:
-        raise StartupError(
-            f"storage.root: cannot create user homes under {config.storage.root}: "
-            f"{err.strerror}"
-        ) from err
 
 
 class GatewayServer:
@@ -222,42 +142,27 @@ class GatewayServer:
         Args:
             worker: set when this is one of several worker processes: listeners
                 come bound from the supervisor, bans and limits are the
-                supervisor's (over ``worker.channel``), and the admin socket and the
-                HTTP endpoint are the supervisor's too.
+                supervisor's (over ``worker.channel``), and the admin socket, the
+                HTTP endpoint and the word to systemd are the supervisor's too.
         """
-        prepare_homes(config)
+        lifecycle.prepare_homes(config)
+        self.worker = worker
+        self._speaks_for_service = worker is None
         self.ioloop = IOLoop()
         self.ioloop.sched = TimerScheduler()  # no traceback for a cancelled timer
         self.waker = LoopWaker(self.ioloop)
-        self.worker = worker
-        executor = ThreadPoolExecutor(PASSWORD_WORKERS, thread_name_prefix="argon2")
-        shared: dict[str, Any] = {}
-        if worker is not None:
-            shared = {
-                "defender": RemoteDefender(worker.channel),
-                "limits": RemoteLimits(worker.channel),
-            }
-        try:
-            gateway = build_gateway(
-                config,
-                verifier=verifier or PasswordVerifier(),
-                executor=executor,
-                waker=self.waker,
-                audit=audit or AuditLog(),
-                **shared,
-            )
-        except GatewayError:
-            executor.shutdown(wait=False)
-            self.ioloop.close()
-            raise
-        self.holder = GatewayHolder(gateway)
+        self.holder = GatewayHolder(self._first_gateway(config, verifier, audit))
         if worker is not None:
             self.holder.worker = (worker.index, worker.count)
         self.listeners: list[FTPServer] = []
         self.implicit_listeners: list[FTPServer] = []
         self.admin: AdminServer | None = None
         self.health: HealthServer | None = None
-        self.readiness = ReadinessState()
+        self.readiness = lifecycle.readiness(
+            self._passive_ports_problem,
+            config=lambda: self.config,
+            not_after=lambda: self.gateway.tls.not_after,
+        )
         self._stopped = threading.Event()
         try:
             if worker is None:
@@ -267,26 +172,52 @@ class GatewayServer:
             else:
                 self._adopt(worker.explicit, implicit=False)
                 self._adopt(worker.implicit, implicit=True)
-            self._start_monitoring(config)
+            self._start_monitoring()
         except BaseException:
             self._release()
             raise
         if worker is None or worker.index == 0:
             self._start_sweeper()
 
+    def _first_gateway(
+        self,
+        config: GatewayConfig,
+        verifier: PasswordVerifier | None,
+        audit: AuditLog | None,
+    ) -> Gateway:
+        """The first ``Gateway``, with the parts this server keeps from then on."""
+        defender: BanKeeper
+        limits: LimitKeeper
+        if self.worker is not None:  # the supervisor's, asked over the channel
+            defender = RemoteDefender(self.worker.channel)
+            limits = RemoteLimits(self.worker.channel)
+        else:
+            defender, limits = lifecycle.new_kept_state(config)
+        executor = ThreadPoolExecutor(PASSWORD_WORKERS, thread_name_prefix="argon2")
+        own = {
+            "verifier": verifier or PasswordVerifier(),
+            "executor": executor,
+            "waker": self.waker,
+            "audit": audit or AuditLog(),
+            "defender": defender,
+            "limits": limits,
+            "metrics": GatewayMetrics(
+                per_user_labels=config.metrics.per_user_labels,
+                node=config.server.node_name or socket.gethostname(),
+            ),
+            "passive_ports": PortsInUse(),
+            "tickets": TicketRefresher(),
+        }
+        try:
+            return build_gateway(config, own)
+        except GatewayError:
+            executor.shutdown(wait=False)
+            self.ioloop.close()
+            raise
+
     def _listen(self, addresses: Sequence[ListenAddress], *, implicit: bool) -> None:
         key = "server.implicit_listen" if implicit else "server.listen"
-        sockets = []
-        for listen in addresses:
-            try:
-                sockets.append(bind_listener(listen))
-            except OSError as err:
-                for sock in sockets:
-                    sock.close()
-                raise StartupError(
-                    f"{key}: cannot listen on {endpoint(listen)}: {err.strerror}"
-                ) from err
-        self._adopt(sockets, implicit=implicit)
+        self._adopt(lifecycle.bind_listeners(addresses, key), implicit=implicit)
 
     def _adopt(self, sockets: Sequence[socket.socket], *, implicit: bool) -> None:
         """Serve already listening sockets (this process's, or the supervisor's)."""
@@ -296,16 +227,12 @@ class GatewayServer:
             listener.max_cons = 0  # SessionLimits counts sessions, not sockets
             (self.implicit_listeners if implicit else self.listeners).append(listener)
 
-    def _start_monitoring(self, config: GatewayConfig) -> None:
-        """Metrics gauges read at scrape time, readiness checks, the HTTP endpoint."""
+    def _start_monitoring(self) -> None:
+        """Metrics gauges read at scrape time, and the HTTP endpoint (or the push)."""
         metrics = self.gateway.metrics
         metrics.track_passive_ports(self._passive_ports)
         metrics.track_bans(self.gateway.defender.active_count)
         metrics.track_certificate_expiry(self._certificate_expiry)
-        self.readiness.add_check(self._passive_ports_problem)
-        self.readiness.add_check(self._certificate_problem)
-        self.readiness.add_check(lambda: storage_problem(self.config.storage.root))
-        listen = config.metrics.listen
         if self.worker is not None:
             # The supervisor serves one /metrics that adds up the workers' pushes.
             channel = self.worker.channel
@@ -315,10 +242,9 @@ class GatewayServer:
 
             self.ioloop.call_later(0, push)  # at once: /metrics is whole from the start
             self.ioloop.call_every(METRICS_PUSH_SECONDS, push)
-        elif listen is not None:
-            self.health = HealthServer(
-                metrics, listen.host, listen.port, readiness=self.readiness
-            )
+            return
+        self.health = lifecycle.health_endpoint(self.config, metrics, self.readiness)
+        if self.health is not None:
             self.health.start()  # logs where it serves
 
     def _passive_ports(self) -> tuple[int, int]:
@@ -333,15 +259,15 @@ class GatewayServer:
     def _certificate_expiry(self) -> float:
         return self.gateway.tls.not_after.timestamp()
 
-    def _certificate_problem(self) -> str | None:
-        if self.gateway.tls.not_after <= datetime.now(UTC):
-            return "the TLS certificate has expired"
-        return None
-
     @property
     def gateway(self) -> Gateway:
         """The current configuration's runtime objects."""
         return self.holder.current
+
+    @property
+    def config(self) -> GatewayConfig:
+        """The current configuration."""
+        return self.holder.current.config
 
     # --- what the admin socket works on (admin.AdminTarget)
 
@@ -373,10 +299,7 @@ class GatewayServer:
         self.waker.call_soon_threadsafe(run)
         return done.result(RELOAD_TIMEOUT_SECONDS)
 
-    @property
-    def config(self) -> GatewayConfig:
-        """The current configuration."""
-        return self.holder.current.config
+    # --- reload
 
     def reload(self) -> list[str]:
         """Re-read the config file and apply it to new sessions; run on the IO loop.
@@ -385,36 +308,22 @@ class GatewayServer:
             The problems that kept the new config out (empty: it is in force).
         """
         current = self.holder.current
-        source = current.config.source
-        audit = current.audit
-        if self.worker is None:
-            sdnotify.reloading()
-        if source is None:
-            problems = ["the built-in demo has no config file to reload"]
-        else:
-            try:
-                new_config = config_module.load(source)
-                problems = unreloadable_changes(current.config, new_config)
-                if not problems:
-                    prepare_homes(new_config)
-                    self.holder.current = build_gateway(new_config, shared=current)
-            except ConfigError as err:
-                problems = list(err.problems)
-            except GatewayError as err:
-                problems = [str(err)]
-        if problems:
-            audit.event("config_reload", result="refused", problems=problems)
-            current.metrics.config_reloaded("invalid-config")
-            for problem in problems:
-                logger.error("reload refused: %s", problem)
-        else:
-            audit.event("config_reload", result="ok", source=str(source))
-            current.metrics.config_reloaded("ok")
-            logger.info("configuration reloaded from %s", source)
-        if self.worker is None:
-            status = "reload refused" if problems else "reloaded"
-            sdnotify.notify("READY=1", f"STATUS={status}")
-        return problems
+        return lifecycle.reload_config(
+            current.config,
+            self._swap_in,
+            audit=current.audit,
+            metrics=current.metrics,
+            tell_systemd=self._speaks_for_service,
+        )
+
+    def _swap_in(self, config: GatewayConfig) -> None:
+        """Make ``config`` the one new sessions get; raises with nothing changed."""
+        lifecycle.prepare_homes(config)
+        current = self.holder.current
+        own = {name: getattr(current, name) for name in SHARED_PARTS}
+        gateway = build_gateway(config, own)
+        lifecycle.update_kept_state(config, current.defender, current.limits)
+        self.holder.current = gateway
 
     def _start_sweeper(self) -> None:
         """Remove expired partial uploads (and crash leftovers) now and periodically.
@@ -433,6 +342,8 @@ class GatewayServer:
         sweep()
         self.ioloop.call_every(interval, sweep)
 
+    # --- serve
+
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The bound (host, port) of each explicit listener (useful with port 0)."""
@@ -445,6 +356,32 @@ class GatewayServer:
             (server.address[0], server.address[1]) for server in self.implicit_listeners
         ]
 
+    def install_signal_handlers(self) -> Callable[[], None]:
+        """SIGTERM drains, SIGINT stops at once, SIGHUP reloads; main thread only.
+
+        A second SIGTERM stops at once too, except in a worker: systemd signals every
+        process of the service and the supervisor forwards its own, so a worker hears
+        SIGTERM twice for one stop (the supervisor sends SIGINT for "at once").
+
+        Returns:
+            A function that puts the previous handlers back (see ``lifecycle``).
+        """
+        terms = 0
+
+        def drain() -> None:
+            nonlocal terms
+            terms += 1
+            if terms > 1 and self.worker is None:
+                self.waker.request_stop()
+            else:
+                self.waker.call_soon_threadsafe(self.drain)
+
+        return lifecycle.install_signal_handlers(
+            drain=drain,
+            stop=self.waker.request_stop,
+            reload=lambda: self.waker.call_soon_threadsafe(self.reload),
+        )
+
     def serve_forever(self) -> None:
         """Run the IO loop until ``stop``."""
         for host, port in self.addresses:
@@ -453,7 +390,7 @@ class GatewayServer:
             logger.info("listening for implicit FTPS on %s:%s", host, port)
         if self.admin is not None:
             self.admin.start()
-        if self.worker is None:  # a supervisor speaks for its workers
+        if self._speaks_for_service:
             sdnotify.notify("READY=1", "STATUS=serving")
         # pyftpdlib's loop starts with an unbounded poll and only then asks its
         # scheduler for the next deadline: timers set before the loop (metrics push,
@@ -466,14 +403,7 @@ class GatewayServer:
             self._release()
             self._stopped.set()
 
-    def stop(self, timeout: float | None = 10.0) -> None:
-        """Close every connection and end ``serve_forever``; safe from any thread."""
-        self.waker.call_soon_threadsafe(self.ioloop.close)
-        self._stopped.wait(timeout)
-
-    def wait_stopped(self, timeout: float | None = None) -> bool:
-        """Wait until ``serve_forever`` has returned; False on timeout."""
-        return self._stopped.wait(timeout)
+    # --- drain and stop
 
     def drain(self) -> None:
         """Stop gracefully (SIGTERM); run on the IO loop.
@@ -489,9 +419,9 @@ class GatewayServer:
             logger.info("already draining; SIGINT stops at once")
             return
         self.holder.draining = True
-        if self.worker is None:
-            sdnotify.notify("STOPPING=1", "STATUS=draining")
-        self.readiness.start_draining()
+        lifecycle.announce_draining(
+            self.readiness, tell_systemd=self._speaks_for_service
+        )
         grace = self.config.server.shutdown_grace_seconds
         self.gateway.audit.event(
             "drain_started", sessions=len(self.holder.sessions), grace_seconds=grace
@@ -513,6 +443,15 @@ class GatewayServer:
         # Let the last 421 replies leave before every channel is closed.
         self.ioloop.call_later(DRAIN_POLL_SECONDS, self.ioloop.close)
 
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Close every connection and end ``serve_forever``; safe from any thread."""
+        self.waker.call_soon_threadsafe(self.ioloop.close)
+        self._stopped.wait(timeout)
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Wait until ``serve_forever`` has returned; False on timeout."""
+        return self._stopped.wait(timeout)
+
     def _release(self) -> None:
         if self.health is not None:
             self.health.stop()
@@ -525,22 +464,6 @@ class GatewayServer:
         gateway.tls.close()
         if self.ioloop.socket_map:
             self.ioloop.close()
-
-
-def unreloadable_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
-    """Settings a reload cannot apply (bound sockets, processes); restart for them."""
-    problems = []
-    for key, before, after in (
-        ("server.listen", old.server.listen, new.server.listen),
-        ("server.implicit_listen", old.server.implicit_listen,
-         new.server.implicit_listen),
-        ("server.workers", old.server.workers, new.server.workers),
-        ("admin.socket", old.admin.socket, new.admin.socket),
-        ("metrics.listen", old.metrics.listen, new.metrics.listen),
-    ):  # fmt: skip
-        if before != after:
-            problems.append(f"{key}: changed; this takes effect only on restart")
-    return problems
 
 
 def build_handler_class(

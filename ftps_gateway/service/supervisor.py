@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import Metric
@@ -34,27 +33,18 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from ftps_gateway import config as config_module
 from ftps_gateway.audit import AuditLog
-from ftps_gateway.errors import ConfigError, StartupError
-from ftps_gateway.policy.defender import BanKeeper, Defender, LimitKeeper, SessionLimits
-from ftps_gateway.service import sdnotify, sharedstate
+from ftps_gateway.errors import StartupError
+from ftps_gateway.service import lifecycle, sdnotify, sharedstate
 from ftps_gateway.service.admin import AdminServer
-from ftps_gateway.service.health import HealthServer, ReadinessState
-from ftps_gateway.service.server import (
-    GatewayServer,
-    WorkerRole,
-    bind_listener,
-    prepare_homes,
-    storage_problem,
-    unreloadable_changes,
-)
+from ftps_gateway.service.server import GatewayServer, WorkerRole
 from ftps_gateway.tls.certificates import certificate_not_after
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from ftps_gateway.config import GatewayConfig
+    from ftps_gateway.policy.defender import BanKeeper, LimitKeeper
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -131,45 +121,37 @@ class Supervisor:
     def __init__(self, config: GatewayConfig, count: int) -> None:
         if config.source is None:
             raise StartupError("several workers need a config file to start them from")
-        prepare_homes(config)
+        lifecycle.prepare_homes(config)
         self.config = config
         self.count = count
         self.audit = AuditLog()
-        self._defender = Defender(config.defender, config.access.safe)
-        self._limits = SessionLimits(
-            config.server.max_sessions,
-            config.server.max_sessions_per_ip,
-            config.server.max_sessions_per_user,
-        )
+        self._defender, self._limits = lifecycle.new_kept_state(config)
         self.state = sharedstate.StateService(self._defender, self._limits)
-        self.readiness = ReadinessState()
-        self.readiness.add_check(self._workers_problem)
-        self.readiness.add_check(self._certificate_problem)
-        self.readiness.add_check(lambda: storage_problem(self.config.storage.root))
-        self.metrics = AggregatedMetrics(self.state.metrics)
         self._not_after = certificate_not_after(config.tls.certificate)
+        self.readiness = lifecycle.readiness(
+            self._workers_problem,
+            config=lambda: self.config,
+            not_after=lambda: self._not_after,
+        )
+        self.metrics = AggregatedMetrics(self.state.metrics)
         self._lock = threading.Lock()  # reload from the admin thread vs signals
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
         self._stopping = False
-        self._signals: list[int] = []
-        self.explicit = [bind_listener(listen) for listen in config.server.listen]
-        self.implicit = [
-            bind_listener(listen) for listen in config.server.implicit_listen
-        ]
+        self._pending: list[Callable[[], object]] = []  # signals, for _watch
+        self.explicit = lifecycle.bind_listeners(config.server.listen, "server.listen")
+        self.implicit = lifecycle.bind_listeners(
+            config.server.implicit_listen, "server.implicit_listen"
+        )
         self.admin = AdminServer(config.admin.socket, self)
         # From here on a stop request is kept for ``run`` (the caller may announce
         # the server, and someone may signal it, before ``run`` starts).
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
-        self.health: HealthServer | None = None
-        if config.metrics.listen is not None:
-            listen = config.metrics.listen
-            self.health = HealthServer(
-                self.metrics,
-                listen.host,
-                listen.port,
-                readiness=self.readiness,
-            )
+        pending = self._pending.append
+        lifecycle.install_signal_handlers(
+            drain=lambda: pending(lambda: self._stop(signal.SIGTERM)),
+            stop=lambda: pending(lambda: self._stop(signal.SIGINT)),
+            reload=lambda: pending(self.reload_from_thread),
+        )
+        self.health = lifecycle.health_endpoint(config, self.metrics, self.readiness)
 
     # --- admin.AdminTarget
 
@@ -186,7 +168,14 @@ class Supervisor:
     def reload_from_thread(self) -> list[str]:
         """Validate the config, apply what is shared here, then reload each worker."""
         with self._lock:
-            return self._reload()
+            # The workers count it in the metrics: each reloads and reports too.
+            return lifecycle.reload_config(
+                self.config,
+                self._take_over,
+                audit=self.audit,
+                metrics=None,
+                tell_systemd=True,
+            )
 
     # --- running
 
@@ -226,20 +215,10 @@ class Supervisor:
         worker_end.close()
         self._processes[index] = process
 
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        self._signals.append(signum)  # handled by _watch, outside the handler
-
     def _watch(self) -> int:
         while True:
-            while self._signals:
-                signum = self._signals.pop(0)
-                if signum == signal.SIGHUP:
-                    sdnotify.reloading()
-                    problems = self.reload_from_thread()
-                    status = "reload refused" if problems else "reloaded"
-                    sdnotify.notify("READY=1", f"STATUS={status}")
-                else:
-                    self._stop(signum)
+            while self._pending:  # what signals asked for, outside the handler
+                self._pending.pop(0)()
             for index, process in list(self._processes.items()):
                 code = process.poll()
                 if code is None:
@@ -264,37 +243,20 @@ class Supervisor:
         if self._stopping:
             signum = signal.SIGINT
         self._stopping = True
-        sdnotify.notify("STOPPING=1", "STATUS=draining")
-        self.readiness.start_draining()
+        lifecycle.announce_draining(self.readiness, tell_systemd=True)
         for process in list(self._processes.values()):
             if process.poll() is None:
                 process.send_signal(signum)
 
-    def _reload(self) -> list[str]:
-        try:
-            new = config_module.load(self.config.source)  # type: ignore[arg-type]
-        except ConfigError as err:
-            problems = list(err.problems)
-        else:
-            problems = unreloadable_changes(self.config, new)
-        if problems:
-            self.audit.event("config_reload", result="refused", problems=problems)
-            for problem in problems:
-                logger.error("reload refused: %s", problem)
-            return problems
+    def _take_over(self, new: GatewayConfig) -> None:
+        """Apply what is shared here, then have each worker reload on its own."""
+        not_after = certificate_not_after(new.tls.certificate)
         self.config = new
-        self._defender.update(new.defender, new.access.safe)
-        self._limits.update(
-            new.server.max_sessions,
-            new.server.max_sessions_per_ip,
-            new.server.max_sessions_per_user,
-        )
-        self._not_after = certificate_not_after(new.tls.certificate)
+        lifecycle.update_kept_state(new, self._defender, self._limits)
+        self._not_after = not_after
         for process in list(self._processes.values()):
             if process.poll() is None:
                 process.send_signal(signal.SIGHUP)
-        self.audit.event("config_reload", result="ok", source=str(new.source))
-        return []
 
     def _shutdown(self) -> None:
         for process in self._processes.values():
@@ -312,20 +274,19 @@ class Supervisor:
         alive = sum(1 for p in list(self._processes.values()) if p.poll() is None)
         return None if alive == self.count else f"{alive} of {self.count} workers up"
 
-    def _certificate_problem(self) -> str | None:
-        if self._not_after <= datetime.now(UTC):
-            return "the TLS certificate has expired"
-        return None
 
+def build_worker(args: Any, config: GatewayConfig) -> GatewayServer:
+    """Build one worker's GatewayServer from the fds the supervisor passed.
 
-def build_worker(args: Any) -> GatewayServer:
-    """Build one worker's GatewayServer from the fds the supervisor passed."""
+    Args:
+        args: the ``worker`` verb's arguments.
+        config: ``args.config``, loaded by the caller (for its logging settings).
+    """
 
     def sockets(fds: str) -> list[socket.socket]:
         return [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd]
 
     _die_with_parent()
-    config = config_module.load(args.config)
     role = WorkerRole(
         index=args.index,
         count=args.count,
