@@ -24,6 +24,7 @@ session layer's (``ftps_gateway.session``); this is the protocol around them.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import ssl
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -76,6 +77,10 @@ TELNET_URGENT_COMMANDS = frozenset({"ABOR", "STAT", "QUIT"})
 TELNET_NOISE = frozenset("\xff\xf4\xf2\ufffd")
 # pyftpdlib's own flags for LIST (it lists the cwd); any other argument is a path.
 LIST_FLAGS = frozenset({"-a", "-l", "-al", "-la"})
+# Listings whose argument may start with ls-style flags (``LIST -la /in``, sent by
+# old clients): the flags are dropped and the rest is the path, as vsftpd does.
+LISTING_WITH_FLAGS = frozenset({"LIST", "NLST"})
+_FLAGS_WORD = re.compile(r"-[A-Za-z]+")
 
 FIRST_ERROR_REPLY = 400  # 4xx and 5xx: the command failed
 # Commands that change the tree -> their audit event.
@@ -415,6 +420,8 @@ class ControlHandler(
         if self.authenticated and cmd in UNSUPPORTED_COMMANDS:
             self.process_command(cmd, arg)  # 502, whatever the permissions say
             return
+        if cmd in LISTING_WITH_FLAGS:
+            arg = _without_flags(arg)
         if self.authenticated and arg and self._takes_path(cmd, arg):
             try:
                 self.fs.check_virtual(arg)
@@ -546,6 +553,21 @@ class ControlHandler(
 
     def _virtual(self, path: str) -> str:
         return self.fs.fs2ftp(path) if self.fs and path else path
+
+
+def _without_flags(arg: str) -> str:
+    """``-la /in`` -> ``/in``; ``-R`` -> ``""`` (the working directory).
+
+    Only whole words of letters count as flags: ``-x/../in`` stays a path (which the
+    gate then judges where it leads).
+    """
+    words = arg.split(" ")
+    flags = 0
+    while flags < len(words) and _FLAGS_WORD.fullmatch(words[flags]):
+        flags += 1
+    if not flags:
+        return arg
+    return " ".join(words[flags:])
 
 
 def _is_telnet_urgent(verb: str) -> bool:

@@ -184,8 +184,16 @@ class GatewayFS(AbstractedFS):
 
     def stat(self, path: str) -> os.stat_result:
         """Follow links (they stay inside the mount, or the path is refused); only
-        for paths whose metadata the user may see."""
+        for paths whose metadata the user may see.
+
+        A mount point the user may not list shows as a bare folder: its real link
+        count, size and date would tell how many subfolders it holds and when the
+        last delivery came.
+        """
         self._visible(path)
+        location = self._location(path)
+        if location.is_mount_point and not self.access.may_see_inside(location):
+            return _VIRTUAL_DIR_STAT
         return self._stat(path)
 
     lstat = stat  # listings show what a link points to, never the link

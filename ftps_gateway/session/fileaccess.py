@@ -174,6 +174,12 @@ class FileAccess:
             return True
         return bool(location.permissions & METADATA_PERMISSIONS)
 
+    def may_see_inside(self, location: vfs.Location) -> bool:
+        """May the user see anything of what the folder at ``location`` holds?"""
+        return location.mount is None or bool(
+            location.permissions & METADATA_PERMISSIONS
+        )
+
     def exists(self, location: vfs.Location) -> bool:
         """True if something is at ``location`` (links followed inside the mount)."""
         if location.real is None:

@@ -496,6 +496,39 @@ def test_listings_where_allowed_still_show_their_entries(
     ftp.quit()
 
 
+def test_old_client_flags_before_a_path_list_that_path(dropbox: RunningGateway) -> None:
+    """``LIST -la /reports`` lists /reports (flags dropped, as vsftpd does), and the
+    same spelling of the dropbox is refused like ``LIST /drop``."""
+    ftp = dropbox.client()
+    for line in ("LIST -la /reports", "LIST -l -a /reports", "NLST -a /reports"):
+        lines: list[str] = []
+        ftp.retrlines(line, lines.append)
+        assert any(entry.endswith(REPORT_FILE) for entry in lines), (line, lines)
+    for line in ("LIST -la /drop", "NLST -R /drop"):
+        with pytest.raises(ftplib.error_perm, match="^550 Permission denied"):
+            ftp.retrlines(line, lambda _line: None)
+    ftp.quit()
+
+
+def test_a_dropbox_mount_point_shows_no_size_date_or_link_count(
+    dropbox: RunningGateway,
+) -> None:
+    """The ``drop`` line of ``LIST /`` and its MLSD facts describe a bare folder: the
+    real folder's link count (its subfolders), size and date (the last delivery)
+    stay hidden, while the readable mount's line shows its real date."""
+    ftp = dropbox.client()
+    lines: list[str] = []
+    ftp.retrlines("LIST /", lines.append)
+    drop = next(line for line in lines if line.endswith(" drop"))
+    assert drop.split()[1] == "2", drop  # a folder's own "." and "..": no subfolders
+    assert "1999" not in drop, drop
+    facts = dict(ftp.mlsd("/"))
+    assert facts["drop"]["type"] == "dir"
+    assert facts["drop"].get("modify", "").startswith("1970"), facts["drop"]
+    assert not facts["reports"].get("modify", "").startswith("1970"), facts["reports"]
+    ftp.quit()
+
+
 # --- unknown verbs: ours to refuse, not pyftpdlib's to rewrite -----------------------
 
 
