@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from ftps_gateway.policy.netpolicy import unmapped
 from ftps_gateway.storage import vfs
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -260,7 +261,5 @@ INTERNAL_NETWORKS: Final[tuple[IPNetwork, ...]] = tuple(
 
 def is_internal(host: str) -> bool:
     """Loopback, link-local or a private network; never "every interface"."""
-    ip = ipaddress.ip_address(host)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip = unmapped(ipaddress.ip_address(host))
     return any(ip in network for network in INTERNAL_NETWORKS)

@@ -109,8 +109,20 @@ def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+def unmapped(address: IPAddress) -> IPAddress:
+    """``::ffff:192.0.2.1`` -> ``192.0.2.1`` (RFC 4291 2.5.5.2); others unchanged.
+
+    A dual-stack socket shows IPv4 peers this way; every rule about IPv4 networks
+    must see them as the IPv4 addresses they are.
+    """
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def strip_mapped(ip: str) -> str:
-    """``::ffff:192.0.2.1`` -> ``192.0.2.1``; other addresses unchanged."""
+    """``unmapped`` for an address string as sockets report it (no parsing: this
+    runs for every audit line)."""
     return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
@@ -128,9 +140,7 @@ def parse_ip(value: str) -> IPAddress | None:
         address = ipaddress.ip_address(host)
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+    return unmapped(address)
 
 
 def _contains(networks: tuple[IPNetwork, ...], address: IPAddress) -> IPNetwork | None:

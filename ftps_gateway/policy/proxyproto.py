@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 
 from ftps_gateway.errors import GatewayError
+from ftps_gateway.policy.netpolicy import unmapped
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
@@ -148,9 +149,7 @@ def _parse_v2(header: bytes) -> ProxyHeader:
     else:
         address = ipaddress.IPv6Address(body[0:16])
         (port,) = struct.unpack("!H", body[32:34])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return ProxyHeader(str(address), port, len(header))
+    return ProxyHeader(str(unmapped(address)), port, len(header))
 
 
 def v1_header(
