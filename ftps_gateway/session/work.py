@@ -1,0 +1,116 @@
+"""Slow work off the IO loop, bounded: file copies, hashing, fsync, tree walks.
+
+One IO loop serves every session of a worker, so anything that waits on the disk or
+burns CPU for long (seeding a resumed upload, hashing a file, fsync and rename of a
+finished upload, walking a quota scope) runs here, on a small thread pool, and its
+result comes back to the loop through the waker, like a password verification. hashlib,
+os.fsync and file IO release the GIL, so the loop keeps turning meanwhile.
+
+Every queue has a bound: at most ``max_queued`` jobs wait in all, at most
+``max_per_owner`` for one session, so one partner cannot starve the others. A refused
+submission is the caller's to answer (a 4xx reply); nothing waits unboundedly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ftps_gateway.session.runtime import Waker
+
+logger = logging.getLogger("ftps_gateway")
+
+_T = TypeVar("_T")
+
+
+class Outcome(Generic[_T]):
+    """What a job returned, or the exception it raised."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self, value: _T | None, error: BaseException | None) -> None:
+        self.value = value
+        self.error = error
+
+    def result(self) -> _T:
+        """The value, or raise the job's exception."""
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]
+
+
+class FileWork:
+    """A bounded pool for one worker's slow file work."""
+
+    def __init__(
+        self,
+        waker: Waker,
+        *,
+        threads: int = 2,
+        max_queued: int = 64,
+        max_per_owner: int = 4,
+    ) -> None:
+        self._waker = waker
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="file-work")
+        self._max_queued = max_queued
+        self._max_per_owner = max_per_owner
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._per_owner: dict[str, int] = {}
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued or running now (for metrics and tests)."""
+        return self._pending
+
+    def submit(
+        self,
+        owner: str,
+        job: Callable[[], _T],
+        done: Callable[[Outcome[_T]], None],
+    ) -> bool:
+        """Run ``job`` off the loop; ``done`` runs on the loop with its outcome.
+
+        Returns False (and runs nothing) when the pool or ``owner``'s share is full.
+        """
+        with self._lock:
+            mine = self._per_owner.get(owner, 0)
+            if self._pending >= self._max_queued or mine >= self._max_per_owner:
+                return False
+            self._pending += 1
+            self._per_owner[owner] = mine + 1
+        try:
+            future = self._pool.submit(job)
+        except RuntimeError:  # shut down: the server is stopping
+            self._finished(owner)
+            return False
+        future.add_done_callback(lambda ended: self._deliver(owner, ended, done))
+        return True
+
+    def _deliver(
+        self, owner: str, ended: Future[_T], done: Callable[[Outcome[_T]], None]
+    ) -> None:
+        self._finished(owner)
+        error = CancelledError() if ended.cancelled() else ended.exception()
+        outcome: Outcome[_T] = Outcome(
+            None if error is not None else ended.result(), error
+        )
+        self._waker.call_soon_threadsafe(lambda: done(outcome))
+
+    def _finished(self, owner: str) -> None:
+        with self._lock:
+            self._pending -= 1
+            left = self._per_owner.get(owner, 0) - 1
+            if left > 0:
+                self._per_owner[owner] = left
+            else:
+                self._per_owner.pop(owner, None)
+
+    def shutdown(self) -> None:
+        """Stop taking work; running jobs finish, queued ones are dropped."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
