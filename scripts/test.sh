@@ -13,9 +13,11 @@ have ip || need+=(iproute2)   # network namespaces for tests/network
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 have nft || need+=(nftables)  # self-test firewall-drop cases (as root)
 if [ ${#need[@]} -gt 0 ]; then
+  # As root (a container) there may be no sudo at all; otherwise apt needs it, and
+  # sudo drops DEBIAN_FRONTEND from the environment, so env passes it through.
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}"
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -23,5 +25,6 @@ fi
 .venv/bin/pip install -q -e '.[test,dev]'
 
 .venv/bin/ruff check ftps_gateway tests
+.venv/bin/ruff format --check ftps_gateway tests bench
 .venv/bin/mypy ftps_gateway
 .venv/bin/python -m pytest "$@"

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import PASSWORD, PASSWORD_HASH
 
 from ftps_gateway.selftest.client import ReusingFTP_TLS
+from support.credentials import PASSWORD, PASSWORD_HASH
 
 pytestmark = pytest.mark.integration
 

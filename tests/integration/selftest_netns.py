@@ -22,12 +22,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import trustme
-from conftest import FAST_PARAMETERS, PASSWORD, write_config
 
 from ftps_gateway import cli
 from ftps_gateway import config as config_module
 from ftps_gateway.policy.passwords import PasswordVerifier
 from ftps_gateway.service.server import GatewayServer
+from support.configs import write_config
+from support.credentials import FAST_PARAMETERS, PASSWORD
 
 PASSIVE = "40000-40009"
 

@@ -17,11 +17,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import PASSWORD, PASSWORD_HASH, RunningGateway
-from ftps_helpers import raw_connect, read_until_quiet
 
 from ftps_gateway import cli
 from ftps_gateway.selftest.client import ImplicitFTP_TLS
+from support.control import raw_connect, read_until_quiet
+from support.credentials import PASSWORD, PASSWORD_HASH
+from support.gateway import RunningGateway
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -201,7 +202,7 @@ def test_ban_cli_without_a_running_server(
     cert_files: tuple[Path, Path, Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from conftest import write_config
+    from support.configs import write_config
 
     config_path = write_config(tmp_path, cert_files)
     assert cli.main(["ban", "list", "--config", str(config_path)]) == cli.EXIT_FAILURE

@@ -16,12 +16,13 @@ import subprocess
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import PASSWORD
+
+from support.credentials import PASSWORD
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from conftest import RunningGateway
+    from support.gateway import RunningGateway
 
 pytestmark = [
     pytest.mark.integration,

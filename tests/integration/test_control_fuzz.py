@@ -25,7 +25,7 @@ from ftps_gateway.ftp.control import MAX_COMMAND_BYTES
 if TYPE_CHECKING:
     import socket
 
-    from conftest import RunningGateway
+    from support.gateway import RunningGateway
 
 pytestmark = pytest.mark.integration
 

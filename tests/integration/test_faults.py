@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import PASSWORD_HASH, write_config
-from gateway_process import GatewayProcess
 
 from ftps_gateway.storage import vfs
 from ftps_gateway.storage.uploads import TEMP_MIN_AGE_SECONDS
+from support.configs import write_config
+from support.credentials import PASSWORD_HASH
+from support.process import GatewayProcess
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

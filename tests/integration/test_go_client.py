@@ -20,9 +20,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import goftps_client
 import pytest
-from conftest import PASSWORD, RunningGateway
+
+from support import goclient
+from support.credentials import PASSWORD
+from support.gateway import RunningGateway
 
 pytestmark = [
     pytest.mark.integration,
@@ -40,7 +42,7 @@ NOT_RESUMED = "TLS session of data connection not resumed"
 @pytest.fixture(scope="session")
 def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Go FTPS client, built from source for this test run."""
-    return goftps_client.build(tmp_path_factory.getbasetemp() / "goftps-build")
+    return goclient.build(tmp_path_factory.getbasetemp() / "goftps-build")
 
 
 def run_go(
@@ -48,13 +50,13 @@ def run_go(
     gateway: RunningGateway,
     tmp_path: Path,
     **options: object,
-) -> goftps_client.GoRun:
-    """Run the Go client against ``gateway`` (keyword options as in ``goftps_client.run``)."""
-    return goftps_client.run(
+) -> goclient.GoRun:
+    """Run the Go client against ``gateway`` (keyword options as in ``goclient.run``)."""
+    return goclient.run(
         go_client,
         addr=f"{gateway.host}:{gateway.port}",
         ca_file=gateway.ca_file,
-        password_file=goftps_client.password_file(tmp_path, PASSWORD),
+        password_file=goclient.password_file(tmp_path, PASSWORD),
         **options,  # type: ignore[arg-type]
     )
 
@@ -96,12 +98,12 @@ def test_go_uploads_arrive_complete(
     assert {u["tls_version"] for u in summary["uploads"]} == {version}
     assert all(u["resumed"] for u in summary["uploads"]), result.explain()
 
-    expected = goftps_client.expected_uploads(prefix, UPLOADS, MIN_SIZE, MAX_SIZE)
+    expected = goclient.expected_uploads(prefix, UPLOADS, MIN_SIZE, MAX_SIZE)
     # The client reports what it sent; the recipe here must agree with it.
     assert {u["name"]: u["sha256"] for u in summary["uploads"]} == {
         name: want.sha256 for name, want in expected.items()
     }
-    assert goftps_client.disk_problems(gateway.home(), prefix, expected) == []
+    assert goclient.disk_problems(gateway.home(), prefix, expected) == []
 
     # The server's view: every data connection used the version and resumed.
     records = audit_records()
@@ -159,8 +161,8 @@ def test_go_without_resumption_passes_with_ip_match(
     assert result.returncode == 0, result.explain()
     assert result.summary["uploads_ok"] == count, result.explain()
     assert not any(u["resumed"] for u in result.summary["uploads"])
-    expected = goftps_client.expected_uploads(prefix, count, MIN_SIZE, 4 * MIN_SIZE)
-    assert goftps_client.disk_problems(gateway.home(), prefix, expected) == []
+    expected = goclient.expected_uploads(prefix, count, MIN_SIZE, 4 * MIN_SIZE)
+    assert goclient.disk_problems(gateway.home(), prefix, expected) == []
     data = data_connections(audit_records())
     assert len(data) == count
     assert {r["version"] for r in data} == {"TLSv1.3"}

@@ -8,8 +8,11 @@ import ssl
 from collections.abc import Callable
 
 import pytest
-from conftest import PASSWORD, RunningGateway
-from ftps_helpers import raw_connect, read_until_quiet, scrape
+
+from support.control import raw_connect, read_until_quiet
+from support.credentials import PASSWORD
+from support.gateway import RunningGateway
+from support.metrics import scrape
 
 pytestmark = pytest.mark.integration
 

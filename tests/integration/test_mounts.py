@@ -20,7 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import PASSWORD, PASSWORD_HASH, RunningGateway
+
+from support.credentials import PASSWORD, PASSWORD_HASH
+from support.gateway import RunningGateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import RunningGateway
-from ftps_helpers import raw_connect, read_until_quiet
+
+from support.control import raw_connect, read_until_quiet
+from support.gateway import RunningGateway
 
 pytestmark = pytest.mark.integration
 
@@ -164,11 +165,11 @@ def test_timers_set_before_the_loop_fire_without_any_connection(
     connection never pushed its metrics (one worker missing from /metrics)."""
     import threading
 
-    from conftest import FAST_PARAMETERS, write_config
-
     from ftps_gateway import config as config_module
     from ftps_gateway.policy.passwords import PasswordVerifier
     from ftps_gateway.service.server import GatewayServer
+    from support.configs import write_config
+    from support.credentials import FAST_PARAMETERS
 
     cfg = config_module.load(write_config(tmp_path, cert_files))
     server = GatewayServer(cfg, verifier=PasswordVerifier(parameters=FAST_PARAMETERS))

@@ -19,10 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import FAST_PARAMETERS, PASSWORD, RunningGateway
-from ftps_helpers import plain_control, raw_connect, read_until_quiet, tls_only
 
 from ftps_gateway.policy.passwords import PasswordVerifier
+from support.control import plain_control, raw_connect, read_until_quiet, tls_only
+from support.credentials import FAST_PARAMETERS, PASSWORD
+from support.gateway import RunningGateway
 
 pytestmark = pytest.mark.integration
 

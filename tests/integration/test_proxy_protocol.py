@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import PASSWORD, RunningGateway
-from ftps_helpers import raw_connect, read_until_quiet
 
 from ftps_gateway.policy import proxyproto
 from ftps_gateway.selftest.client import ReusingFTP_TLS
+from support.control import raw_connect, read_until_quiet
+from support.credentials import PASSWORD
+from support.gateway import RunningGateway
 
 pytestmark = pytest.mark.integration
 

@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trustme
-from conftest import PASSWORD, PASSWORD_HASH, RunningGateway, admin_socket_path
-from gateway_process import GatewayProcess
 
 from ftps_gateway import cli
 from ftps_gateway.selftest.client import ReusingFTP_TLS
+from support.configs import admin_socket_path
+from support.credentials import PASSWORD, PASSWORD_HASH
+from support.gateway import RunningGateway
+from support.process import GatewayProcess
 
 if TYPE_CHECKING:
     from collections.abc import Callable

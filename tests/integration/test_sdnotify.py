@@ -7,8 +7,9 @@ import socket
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import write_config
-from gateway_process import GatewayProcess
+
+from support.configs import write_config
+from support.process import GatewayProcess
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -13,11 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import PASSWORD, RunningGateway
 
 from ftps_gateway import cli
 from ftps_gateway.selftest import runner as selftest
 from ftps_gateway.selftest.report import STAGE_BY_NAME
+from support.credentials import PASSWORD
+from support.gateway import RunningGateway
 
 pytestmark = pytest.mark.integration
 

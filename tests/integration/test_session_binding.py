@@ -16,10 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import PASSWORD, RunningGateway
-from ftps_helpers import read_until_quiet
 
 from ftps_gateway.selftest.client import ReusingFTP_TLS
+from support.control import read_until_quiet
+from support.credentials import PASSWORD
+from support.gateway import RunningGateway
 
 pytestmark = pytest.mark.integration
 
@@ -212,7 +213,7 @@ def test_ip_match_for_one_network_only(start_gateway: StartGateway) -> None:
 
 
 def test_ip_match_for_one_user_only(start_gateway: StartGateway) -> None:
-    from conftest import PASSWORD_HASH
+    from support.credentials import PASSWORD_HASH
 
     users = (
         f'[[users]]\nname = "acme"\npassword = "{PASSWORD_HASH}"\nreuse = "ip-match"\n'
@@ -250,7 +251,7 @@ def test_user_max_version_caps_data_connections(
     audit_records: Callable[[], list[dict[str, object]]],
 ) -> None:
     """Known only after login, a user's cap applies to its data connections."""
-    from conftest import PASSWORD_HASH
+    from support.credentials import PASSWORD_HASH
 
     users = (
         f'[[users]]\nname = "acme"\npassword = "{PASSWORD_HASH}"\n'
@@ -278,7 +279,7 @@ def test_user_cap_that_cannot_resume_is_reported(
     audit_records: Callable[[], list[dict[str, object]]],
 ) -> None:
     """A 1.2 data cap under "required" cannot resume a 1.3 control session: say so."""
-    from conftest import PASSWORD_HASH
+    from support.credentials import PASSWORD_HASH
 
     users = (
         f'[[users]]\nname = "acme"\npassword = "{PASSWORD_HASH}"\nmax_version = "1.2"\n'

@@ -15,13 +15,14 @@ import warnings
 from typing import TYPE_CHECKING
 
 import pytest
-from ftps_helpers import raw_connect, read_until_quiet
 from OpenSSL import SSL
+
+from support.control import raw_connect, read_until_quiet
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from conftest import RunningGateway
+    from support.gateway import RunningGateway
 
 pytestmark = pytest.mark.integration
 

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import PASSWORD, admin_socket_path, write_config
-from ftps_helpers import raw_connect, read_until_quiet, scrape
-from gateway_process import GatewayProcess
 
 from ftps_gateway.selftest.client import ReusingFTP_TLS
+from support.configs import admin_socket_path, write_config
+from support.control import raw_connect, read_until_quiet
+from support.credentials import PASSWORD
+from support.metrics import scrape
+from support.process import GatewayProcess
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

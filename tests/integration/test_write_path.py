@@ -16,9 +16,9 @@ import time
 from typing import Any
 
 import pytest
-from conftest import RunningGateway
 
 from ftps_gateway.ftp.data import DataHandler
+from support.gateway import RunningGateway
 
 pytestmark = pytest.mark.integration
 

@@ -35,9 +35,10 @@ from typing import Any
 
 import pytest
 import trustme
-from conftest import PASSWORD, write_certificate
 
 from network import ftpsclient, netlab, nodes
+from support.certificates import write_certificate
+from support.credentials import PASSWORD
 
 VIP = "203.0.113.1"
 BALANCER_PRIVATE_IP = "10.87.0.1"

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PASSWORD_HASH
 
 from network import netlab
+from support.credentials import PASSWORD_HASH
 
 CONTROL_PORT = 2121
 METRICS_PORT = 9120

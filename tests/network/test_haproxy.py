@@ -25,12 +25,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import goftps_client
 import pytest
 import trustme
-from conftest import PASSWORD, PASSWORD_HASH, write_certificate
 
 from network import netlab
+from support import goclient
+from support.certificates import write_certificate
+from support.credentials import PASSWORD, PASSWORD_HASH
 
 pytestmark = [
     pytest.mark.network,
@@ -142,7 +143,7 @@ def deployment(
 @pytest.fixture(scope="module")
 def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Go FTPS client, built from source (shared with the loopback tests)."""
-    return goftps_client.build(tmp_path_factory.getbasetemp() / "goftps-build")
+    return goclient.build(tmp_path_factory.getbasetemp() / "goftps-build")
 
 
 def check_audit(
@@ -215,7 +216,7 @@ def run_curl(
     curl = shutil.which("curl")
     if curl is None:
         pytest.fail("curl is missing: install it (scripts/test.sh does)")
-    payloads = goftps_client.write_payloads(
+    payloads = goclient.write_payloads(
         tmp_path / "payloads", prefix, count, MIN_SIZE, MAX_SIZE
     )
     config = tmp_path / "curl.conf"
@@ -307,7 +308,7 @@ def test_curl_uploads_through_haproxy_arrive_whole(
     # curl exits with the result of its last transfer: 18 ("partial file") if the
     # server refused to keep that one.
     assert result.returncode == (18 if transfers[-1].name in unclosed else 0), why
-    expected = goftps_client.expected_uploads(prefix, UPLOADS, MIN_SIZE, MAX_SIZE)
+    expected = goclient.expected_uploads(prefix, UPLOADS, MIN_SIZE, MAX_SIZE)
     # The server's reply to each upload follows from how curl ended it, and curl
     # sent every byte each time.
     assert [t.final_reply for t in transfers] == [
@@ -326,7 +327,7 @@ def test_curl_uploads_through_haproxy_arrive_whole(
     ), why
     # On disk: every properly closed upload whole, the others absent, no leftovers.
     kept = {name: want for name, want in expected.items() if name not in unclosed}
-    assert goftps_client.disk_problems(deployment.home, prefix, kept) == [], why
+    assert goclient.disk_problems(deployment.home, prefix, kept) == [], why
     records = deployment.audit_since(mark)
     assert (
         check_audit(
@@ -380,11 +381,11 @@ def test_go_uploads_through_haproxy_arrive_whole(
     tls_max, pasv, version = GO_VARIANTS[variant]
     prefix = f"go-{variant}-"
     mark = deployment.audit_mark()
-    result = goftps_client.run(
+    result = goclient.run(
         go_client,
         addr=deployment.address,
         ca_file=deployment.ca_file,
-        password_file=goftps_client.password_file(tmp_path, PASSWORD),
+        password_file=goclient.password_file(tmp_path, PASSWORD),
         count=UPLOADS, min_size=MIN_SIZE, max_size=MAX_SIZE, prefix=prefix,
         tls_max=tls_max, resume=True, sessions=2, pasv=pasv,
         wrapper=tuple(deployment.lab.exec_argv(deployment.lab.client, [])),
@@ -398,6 +399,6 @@ def test_go_uploads_through_haproxy_arrive_whole(
     assert {u["tls_version"] for u in summary["uploads"]} == {version}, why
     assert all(u["resumed"] for u in summary["uploads"]), why
 
-    expected = goftps_client.expected_uploads(prefix, UPLOADS, MIN_SIZE, MAX_SIZE)
-    assert goftps_client.disk_problems(deployment.home, prefix, expected) == [], why
+    expected = goclient.expected_uploads(prefix, UPLOADS, MIN_SIZE, MAX_SIZE)
+    assert goclient.disk_problems(deployment.home, prefix, expected) == [], why
     assert check_audit(deployment.audit_since(mark), UPLOADS, version) == [], why

@@ -32,9 +32,10 @@ from typing import Any
 
 import pytest
 import trustme
-from conftest import PASSWORD, write_certificate
 
 from network import ftpsclient, netlab, nodes
+from support.certificates import write_certificate
+from support.credentials import PASSWORD
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 

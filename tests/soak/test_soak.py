@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PASSWORD, write_config
-from gateway_process import GatewayProcess
 
 from ftps_gateway.session.runtime import PASSWORD_WORKERS
+from support.configs import write_config
+from support.credentials import PASSWORD
+from support.process import GatewayProcess
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(3600)]
 

@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PASSWORD_HASH, write_config
 
 from ftps_gateway import cli
 from ftps_gateway.policy import passwords
+from support.configs import write_config
+from support.credentials import PASSWORD_HASH
 
 
 def test_check_config_prints_a_redacted_summary(

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import PASSWORD_HASH, write_config
 
 from ftps_gateway import cli, config
 from ftps_gateway.config import tree as mounts
 from ftps_gateway.errors import ConfigError
 from ftps_gateway.storage import vfs
+from support.configs import write_config
+from support.credentials import PASSWORD_HASH
 
 P = vfs.Permission
 

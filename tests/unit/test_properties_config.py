@@ -15,12 +15,12 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import PASSWORD_HASH
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ftps_gateway import config
 from ftps_gateway.errors import ConfigError
+from support.credentials import PASSWORD_HASH
 
 _SECTIONS: dict[str, dict[str, object]] = {
     "server": {

@@ -1,14 +1,17 @@
-"""Small client-side helpers shared by the integration tests."""
+"""Control connections below a logged-in client: plain, AUTH TLS only, raw TCP.
+
+For tests of what the server answers before login, to garbage, or to a peer that
+never speaks TLS. Imports only the type of ``support.gateway.RunningGateway``.
+"""
 
 from __future__ import annotations
 
 import ftplib
 import socket
-import urllib.request
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from conftest import RunningGateway
+    from support.gateway import RunningGateway
 
 
 def plain_control(gw: RunningGateway) -> ftplib.FTP:
@@ -42,16 +45,3 @@ def raw_connect(
 ) -> socket.socket:
     """A plain TCP connection from ``source_ip``."""
     return socket.create_connection(address, timeout=5, source_address=(source_ip, 0))
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of ``http://127.0.0.1:PORT/metrics``, keyed by name and labels."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }

@@ -2,7 +2,9 @@
 
 The server runs in its own process group (so a test can kill -9 all of it at once);
 its audit lines (stdout) and diagnostics (stderr) are collected, and the supervisor's
-and workers' resources are read from /proc.
+and workers' resources are read from /proc. It runs ``python -m ftps_gateway`` with
+the test interpreter, so it needs the package installed in the venv, not this
+directory on ``sys.path``. Depends on ``support.credentials``.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import PASSWORD
-
 from ftps_gateway.selftest.client import ReusingFTP_TLS
+from support.credentials import PASSWORD
 
 START_TIMEOUT_SECONDS = 60  # two fresh interpreters on a busy 2-core machine
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

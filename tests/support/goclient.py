@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-GO_SOURCE = Path(__file__).parent / "clients" / "goftps"
+GO_SOURCE = Path(__file__).resolve().parents[1] / "clients" / "goftps"
 BUILD_TIMEOUT = 600  # a cold build compiles crypto/tls and friends: ~10 s on 2 cores
 SIZE_STEP = 2654435761  # Knuth's multiplicative hash; spreads sizes over the range
 
