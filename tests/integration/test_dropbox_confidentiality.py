@@ -46,12 +46,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import PASSWORD_HASH, RunningGateway
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyftpdlib.handlers import FTPHandler
 
 from ftps_gateway.selftest.client import ReusingFTP_TLS
+from support.credentials import PASSWORD_HASH
+from support.gateway import RunningGateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -10,21 +10,12 @@ import pytest
 
 from support.configs import write_config
 from support.process import GatewayProcess
+from support.sdnotify import notify_messages
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
-
-
-def _messages(sock: socket.socket, until: str) -> list[str]:
-    """Datagrams received until one contains ``until``."""
-    seen = []
-    while True:
-        message = sock.recv(4096).decode()
-        seen.append(message)
-        if until in message:
-            return seen
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -44,14 +35,14 @@ def test_ready_reloading_stopping(
             env={"NOTIFY_SOCKET": str(notify_path)},
         )  # fmt: skip
         try:
-            ready = _messages(sock, "READY=1")
+            ready = notify_messages(sock, "READY=1")
             assert any("STATUS=serving" in message for message in ready)
             server.process.send_signal(signal.SIGHUP)
-            reload = _messages(sock, "READY=1")
+            reload = notify_messages(sock, "READY=1")
             assert "RELOADING=1" in reload[0]
             assert "MONOTONIC_USEC=" in reload[0]
             assert "STATUS=reloaded" in reload[-1]
             server.process.send_signal(signal.SIGTERM)
-            assert any("STOPPING=1" in m for m in _messages(sock, "STOPPING=1"))
+            assert any("STOPPING=1" in m for m in notify_messages(sock, "STOPPING=1"))
         finally:
             assert server.stop() == 0

@@ -12,21 +12,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import write_config
-from gateway_process import GatewayProcess
 
 from ftps_gateway import cli
+from support.configs import write_config
+from support.process import GatewayProcess
+from support.sdnotify import notify_messages
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
-
-
-def _messages(sock: socket.socket, until: str) -> list[str]:
-    """Datagrams received until one contains ``until``."""
-    seen = []
-    while True:
-        seen.append(sock.recv(4096).decode())
-        if until in seen[-1]:
-            return seen
 
 
 def test_refused_reload_through_the_cli_with_workers(
@@ -52,7 +44,7 @@ def test_refused_reload_through_the_cli_with_workers(
             config, cert_files[2], workers=2, env={"NOTIFY_SOCKET": str(notify_path)}
         )
         try:
-            _messages(systemd, "READY=1")
+            notify_messages(systemd, "READY=1")
             text = config.read_text(encoding="utf-8")
             config.write_text(
                 text.replace('listen = ["127.0.0.1:0"]', 'listen = ["127.0.0.1:1"]'),
@@ -61,7 +53,7 @@ def test_refused_reload_through_the_cli_with_workers(
             assert cli.main(["reload", "--config", str(config)]) == cli.EXIT_CONFIG
             problem = "server.listen: changed; this takes effect only on restart"
             assert problem in capsys.readouterr().err
-            reload = _messages(systemd, "READY=1")
+            reload = notify_messages(systemd, "READY=1")
             assert reload[0].startswith("RELOADING=1\nMONOTONIC_USEC=")
             assert reload[-1] == "READY=1\nSTATUS=reload refused"
             [refused] = server.wait_for("config_reload")

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import write_config
 
 from ftps_gateway import config as config_module
 from ftps_gateway.audit import AuditLog
@@ -19,6 +18,7 @@ from ftps_gateway.config import GatewayConfig, ListenAddress
 from ftps_gateway.errors import ConfigError, StartupError
 from ftps_gateway.metrics import GatewayMetrics
 from ftps_gateway.service import lifecycle
+from support.configs import write_config
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
