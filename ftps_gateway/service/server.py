@@ -18,12 +18,11 @@ loop and pyftpdlib (outside ``ftp/``, the one module allowed to import it).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +52,7 @@ from ftps_gateway.session.runtime import (
     GatewayHolder,
     PortsInUse,
 )
+from ftps_gateway.session.work import FileWork, Outcome
 from ftps_gateway.storage.uploads import sweep_partials
 from ftps_gateway.tls.contexts import (
     TicketRefresher,
@@ -194,6 +194,7 @@ class GatewayServer:
         else:
             defender, limits = lifecycle.new_kept_state(config)
         executor = ThreadPoolExecutor(PASSWORD_WORKERS, thread_name_prefix="argon2")
+        file_work = FileWork(self.waker)
         own = {
             "verifier": verifier or PasswordVerifier(),
             "executor": executor,
@@ -207,11 +208,13 @@ class GatewayServer:
             ),
             "passive_ports": PortsInUse(),
             "tickets": TicketRefresher(),
+            "file_work": file_work,
         }
         try:
             return build_gateway(config, own)
         except GatewayError:
             executor.shutdown(wait=False)
+            file_work.shutdown()
             self.ioloop.close()
             raise
 
@@ -328,16 +331,18 @@ class GatewayServer:
     def _start_sweeper(self) -> None:
         """Remove expired partial uploads (and crash leftovers) now and periodically.
 
-        The walk runs on the worker pool, off the IO loop: it touches every folder a
-        user can upload into.
+        The walk runs on the file-work pool, off the IO loop (it touches every folder
+        a user can upload into), never on the password pool, where it would delay
+        logins.
         """
         roots = sweep_roots(self.config)
         retention = self.config.storage.partial_retention_seconds
         interval = min(SWEEP_INTERVAL_SECONDS, max(retention // 2, 60))
 
         def sweep() -> None:
-            with contextlib.suppress(RuntimeError):  # the pool is shut down: stopping
-                self.gateway.executor.submit(sweep_partials, roots, retention)
+            self.gateway.file_work.submit(
+                "partial-sweep", lambda: sweep_partials(roots, retention), _log_sweep
+            )
 
         sweep()
         self.ioloop.call_every(interval, sweep)
@@ -461,9 +466,16 @@ class GatewayServer:
             self.admin = None
         gateway = self.holder.current
         gateway.executor.shutdown(wait=False, cancel_futures=True)
+        gateway.file_work.shutdown()
         gateway.tls.close()
         if self.ioloop.socket_map:
             self.ioloop.close()
+
+
+def _log_sweep(outcome: Outcome[int]) -> None:
+    """A failed sweep is logged, not raised into the loop."""
+    if outcome.error is not None and not isinstance(outcome.error, CancelledError):
+        logger.error("sweeping partial uploads failed: %s", outcome.error)
 
 
 def build_handler_class(

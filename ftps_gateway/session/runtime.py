@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         TLSPolicyTable,
     )
     from ftps_gateway.policy.passwords import PasswordVerifier, RecentLogins
+    from ftps_gateway.session.work import FileWork
     from ftps_gateway.tls.contexts import TicketRefresher, TLSContextFactory
 
 
@@ -83,6 +84,7 @@ class Gateway:
     metrics: GatewayMetrics
     passive_ports: PortsInUse
     tickets: TicketRefresher
+    file_work: FileWork  # slow file work off the loop (session.work)
 
     @property
     def node_name(self) -> str:
@@ -93,7 +95,7 @@ class Gateway:
 # The server's own parts of a Gateway, carried over by a reload.
 SHARED_PARTS = (
     "verifier", "executor", "waker", "audit", "defender", "limits", "metrics",
-    "passive_ports", "tickets",
+    "passive_ports", "tickets", "file_work",
 )  # fmt: skip
 
 
