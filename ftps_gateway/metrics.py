@@ -97,7 +97,7 @@ LOGIN_RESULTS: Final = (
 TLS_VERSIONS: Final = ("TLSv1.2", "TLSv1.3")
 
 # TLS failures, grouped into causes an operator can act on. ``tls_failure`` accepts
-# these or the raw reason from ``tlsmixin.describe_tls_error`` (see
+# these or the raw reason from ``ftp.tlschannel.describe_tls_error`` (see
 # ``classify_tls_failure``).
 TLS_FAILURE_REASONS: Final = (
     "timeout",  # no handshake within the time allowed

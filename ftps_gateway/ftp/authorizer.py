@@ -1,7 +1,7 @@
 """pyftpdlib's authorizer interface, answered from the gateway's own user table.
 
 Password checks do not go through here: the control handler verifies argon2id hashes
-off the IO loop (``handler.ControlHandler.ftp_PASS``). What remains is pyftpdlib asking
+off the IO loop (``session.login.LoginGate``). What remains is pyftpdlib asking
 which permissions a logged-in user has. Every path it asks about has already been
 mapped through the user's mount table and checked against that mount's permissions.
 """
@@ -12,7 +12,7 @@ from pyftpdlib.authorizers import AuthenticationFailed
 
 # Every letter pyftpdlib checks (e=CWD l=LIST r=RETR a=APPE d=DELE/RMD f=RNFR/RNTO
 # m=MKD w=STOR T=MFMT): the real decision is made before pyftpdlib asks, on the
-# virtual path and its mount's permission words (fileops.MountCommandsMixin). No "M"
+# virtual path and its mount's permission words (session.fileaccess). No "M"
 # (SITE CHMOD): partners have no business with Unix modes.
 SESSION_PERMISSIONS = "elradfmwT"
 

@@ -63,7 +63,7 @@ class DataHandler(TLSChannelMixin, DTPHandler):
     def handle_tls_established(self) -> None:
         """Apply the session's policy, then hand the channel to its control session.
 
-        Runs before anything can be sent (the send gate in ``tlsmixin``): a refused
+        Runs before anything can be sent (the send gate in ``tlschannel``): a refused
         connection is closed without a byte of payload.
         """
         self._cancel_handshake_timer()

@@ -6,7 +6,7 @@ first blocking failure, and says for each failure what happened and what to do, 
 words a firewall team can act on. It embeds what the server sees (``SITE DIAG``), so
 one paste holds both sides' view.
 
-The steps and their exit codes are listed in ``selftest_report``. The client side is
+The steps and their exit codes are listed in ``selftest.report``. The client side is
 the standard library only (``socket``, ``ssl``, ``ftplib`` for reply parsing), so it
 behaves like any other OpenSSL-based client would. Every data connection offers the
 control connection's TLS session (as curl, lftp and ``client.ReusingFTP_TLS`` do);

@@ -8,7 +8,7 @@ worker``, a fresh interpreter each: no fork of a threaded process), each with it
 IO loop on the inherited sockets; the kernel hands each new connection to one of
 them. What must be shared is shared explicitly:
 
-- passive ports: disjoint shares by port number (``passive.worker_ports``);
+- passive ports: disjoint shares by port number (``ftp.passive.worker_ports``);
 - bans and session limits: kept here, asked over a socket pair (``sharedstate``);
 - metrics: workers push theirs, ``/metrics`` here adds them up;
 - signals: SIGTERM drains every worker, SIGHUP reloads (validated here first);

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 # Uploads are written under this hidden name and renamed into place on success (see
-# filesystem.AtomicUpload). Partners must never see or address these files: a
+# storage.uploads.AtomicUpload). Partners must never see or address these files: a
 # partner who could would read half-written data or race the rename.
 UPLOAD_TEMP_PREFIX = ".ftps-upload-"
 
