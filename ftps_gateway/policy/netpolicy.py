@@ -48,6 +48,7 @@ DEFAULT_DNS_TTL_SECONDS = 30.0
 
 # ::ffff:0:0/96 (RFC 4291 section 2.5.5.2): how a dual-stack socket shows IPv4 peers.
 _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+IPV6_BITS = 128
 _IPV4_MAPPED_PREFIXLEN = 96
 
 # RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens. The
@@ -141,6 +142,23 @@ def parse_ip(value: str) -> IPAddress | None:
     except ValueError:
         return None
     return unmapped(address)
+
+
+def address_key(ip: str, ipv6_prefix: int = 64) -> str:
+    """The key bans, limits and queues count ``ip`` under.
+
+    An IPv4 address is itself (IPv4-mapped spellings unwrapped). An IPv6 address
+    counts as its ``/ipv6_prefix`` network: one subscriber gets a whole /64 (RFC 6177),
+    so keying by the full address would let one attacker appear as 2**64 clients.
+    A string that is no address keys as itself (callers deny it anyway).
+    """
+    address = parse_ip(ip)
+    if address is None:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address) and ipv6_prefix < IPV6_BITS:
+        network = ipaddress.IPv6Network((address, ipv6_prefix), strict=False)
+        return str(network)
+    return str(address)
 
 
 def _contains(networks: tuple[IPNetwork, ...], address: IPAddress) -> IPNetwork | None:

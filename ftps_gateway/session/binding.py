@@ -3,9 +3,9 @@
 RFC 4217 section 10 asks the server to make sure a data connection comes from the
 client of its control connection. Two proofs exist: the peer's address, and the TLS
 session the data connection resumes (each control session has a context of its own,
-so a resumed session proves it came from this session's client; see ``tls.contexts``). The
-policy (``reuse``) says which proofs a partner's network and user must give. Pure
-decisions; the protocol layer applies them.
+so a resumed session proves it came from this session's client; see
+``tls.contexts``). The policy (``reuse``) says which proofs a partner's network and
+user must give. Pure decisions; the protocol layer applies them.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from ftps_gateway.policy.netpolicy import (
     AccessList,
     PassiveAddressError,
     PassiveAddressPolicy,
+    address_key,
     parse_ip,
     parse_networks,
     resolve_ipv4,
@@ -413,3 +414,20 @@ def test_literal_addresses_never_resolve() -> None:
 def test_default_resolver_returns_ipv4() -> None:
     """The real resolver asks getaddrinfo for IPv4 only (localhost: /etc/hosts)."""
     assert resolve_ipv4("localhost") == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("ip", "prefix", "key"),
+    [
+        ("192.0.2.7", 64, "192.0.2.7"),
+        ("::ffff:192.0.2.7", 64, "192.0.2.7"),
+        ("2001:db8:1:2:aaaa::1", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::9", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::9", 56, "2001:db8:1::/56"),
+        ("2001:db8::1", 128, "2001:db8::1"),
+        ("not-an-ip", 64, "not-an-ip"),
+    ],
+)
+def test_address_key_groups_an_ipv6_subscriber(ip: str, prefix: int, key: str) -> None:
+    """IPv6 addresses count as their prefix; IPv4 ones as themselves."""
+    assert address_key(ip, prefix) == key
