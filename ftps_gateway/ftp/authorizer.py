@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pyftpdlib.authorizers import AuthenticationFailed
 
+from ftps_gateway.ftp import replies
+
 # Every letter pyftpdlib checks (e=CWD l=LIST r=RETR a=APPE d=DELE/RMD f=RNFR/RNTO
 # m=MKD w=STOR T=MFMT): the real decision is made before pyftpdlib asks, on the
 # virtual path and its mount's permission words (session.fileaccess). No "M"
@@ -38,12 +40,12 @@ class GatewayAuthorizer:
         return SESSION_PERMISSIONS
 
     def get_msg_login(self, username: str) -> str:
-        """230 text: no user details."""
-        return "Login successful."
+        """The 230 text: no user details."""
+        return replies.LOGIN_OK_TEXT
 
     def get_msg_quit(self, username: str) -> str:
-        """221 text."""
-        return "Goodbye."
+        """The 221 text."""
+        return replies.QUIT_TEXT
 
     def impersonate_user(self, username: str, password: str) -> None:
         """All users share the server's OS identity; isolation is by path."""

@@ -3,6 +3,12 @@
 Replies that pyftpdlib writes unchanged (``226 Transfer complete.``, ``250 ...``) are
 not repeated here. Texts are deliberately generic: the client learns that something
 was refused, the audit log learns why.
+
+Each constant is a whole RFC 959 reply line (code, space or dash, text), with
+``str.format`` fields where it carries a value, or a dict of such lines. A name
+ending in ``_TEXT`` is the text alone, for pyftpdlib to put its code in front.
+No other module of ``ftp/``, ``session/`` or ``service/`` spells a reply out
+(``tests/unit/test_replies.py`` reads their source to check).
 """
 
 from __future__ import annotations

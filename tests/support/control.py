@@ -1,12 +1,15 @@
 """Control connections below a logged-in client: plain, AUTH TLS only, raw TCP.
 
 For tests of what the server answers before login, to garbage, or to a peer that
-never speaks TLS. Imports only the type of ``support.gateway.RunningGateway``.
+never speaks TLS; and ``exactly``, the ``pytest.raises(match=...)`` pattern for a
+reply named in ``ftps_gateway.ftp.replies``. Imports only the type of
+``support.gateway.RunningGateway``.
 """
 
 from __future__ import annotations
 
 import ftplib
+import re
 import socket
 from typing import TYPE_CHECKING
 
@@ -45,3 +48,12 @@ def raw_connect(
 ) -> socket.socket:
     """A plain TCP connection from ``source_ip``."""
     return socket.create_connection(address, timeout=5, source_address=(source_ip, 0))
+
+
+def exactly(*replies: str) -> str:
+    """A ``match=`` pattern for ftplib's error text: one of ``replies``, whole.
+
+    ftplib's ``error_perm``/``error_temp`` text is the reply line itself, so the
+    pattern is anchored at both ends and the texts are escaped (a ``.`` is a dot).
+    """
+    return "^(?:" + "|".join(re.escape(reply) for reply in replies) + ")$"
