@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 from ftps_gateway import cli
+from ftps_gateway.ftp import replies
 from ftps_gateway.selftest.client import ImplicitFTP_TLS
-from support.control import raw_connect, read_until_quiet
+from support.control import exactly, raw_connect, read_until_quiet
 from support.credentials import PASSWORD, PASSWORD_HASH
 from support.gateway import RunningGateway
 
@@ -44,8 +45,10 @@ def _fast_failures(gw: RunningGateway) -> None:
 
 
 def _fail_login(gw: RunningGateway, source_ip: str = "127.0.0.1") -> None:
+    """One failed login; the one that earns a ban also closes the session."""
     ftp = gw.client(login=False, source_ip=source_ip)
-    with pytest.raises(ftplib.error_perm, match="^530 Authentication failed"):
+    failed = exactly(replies.LOGIN_FAILED, replies.LOGIN_FAILED_CLOSING)
+    with pytest.raises(ftplib.error_perm, match=failed):
         ftp.login("acme", "wrong password")
     ftp.close()
 
@@ -105,7 +108,7 @@ def test_user_allow_networks_are_checked_at_login(
     _fast_failures(gw)
     ftp = gw.client(login=False, source_ip="127.0.0.1")
     # The reply is that of a wrong password: the client learns nothing more.
-    with pytest.raises(ftplib.error_perm, match="^530 Authentication failed.$"):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.LOGIN_FAILED)):
         ftp.login("acme", PASSWORD)
     ftp.close()
     gw.client(source_ip="127.0.0.2").quit()
@@ -147,9 +150,7 @@ def test_ban_after_failures_then_expiry(
     assert not _is_dropped(gw)
     ftp = gw.client(login=False)
     # The failure that earns the ban also ends its session.
-    with pytest.raises(
-        ftplib.error_perm, match="^530 Authentication failed. Disconnecting."
-    ):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.LOGIN_FAILED_CLOSING)):
         ftp.login("acme", "wrong again")
     ftp.close()
     assert _is_dropped(gw)
@@ -223,12 +224,11 @@ def test_session_limits_each_with_their_own_reply(
     )
     first = gw.client()  # acme logged in from 127.0.0.1
     second = gw.client(login=False)
-    assert _greeting(gw, "127.0.0.1").startswith(
-        b"421 Too many sessions from your address"
-    )
+    limit = replies.LIMIT_REPLIES
+    assert _greeting(gw, "127.0.0.1").startswith(limit["limit-per-ip"].encode())
     third = gw.client(login=False, source_ip="127.0.0.2")
-    assert _greeting(gw, "127.0.0.3").startswith(b"421 Too many sessions; try again")
-    with pytest.raises(ftplib.error_temp, match="^421 Too many sessions for this user"):
+    assert _greeting(gw, "127.0.0.3").startswith(limit["limit-total"].encode())
+    with pytest.raises(ftplib.error_temp, match=exactly(limit["limit-per-user"])):
         third.login("acme", PASSWORD)
     for ftp in (first, second):
         ftp.quit()
@@ -254,7 +254,7 @@ def test_unauthenticated_session_is_closed_by_the_login_timer(
     received = read_until_quiet(sock, 4.0)
     sock.close()
     assert received.startswith(b"220 ")
-    assert b"421 Login timed out" in received
+    assert replies.LOGIN_TIMEOUT.encode() in received
 
 
 def _implicit_client(gw: RunningGateway, port: int) -> ftplib.FTP_TLS:
@@ -279,7 +279,7 @@ def test_implicit_tls_listener(
     ftp = _implicit_client(gw, port)
     assert ftp.welcome == "220 Partner file exchange"
     assert ftp.sock.version() == "TLSv1.3"
-    with pytest.raises(ftplib.error_perm, match="^503 Already using TLS."):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.AUTH_ALREADY)):
         ftp.sendcmd("AUTH TLS")
     ftp.login("acme", PASSWORD)
     ftp.storbinary("STOR implicit.bin", io.BytesIO(b"implicit"))

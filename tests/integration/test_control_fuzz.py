@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from ftps_gateway.ftp import replies
 from ftps_gateway.ftp.control import MAX_COMMAND_BYTES
+from support.control import exactly
 
 if TYPE_CHECKING:
     import socket
@@ -166,12 +168,15 @@ def test_line_at_and_over_the_limit_gets_one_reply(
     ftp = gateway.client()
     sock = ftp.sock
     pending = bytearray()
-    sock.sendall(b"X" * (size - 4) + b"DELE" + b"\r\nNOOP\r\n")
+    line = "X" * (size - 4) + "DELE"
+    sock.sendall(line.encode() + b"\r\nNOOP\r\n")
     reply = read_reply(sock, pending)
     expected = (
-        b"500 Command too long." if size > MAX_COMMAND_BYTES else b'500 Command "X'
+        replies.COMMAND_TOO_LONG
+        if size > MAX_COMMAND_BYTES
+        else replies.NOT_UNDERSTOOD.format(command=line)
     )
-    assert reply.startswith(expected)
+    assert reply.startswith(expected.encode())
     assert read_reply(sock, pending).startswith(_MARKER)
     ftp.quit()
 
@@ -185,7 +190,7 @@ def test_cr_lf_inside_a_line_are_refused_in_one_reply(
     pending = bytearray()
     for line in (b"FOO\nNOOP", b"NOOP\rX", b"CWD a\r\x00b"):
         sock.sendall(line + b"\r\nNOOP\r\n")
-        assert read_reply(sock, pending) == b"501 Command contains CR or LF."
+        assert read_reply(sock, pending) == replies.CONTROL_CHARACTERS.encode()
         assert read_reply(sock, pending).startswith(_MARKER)
     ftp.quit()
 
@@ -193,9 +198,9 @@ def test_cr_lf_inside_a_line_are_refused_in_one_reply(
 def test_user_after_login_is_refused(gateway: RunningGateway) -> None:
     """Regression: USER after login logged the session out (no timer, limits miscounted)."""
     ftp = gateway.client()
-    with pytest.raises(ftplib.error_perm, match="^503 Already logged in"):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.ALREADY_LOGGED_IN)):
         ftp.sendcmd("USER acme")
-    with pytest.raises(ftplib.error_perm, match="^503 User already authenticated"):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.ALREADY_AUTHENTICATED)):
         ftp.sendcmd("PASS x")
     assert ftp.pwd() == "/"  # still logged in, and counted once by the session limits
     assert gateway.server.gateway.limits.snapshot()[2] == {"acme": 1}

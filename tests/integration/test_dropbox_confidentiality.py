@@ -28,8 +28,9 @@ answered on a session that stays usable. The property test at the end generates
 verb/argument combinations on one session.
 
 Only the partner's side lives here: the stdlib client the partners are told to use
-(``selftest.client.ReusingFTP_TLS``) and pyftpdlib's command table (the verbs a
-partner can try); no server internals are imported.
+(``selftest.client.ReusingFTP_TLS``), pyftpdlib's command table (the verbs a
+partner can try) and the reply texts a partner reads, by their names in
+``ftp.replies``; no server internals are imported.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyftpdlib.handlers import FTPHandler
 
+from ftps_gateway.ftp import replies
 from ftps_gateway.selftest.client import ReusingFTP_TLS
+from support.control import exactly
 from support.credentials import PASSWORD_HASH
 from support.gateway import RunningGateway
 
@@ -457,7 +460,7 @@ def test_uploading_into_a_dropbox_still_works(dropbox: RunningGateway) -> None:
         reply = ftp.storbinary(f"STOR {virtual}", io.BytesIO(b"delivered\n"))
         assert reply.startswith("226"), reply
         assert real.read_bytes() == b"delivered\n"
-    with pytest.raises(ftplib.error_perm, match="^550 Permission denied."):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.DENIED)):
         ftp.storbinary("STOR /drop/secret-alpha.csv", io.BytesIO(b"overwrite"))
     assert (shared / "drop" / "secret-alpha.csv").stat().st_size == 314159
     ftp.quit()
@@ -506,7 +509,7 @@ def test_old_client_flags_before_a_path_list_that_path(dropbox: RunningGateway) 
         ftp.retrlines(line, lines.append)
         assert any(entry.endswith(REPORT_FILE) for entry in lines), (line, lines)
     for line in ("LIST -la /drop", "NLST -R /drop"):
-        with pytest.raises(ftplib.error_perm, match="^550 Permission denied"):
+        with pytest.raises(ftplib.error_perm, match=exactly(replies.DENIED)):
             ftp.retrlines(line, lambda _line: None)
     ftp.quit()
 

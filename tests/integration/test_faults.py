@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from ftps_gateway.ftp import replies
 from ftps_gateway.storage import vfs
 from ftps_gateway.storage.uploads import TEMP_MIN_AGE_SECONDS
 from support.configs import write_config
@@ -153,7 +154,7 @@ def test_kill_9_during_uploads_leaves_no_partial_file_under_a_final_name(  # noq
             for name in names:
                 ftp = server.client()
                 ftp.voidcmd("TYPE I")
-                assert ftp.sendcmd(f"SIZE {name}") == f"213 {sent}"
+                assert ftp.sendcmd(f"SIZE {name}") == replies.SIZE.format(size=sent)
                 ftp.storbinary(f"STOR {name}", io.BytesIO(payload[sent:]), rest=sent)
                 received = io.BytesIO()
                 ftp.retrbinary(f"RETR {name}", received.write)
@@ -244,7 +245,7 @@ def test_disk_full_answers_452_removes_the_upload_and_keeps_serving(
         ballast.write_bytes(b"\0" * (6 * MIB))
         uploader = server.client()
         reply = _upload_expecting_refusal(uploader, "big.bin", os.urandom(4 * MIB))
-        assert reply == "452 Insufficient storage space."
+        assert reply == replies.STORAGE_FULL
         assert server.wait_for("upload_refused")[0]["reason"] == "storage-full"
         assert not (home / "big.bin").exists()
         assert _temps(small_storage) == []
@@ -259,7 +260,7 @@ def test_disk_full_answers_452_removes_the_upload_and_keeps_serving(
         other.retrbinary("RETR keep.bin", received.write)
         assert received.getvalue() == keep
         reply = _upload_expecting_refusal(uploader, "small.bin", os.urandom(MIB))
-        assert reply == "452 Insufficient storage space."
+        assert reply == replies.STORAGE_FULL
         assert _temps(small_storage) == []
 
         (small_storage / "ballast2").unlink()

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from support.control import raw_connect, read_until_quiet
+from ftps_gateway.ftp import replies
+from support.control import exactly, raw_connect, read_until_quiet
 from support.credentials import PASSWORD
 from support.gateway import RunningGateway
 from support.metrics import scrape
@@ -50,7 +51,7 @@ def test_refusals_and_logins_are_counted_by_reason(
     ftp.connect(gw.host, gw.port)
     ftp.login("acme", PASSWORD)
     ftp.prot_p()
-    with pytest.raises(ftplib.error_temp, match="not resumed"):
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.NOT_RESUMED)):
         ftp.nlst()
     good = gw.client(source_ip="127.0.0.2")
     good.storbinary("STOR a.bin", io.BytesIO(b"x" * 1000))

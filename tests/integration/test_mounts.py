@@ -21,13 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from ftps_gateway.ftp import replies
+from support.control import exactly
 from support.credentials import PASSWORD, PASSWORD_HASH
 from support.gateway import RunningGateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 StartGateway = Callable[..., RunningGateway]
-DENIED = "^550 Permission denied."
 
 TREE = """partial_retention_seconds = 3600
 [[groups]]
@@ -127,11 +128,11 @@ def test_mount_points_cannot_be_changed_nor_renamed_across(
     ftp = tree.client()
     for command in ("RMD /finance", "DELE /finance/drop", "RNFR /a/b/deep",
                     "MKD /finance", "RMD /a", "RNFR /a"):  # fmt: skip
-        with pytest.raises(ftplib.error_perm, match="^550 A mounted folder cannot"):
+        with pytest.raises(ftplib.error_perm, match=exactly(replies.MOUNT_POINT)):
             ftp.sendcmd(command)
     ftp.storbinary("STOR /a/b/deep/x.txt", io.BytesIO(b"x"))
     ftp.sendcmd("RNFR /a/b/deep/x.txt")
-    with pytest.raises(ftplib.error_perm, match="^550 Cannot rename across mounted"):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.ACROSS_MOUNTS)):
         ftp.sendcmd("RNTO /x.txt")
     ftp.rename("/a/b/deep/x.txt", "/a/b/deep/y.txt")
     assert (tree.root / "deep" / "acme" / "y.txt").read_bytes() == b"x"
@@ -218,7 +219,7 @@ def test_permission_matrix(start_gateway: StartGateway) -> None:
                 action(ftp)
                 allowed = True
             except ftplib.error_perm as err:
-                if not str(err).startswith(("550 Permission denied.", "550 Could not")):
+                if str(err) not in (replies.DENIED, replies.NO_SIZE):
                     failures.append(f"{word} {command}: unexpected {err}")
                 allowed = False
             if allowed != (word in allowed_by):
@@ -309,11 +310,11 @@ def test_dropbox_size_tells_nothing_but_the_own_partial(tree: RunningGateway) ->
     ftp = tree.client()
     ftp.storbinary("STOR /outbound/done.csv", io.BytesIO(b"delivered"))
     ftp.voidcmd("TYPE I")
-    with pytest.raises(ftplib.error_perm, match="^550 Could not get file size."):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.NO_SIZE)):
         ftp.sendcmd("SIZE /outbound/done.csv")
-    with pytest.raises(ftplib.error_perm, match=DENIED):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.DENIED)):
         ftp.nlst("/outbound")
-    with pytest.raises(ftplib.error_perm, match=DENIED):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.DENIED)):
         ftp.storbinary("STOR /outbound/done.csv", io.BytesIO(b"again"))  # no overwrite
     ftp.quit()
     _killed_upload(tree, "/outbound/big.bin", PAYLOAD[:300_000])
@@ -332,12 +333,12 @@ def test_quota_refuses_with_452_and_leaves_nothing(tree: RunningGateway) -> None
     """Bytes over the mount quota stop the upload (452); file count is enforced too."""
     deep = tree.root / "deep" / "acme"
     ftp = tree.client()
-    with pytest.raises(ftplib.error_temp, match="^452 Quota exceeded"):
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.OVER_QUOTA)):
         ftp.storbinary("STOR /a/b/deep/big.bin", io.BytesIO(os.urandom(150_000)))
     assert list(deep.iterdir()) == []
     for index in range(3):
         ftp.storbinary(f"STOR /a/b/deep/{index}.txt", io.BytesIO(b"x" * 10))
-    with pytest.raises(ftplib.error_temp, match="^452 Quota exceeded"):
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.OVER_QUOTA)):
         ftp.storbinary("STOR /a/b/deep/3.txt", io.BytesIO(b"x"))
     ftp.storbinary("STOR /a/b/deep/0.txt", io.BytesIO(b"y" * 99_000))  # replace: room
     assert sorted(p.name for p in deep.iterdir()) == ["0.txt", "1.txt", "2.txt"]

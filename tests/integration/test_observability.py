@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ftps_gateway.ftp import replies
 from support.control import raw_connect, read_until_quiet
 from support.gateway import RunningGateway
 
@@ -58,7 +59,8 @@ def test_drain_fails_readiness_at_once_and_lets_the_download_finish(
     assert _get(gw, "/healthz")[0] == 200
     # A new session is refused; an idle one is told and closed.
     sock = raw_connect((gw.host, gw.port))
-    assert read_until_quiet(sock, 3.0).startswith(b"421 Service restarting")
+    draining = replies.LIMIT_REPLIES["draining"].encode()
+    assert read_until_quiet(sock, 3.0).startswith(draining)
     sock.close()
     with pytest.raises((ftplib.error_temp, EOFError, OSError)):
         idle.voidcmd("NOOP")

@@ -20,8 +20,15 @@ from pathlib import Path
 
 import pytest
 
+from ftps_gateway.ftp import replies
 from ftps_gateway.policy.passwords import PasswordVerifier
-from support.control import plain_control, raw_connect, read_until_quiet, tls_only
+from support.control import (
+    exactly,
+    plain_control,
+    raw_connect,
+    read_until_quiet,
+    tls_only,
+)
 from support.credentials import FAST_PARAMETERS, PASSWORD
 from support.gateway import RunningGateway
 
@@ -36,11 +43,9 @@ StartGateway = Callable[..., RunningGateway]
 def test_user_before_auth_tls_is_refused(gateway: RunningGateway) -> None:
     """USER and PASS before AUTH TLS get 530, so no password can cross in clear."""
     ftp = plain_control(gateway)
-    with pytest.raises(
-        ftplib.error_perm, match="^530 Clear-text login refused: send AUTH TLS first."
-    ):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.CLEAR_TEXT_LOGIN)):
         ftp.sendcmd("USER acme")
-    with pytest.raises(ftplib.error_perm, match="^530 Clear-text login refused"):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.CLEAR_TEXT_LOGIN)):
         ftp.sendcmd("PASS " + PASSWORD)
     ftp.close()
 
@@ -53,9 +58,9 @@ def test_other_commands_before_auth_tls_are_refused(gateway: RunningGateway) -> 
     for command in ("PASV", "LIST", "HELP", "STAT"):
         with pytest.raises(ftplib.error_perm, match="^530"):
             ftp.sendcmd(command)
-    with pytest.raises(ftplib.error_perm, match="^503 PBSZ not allowed on insecure"):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.PBSZ_NEEDS_TLS)):
         ftp.sendcmd("PBSZ 0")
-    with pytest.raises(ftplib.error_perm, match="^503 PROT not allowed on insecure"):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.PROT_NEEDS_TLS)):
         ftp.sendcmd("PROT P")
     with pytest.raises(ftplib.error_perm, match="^504"):
         ftp.sendcmd("AUTH KERBEROS")
@@ -78,9 +83,9 @@ def test_plaintext_pipelined_behind_auth_tls_is_never_executed(
 def test_prot_c_and_ccc_are_refused(gateway: RunningGateway) -> None:
     """PROT C and CCC get 534: neither the data nor the control channel drops TLS."""
     ftp = gateway.client()
-    with pytest.raises(ftplib.error_perm, match="^534 PROT C refused"):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.PROT_C_REFUSED)):
         ftp.sendcmd("PROT C")
-    with pytest.raises(ftplib.error_perm, match="^534 CCC refused"):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.CCC_REFUSED)):
         ftp.sendcmd("CCC")
     with pytest.raises(ftplib.error_perm, match="^536"):
         ftp.sendcmd("PROT S")
@@ -92,9 +97,7 @@ def test_pasv_before_prot_p_is_refused(gateway: RunningGateway) -> None:
     ftp = gateway.client(login=False)
     ftp.login("acme", PASSWORD)
     for command in ("PASV", "EPSV"):
-        with pytest.raises(
-            ftplib.error_perm, match="^521 Data connections must be encrypted"
-        ):
+        with pytest.raises(ftplib.error_perm, match=exactly(replies.PROT_P_REQUIRED)):
             ftp.sendcmd(command)
     ftp.quit()
 
@@ -120,15 +123,16 @@ def test_downgrade_sequence_sends_no_clear_text_listing(
 def test_active_mode_and_stou_are_refused(gateway: RunningGateway) -> None:
     """PORT/EPRT are off by default; STOU would break atomic uploads."""
     ftp = gateway.client()
-    with pytest.raises(ftplib.error_perm, match="^502 Active mode is disabled"):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.ACTIVE_DISABLED)):
         ftp.sendcmd("PORT 127,0,0,1,200,10")
-    with pytest.raises(ftplib.error_perm, match="^502 Active mode is disabled"):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.ACTIVE_DISABLED)):
         ftp.sendcmd("EPRT |1|127.0.0.1|51210|")
-    with pytest.raises(ftplib.error_perm, match="^502 STOU"):
+    stou = replies.NOT_IMPLEMENTED.format(command="STOU")
+    with pytest.raises(ftplib.error_perm, match=exactly(stou)):
         ftp.sendcmd("STOU")
     (gateway.home() / "x").write_text("x")
     for command in ("RETR x", "STOR y", "APPE x", "LIST"):
-        with pytest.raises(ftplib.error_temp, match="^425 Use PASV or EPSV first."):
+        with pytest.raises(ftplib.error_temp, match=exactly(replies.NO_DATA_PATH)):
             ftp.sendcmd(command)
     ftp.quit()
 
@@ -140,15 +144,15 @@ def test_wrong_password_and_unknown_user_look_the_same(
     gateway: RunningGateway, audit_records: Callable[[], list[dict[str, object]]]
 ) -> None:
     """Both get the same 530; only the audit log tells them apart."""
-    replies = []
+    answers = []
     for user in ("acme", "nobody"):
         ftp = tls_only(gateway)
         ftp.sendcmd(f"USER {user}")
         with pytest.raises(ftplib.error_perm) as refused:
             ftp.sendcmd("PASS wrong-password")
-        replies.append(str(refused.value))
+        answers.append(str(refused.value))
         ftp.close()
-    assert replies == ["530 Authentication failed."] * 2
+    assert answers == [replies.LOGIN_FAILED] * 2
     reasons = [r["reason"] for r in audit_records() if r["event"] == "login_failed"]
     assert reasons == ["bad-password", "unknown-user"]
 
@@ -262,9 +266,7 @@ def test_epsv_and_pasv_ports_stay_in_range_and_exhaustion_gives_425(
     ports = {ftplib.parse227(sessions[0].sendcmd("PASV"))[1],
              ftplib.parse229(sessions[1].sendcmd("EPSV"), ("127.0.0.1", 0))[1]}  # fmt: skip
     assert ports == {40100, 40101}
-    with pytest.raises(
-        ftplib.error_temp, match="^425 Can't open data connection: no passive port free"
-    ):
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.PASSIVE_EXHAUSTED)):
         sessions[2].sendcmd("PASV")
     sessions[0].quit()  # frees its port
     time.sleep(0.2)
@@ -306,9 +308,7 @@ def test_passive_port_nobody_connects_to_answers_425(
     ftp.sendcmd("PASV")
     ftp.putcmd("LIST")
     assert ftp.getresp().startswith("150")
-    with pytest.raises(
-        ftplib.error_temp, match="^425 Can't open data connection: timed out"
-    ):
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.DATA_TIMEOUT)):
         ftp.getresp()
     assert ftp.sendcmd("NOOP").startswith("200")
     ftp.quit()
@@ -407,7 +407,7 @@ def test_paths_cannot_leave_the_home(gateway: RunningGateway, tmp_path: Path) ->
         with pytest.raises(ftplib.error_perm, match="^550"):
             ftp.sendcmd(command)
     for bad in ("RETR a\0b", "RETR " + "x" * 300, "CWD " + "/a" * 600):
-        with pytest.raises(ftplib.error_perm, match="^550 Invalid path."):
+        with pytest.raises(ftplib.error_perm, match=exactly(replies.INVALID_PATH)):
             ftp.sendcmd(bad)
     assert ftp.nlst() == []  # the links out are not listed at all
     (gateway.home() / "report.csv").write_text("inside")
@@ -428,7 +428,7 @@ def test_hidden_upload_names_cannot_be_addressed(gateway: RunningGateway) -> Non
     temp.write_text("partial")
     ftp = gateway.client()
     assert ftp.nlst() == []
-    with pytest.raises(ftplib.error_perm, match="^550 Invalid path."):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.INVALID_PATH)):
         ftp.sendcmd(f"RETR {temp.name}")
     ftp.quit()
 

@@ -17,17 +17,15 @@ from typing import Any
 
 import pytest
 
+from ftps_gateway.ftp import replies
 from ftps_gateway.selftest.client import ReusingFTP_TLS
-from support.control import read_until_quiet
+from support.control import exactly, read_until_quiet
 from support.credentials import PASSWORD
 from support.gateway import RunningGateway
 
 pytestmark = pytest.mark.integration
 
 StartGateway = Callable[..., RunningGateway]
-NOT_RESUMED = (
-    "425 Can't open data connection: TLS session of data connection not resumed."
-)
 SECRET = b"partner payroll " * 4096
 
 
@@ -98,7 +96,7 @@ def test_same_ip_attacker_racing_to_the_passive_port_gets_nothing(
     conn, stolen = _attacker_handshake(gateway, port)
     conn.close()
     assert stolen == b""
-    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.NOT_RESUMED)):
         victim.voidresp()
     refused = [r for r in audit_records() if r["event"] == "data_refused"]
     assert [r["reason"] for r in refused] == ["not-resumed"]
@@ -119,10 +117,10 @@ def test_attacker_before_the_transfer_command_gets_nothing(
     conn, stolen = _attacker_handshake(gateway, port)
     conn.close()
     assert stolen == b""
-    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.NOT_RESUMED)):
         victim.sendcmd("RETR secret.bin")
     # Only once: the following command without PASV gets the usual answer.
-    with pytest.raises(ftplib.error_temp, match="^425 Use PASV or EPSV first."):
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.NO_DATA_PATH)):
         victim.sendcmd("RETR secret.bin")
     victim.quit()
 
@@ -145,7 +143,7 @@ def test_data_connection_offering_another_sessions_tls_session_is_refused(
     thief.prot_p()
     thief.offered = other.sock.session
     received = bytearray()
-    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.NOT_RESUMED)):
         thief.retrbinary("RETR secret.bin", received.extend)
     assert received == b""
     # The same client offering its own control session is accepted.
@@ -175,7 +173,7 @@ def _refused_upload(ftp: ftplib.FTP_TLS, name: str) -> None:
         conn.sendall(b"data")
         conn.unwrap()
     conn.close()
-    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.NOT_RESUMED)):
         ftp.voidresp()
 
 
@@ -183,7 +181,7 @@ def test_stock_ftplib_is_refused_under_required(gateway: RunningGateway) -> None
     """Plain ftplib never resumes: refused by default, uploads and listings alike."""
     ftp = plain_ftplib(gateway)
     _refused_upload(ftp, "up.bin")
-    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.NOT_RESUMED)):
         ftp.nlst()
     ftp.quit()
     assert not (gateway.home() / "up.bin").exists()
@@ -227,7 +225,7 @@ def test_ip_match_for_one_user_only(start_gateway: StartGateway) -> None:
     strict.connect(gw.host, gw.port)
     strict.login("globex", PASSWORD)
     strict.prot_p()
-    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.NOT_RESUMED)):
         strict.nlst()
     strict.quit()
 
@@ -286,7 +284,7 @@ def test_user_cap_that_cannot_resume_is_reported(
     )
     gw = start_gateway(users=users)
     ftp = gw.client()
-    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.NOT_RESUMED)):
         ftp.nlst()
     ftp.quit()
     conflicts = [r for r in audit_records() if r["event"] == "policy_conflict"]
@@ -323,7 +321,7 @@ def test_twenty_racing_attackers_receive_zero_bytes(gateway: RunningGateway) -> 
         conn, stolen = _attacker_handshake(gateway, port)
         conn.close()
         leaked += len(stolen)
-        with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+        with pytest.raises(ftplib.error_temp, match=exactly(replies.NOT_RESUMED)):
             victim.voidresp()
     assert leaked == 0
     victim.quit()
@@ -351,7 +349,7 @@ def test_site_diag_shows_what_the_server_sees(start_gateway: StartGateway) -> No
     assert facts["data-reuse"] == "required (default)"
     assert facts["last-data-tls"] == "TLSv1.3 resumed"
     assert "last-data-tls: none" in before
-    assert after.splitlines()[-1] == "200 End of diagnostics."
+    assert after.splitlines()[-1] == replies.DIAG_END
 
 
 def test_site_diag_needs_login(gateway: RunningGateway) -> None:
@@ -392,11 +390,11 @@ def test_required_any_ip_accepts_a_resumed_data_connection_from_another_address(
     # Without resumption, another address gets nothing; the port listens again
     # for the partner's own connection, which here never comes (5 s timeout).
     assert _retr_from(gw, ftp, "127.0.0.2", resume=False) == b""
-    with pytest.raises(ftplib.error_temp, match="^425 Can't open data connection"):
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.DATA_TIMEOUT)):
         ftp.voidresp()
     # From the partner's own address, a client that cannot resume hears why at once.
     assert _retr_from(gw, ftp, "127.0.0.1", resume=False) == b""
-    with pytest.raises(ftplib.error_temp, match=f"^{NOT_RESUMED}$"):
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.NOT_RESUMED)):
         ftp.voidresp()
     ftp.quit()
 

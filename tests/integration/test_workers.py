@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from ftps_gateway.ftp import replies
 from ftps_gateway.selftest.client import ReusingFTP_TLS
 from support.configs import admin_socket_path, write_config
 from support.control import raw_connect, read_until_quiet
@@ -123,7 +124,7 @@ def test_per_address_limit_holds_across_workers(cluster: Cluster) -> None:
     held = [cluster.client() for _ in range(3)]
     for ftp in held:
         ftp.login("acme", PASSWORD)
-    assert _greeting(cluster).startswith(b"421 Too many sessions from your address")
+    assert _greeting(cluster).startswith(replies.LIMIT_REPLIES["limit-per-ip"].encode())
     for ftp in held:
         ftp.quit()
     time.sleep(0.5)
@@ -215,7 +216,7 @@ def test_sigterm_drains_every_worker_while_a_download_finishes(
     received = bytearray(conn.recv(65536))
     cluster.process.send_signal(signal.SIGTERM)
     time.sleep(0.5)
-    assert _greeting(cluster).startswith(b"421 Service restarting")
+    assert _greeting(cluster).startswith(replies.LIMIT_REPLIES["draining"].encode())
     while chunk := conn.recv(1 << 20):
         received += chunk
     conn.unwrap()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ftps_gateway import cli
+from ftps_gateway.ftp import replies
 from ftps_gateway.selftest import runner as selftest
 from ftps_gateway.selftest.report import (
     STAGES,
@@ -191,8 +192,8 @@ def test_port_helpers() -> None:
 
 def test_parse_diag() -> None:
     reply = (
-        "200-Diagnostics: what the server sees\n node: gw1\n client-ip: 203.0.113.5\n"
-        " last-data-tls: TLSv1.3 resumed\n200 End of diagnostics."
+        f"{replies.DIAG_HEAD}\n node: gw1\n client-ip: 203.0.113.5\n"
+        f" last-data-tls: TLSv1.3 resumed\n{replies.DIAG_END}"
     )
     assert selftest.parse_diag(reply) == {
         "node": "gw1",
