@@ -89,8 +89,10 @@ class GatewayFS(AbstractedFS):
     def _location(self, path: str) -> vfs.Location:
         try:
             return self.table.locate("/", path)
-        except vfs.PathRefused as refusal:
-            raise PermissionError(errno.EACCES, refusal.reason) from None
+        except vfs.PathRefused:
+            # pyftpdlib writes an OSError's text into its 550 reply: the generic
+            # one, never the refusal's reason ("folder unavailable", "outside home").
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES)) from None
 
     def _checked(
         self, action: Action, path: str, *, rename_source: vfs.Location | None = None
