@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from ftps_gateway.session.runtime import Waker
 
 logger = logging.getLogger("ftps_gateway")
+
+# shutdown() waits this long for running jobs (a commit's fsync) before it returns.
+SHUTDOWN_WAIT_SECONDS = 5.0
 
 _T = TypeVar("_T")
 
@@ -111,6 +115,10 @@ class FileWork:
             else:
                 self._per_owner.pop(owner, None)
 
-    def shutdown(self) -> None:
-        """Stop taking work; running jobs finish, queued ones are dropped."""
+    def shutdown(self, wait_seconds: float = SHUTDOWN_WAIT_SECONDS) -> None:
+        """Stop taking work; queued jobs are dropped, running ones may finish
+        within ``wait_seconds`` (a commit half done is still a commit)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + wait_seconds
+        for thread in list(self._pool._threads):  # noqa: SLF001 - no timed join in the API
+            thread.join(max(0.0, deadline - time.monotonic()))
