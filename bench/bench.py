@@ -254,7 +254,12 @@ def _drain(
 
 
 def _start_process(
-    command: list[str], patterns: tuple[str, ...], *, log: Path, output: str
+    command: list[str],
+    patterns: tuple[str, ...],
+    *,
+    log: Path,
+    output: str,
+    timeout: float = 60,
 ) -> tuple[subprocess.Popen[str], deque[str], list[str]]:
     """Start a server; wait until every pattern appeared on ``output`` (its port lines).
 
@@ -275,7 +280,7 @@ def _start_process(
     threading.Thread(
         target=_drain, args=(stream, tail, ready, event, patterns), daemon=True
     ).start()
-    event.wait(60)
+    event.wait(timeout)
     if len(ready) < len(patterns):
         process.kill()
         raise BenchError(f"{command[2:4]} did not start:\n" + "\n".join(tail))
@@ -339,11 +344,19 @@ def _link_data(space: Workspace, home: Path) -> None:
         os.link(source, home / source.name)
 
 
-def start_gateway(space: Workspace, profile_to: Path | None = None) -> Server:
+def start_gateway(
+    space: Workspace,
+    profile_to: Path | None = None,
+    *,
+    wrapper: tuple[str, ...] = (),
+    workers: int | None = None,
+) -> Server:
     """The gateway as operators run it, every security feature on.
 
     With ``profile_to`` it runs under cProfile (main thread only: argon2 runs in
-    worker threads and shows there as waiting), written when it stops.
+    worker threads and shows there as waiting), written when it stops. ``wrapper``
+    goes in front of the command (``session_cost.py`` runs it under callgrind);
+    ``workers`` sets ``server.workers`` (default: "auto").
     """
     directory = space.root / "gateway"
     storage = directory / "storage"
@@ -355,6 +368,7 @@ def start_gateway(space: Workspace, profile_to: Path | None = None) -> Server:
         f"""
 [server]
 listen = ["127.0.0.1:0"]
+{f"workers = {workers}" if workers else ""}
 # Raised from 512/16/8: the idle row holds rounds x 1,000 sessions of one user.
 max_sessions = 20000
 max_sessions_per_ip = 20000
@@ -391,10 +405,11 @@ password = "{space.password_hash}"
     if profile_to is not None:
         command[1:1] = ["-m", "cProfile", "-o", str(profile_to.resolve())]
     process, tail, ready = _start_process(
-        command,
+        [*wrapper, *command],
         (r"listening for explicit FTPS on", r"serving /metrics"),
         log=directory / "stdout.log",
         output="stderr",
+        timeout=600 if wrapper else 60,
     )
     host, port = _port_of(next(line for line in ready if "explicit FTPS" in line))
     m_host, m_port = _port_of(next(line for line in ready if "/metrics" in line))
@@ -423,7 +438,7 @@ def _wait_ready(url: str) -> None:
     raise BenchError(f"{url} never answered 200")
 
 
-def start_reference(space: Workspace) -> Server:
+def start_reference(space: Workspace, *, wrapper: tuple[str, ...] = ()) -> Server:
     """Stock pyftpdlib ``TLS_FTPHandler`` (pyOpenSSL) in its own process."""
     directory = space.root / "reference"
     home = directory / "home"
@@ -440,10 +455,11 @@ def start_reference(space: Workspace) -> Server:
         str(secret),
     ]
     process, tail, ready = _start_process(
-        command,
+        [*wrapper, *command],
         (r"reference listening on",),
         log=directory / "pyftpdlib.log",
         output="stdout",
+        timeout=600 if wrapper else 60,
     )
     host, port = _port_of(ready[0])
     return Server(
