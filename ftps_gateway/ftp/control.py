@@ -51,11 +51,11 @@ from ftps_gateway.session.admission import Admission, Verdict
 from ftps_gateway.session.events import SessionEvents
 from ftps_gateway.session.login import LoginGate
 from ftps_gateway.storage import vfs
-from ftps_gateway.tls.contexts import seal_for_data_connections
 
 if TYPE_CHECKING:
     from ftps_gateway.ftp.passive import PassiveListener
     from ftps_gateway.session.runtime import Gateway, GatewayHolder
+    from ftps_gateway.tls.contexts import SessionContext
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -103,6 +103,7 @@ class ControlHandler(
 
     gateways: ClassVar[GatewayHolder]  # set per server by server.build_handler_class
     implicit_tls: ClassVar[bool] = False  # TLS from the first byte (port 990 style)
+    tls_data_channel: ClassVar[bool] = False  # the control connection keeps tickets
 
     # pyftpdlib's session state, declared for mypy (pyftpdlib has no types).
     ac_in_buffer: bytes
@@ -152,7 +153,7 @@ class ControlHandler(
     def __init__(self, conn: Any, server: Any, ioloop: Any = None) -> None:
         self.session_id = secrets.token_hex(6)
         self.username = ""
-        self.tls_context: ssl.SSLContext | None = None
+        self.tls_context: SessionContext | None = None
         self.events = SessionEvents(self)
         self.admission = Admission(self.gateways, self, self.events)
         self.login_gate = LoginGate(self.events)
@@ -265,6 +266,8 @@ class ControlHandler(
         self.admission.release(result)
         if self.admission.admitted:
             self.events.note("disconnect")
+        if self.tls_context is not None:
+            self.tls_context.release(self.socket)
         self.tls_close()
         super().close()
 
@@ -309,10 +312,8 @@ class ControlHandler(
         gateway = self.gateway
         self.network_policy = gateway.tls_policies.for_client(self.client_ip)
         policy = gateway.tls.policy(self.network_policy.max_version)
-        context = gateway.tls.session_context(policy)
-        self.tls_context = context
-        if self.start_tls(context):
-            seal_for_data_connections(context)
+        self.tls_context = gateway.tls.session_context(policy)
+        self.start_tls(self.tls_context)
 
     def handle_tls_established(self) -> None:
         """Control channel is encrypted; an implicit-TLS session is greeted now."""

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ftps_gateway.policy.netpolicy import DataChannelPolicy
     from ftps_gateway.session.events import SessionEvents
     from ftps_gateway.session.runtime import Gateway, GatewayHolder
+    from ftps_gateway.tls.contexts import SessionContext
 
 
 class DataPathMixin:
@@ -43,6 +44,7 @@ class DataPathMixin:
         gateways: ClassVar[GatewayHolder]
         events: SessionEvents
         socket: Any
+        tls_context: SessionContext | None
         data_channel: Any
         dtp_handler: type[DataHandler]
         _closed: bool
@@ -148,7 +150,17 @@ class DataPathMixin:
             self._pending_data = handler
 
     def accept_data_channel(self, handler: DataHandler) -> bool:
-        """The TLS rule, right after the data connection's handshake."""
+        """The TLS rule, right after the data connection's handshake.
+
+        "Resumed" means resumed *this* control session's TLS session
+        (``SessionContext.resumed_here``: the session id context, and for TLS 1.2
+        the master secret), not merely ``session_reused``.
+        """
+        context = self.tls_context
+        if context is not None:
+            handler.resumed = context.resumed_here(handler.socket, self.socket)
+            if not handler.resumed:
+                context.release(handler.socket)  # its session resumes nothing here
         if handler is not self._pending_data:
             return False
         version = str(handler.socket.version())

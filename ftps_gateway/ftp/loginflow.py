@@ -16,16 +16,14 @@ from ftps_gateway.ftp import replies
 from ftps_gateway.ftp.tlschannel import READ, WRITE
 from ftps_gateway.session import binding
 from ftps_gateway.session.fileaccess import FileAccess
-from ftps_gateway.tls.contexts import set_data_max_version
 
 if TYPE_CHECKING:
-    import ssl
-
     from ftps_gateway.policy.netpolicy import DataChannelPolicy
     from ftps_gateway.session.admission import Admission
     from ftps_gateway.session.events import SessionEvents
     from ftps_gateway.session.login import LoginGate, LoginOutcome
     from ftps_gateway.session.runtime import Gateway
+    from ftps_gateway.tls.contexts import SessionContext
 
 
 class LoginFlowMixin:
@@ -42,7 +40,7 @@ class LoginFlowMixin:
         events: SessionEvents
         admission: Admission
         login_gate: LoginGate
-        tls_context: ssl.SSLContext | None
+        tls_context: SessionContext | None
         network_policy: DataChannelPolicy | None
         data_policy: DataChannelPolicy | None
         socket: Any
@@ -166,7 +164,7 @@ class LoginFlowMixin:
         refined = binding.user_binding(network, user, control_version)
         self.data_policy = refined.policy
         if refined.lower_max_version:
-            set_data_max_version(self.tls_context, refined.policy.max_version)
+            self.tls_context.cap_data_version(refined.policy.max_version)
         if refined.conflict:
             self.events.note(
                 "policy_conflict",

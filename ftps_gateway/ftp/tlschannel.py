@@ -23,10 +23,13 @@ import contextlib
 import enum
 import errno
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pyftpdlib.exceptions import _RetryError
 from pyftpdlib.ioloop import _ERRNOS_DISCONNECTED
+
+if TYPE_CHECKING:
+    from ftps_gateway.tls.contexts import SessionContext
 
 READ = 1  # pyftpdlib IOLoop.READ
 WRITE = 2  # pyftpdlib IOLoop.WRITE
@@ -59,6 +62,9 @@ class TLSChannelMixin:
     """
 
     tls_state: TLSState = TLSState.PLAIN
+    # A data connection unless a class says otherwise: no session tickets, the user's
+    # version cap. The control channel sets False.
+    tls_data_channel: ClassVar[bool] = True
     tls_truncated = False  # the peer's stream ended without close_notify
     tls_peer_closed = False  # the peer sent close_notify
     _tls_read_wants_write = False
@@ -94,15 +100,14 @@ class TLSChannelMixin:
 
     # --- state changes
 
-    def start_tls(self, context: ssl.SSLContext) -> bool:
-        """Wrap the connected socket and wait for the client's ClientHello."""
+    def start_tls(self, context: SessionContext) -> bool:
+        """Wrap the connected socket and wait for the client's ClientHello.
+
+        ``context`` is the control session's: it configures the connection for its
+        role (``tls_data_channel``), which is what binds data to control.
+        """
         try:
-            self.socket = context.wrap_socket(
-                self.socket,
-                server_side=True,
-                do_handshake_on_connect=False,
-                suppress_ragged_eofs=False,
-            )
+            self.socket = context.wrap_socket(self.socket, data=self.tls_data_channel)
         except OSError as err:  # the peer vanished between accept and wrap
             self.tls_state = TLSState.FAILED
             self.handle_tls_failed(describe_tls_error(err))

@@ -327,6 +327,51 @@ def test_twenty_racing_attackers_receive_zero_bytes(gateway: RunningGateway) -> 
     victim.quit()
 
 
+@pytest.mark.parametrize("client_tickets", [True, False], ids=["ticket", "session-id"])
+def test_tls12_stranger_cannot_resume_the_session_it_got_on_the_data_port(
+    gateway: RunningGateway,
+    audit_records: Callable[[], list[dict[str, object]]],
+    client_tickets: bool,
+) -> None:
+    """TLS 1.2: refused once on the victim's port, the attacker holds a full session
+    made there; OpenSSL resumes it on the next port, the gateway does not count it."""
+    _put_secret(gateway)
+    context = _context(gateway)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    if not client_tickets:  # resumption through the server's session cache
+        context.options |= ssl.OP_NO_TICKET
+    victim = ReusingFTP_TLS(context=context, timeout=10)
+    victim.connect(gateway.host, gateway.port)
+    victim.login("acme", PASSWORD)
+    victim.prot_p()
+    raw = socket.create_connection((gateway.host, _pasv_port(victim)), timeout=5)
+    first = context.wrap_socket(raw, server_hostname="localhost")
+    assert read_until_quiet(first, 2.0) == b""
+    learned = first.session
+    first.close()
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.NOT_RESUMED)):
+        victim.sendcmd("RETR secret.bin")
+    port = _pasv_port(victim)
+    victim.putcmd("RETR secret.bin")
+    assert victim.getresp().startswith("150")
+    raw = socket.create_connection((gateway.host, port), timeout=5)
+    again = context.wrap_socket(raw, server_hostname="localhost", session=learned)
+    stolen = read_until_quiet(again, 2.0)
+    again.close()
+    assert stolen == b""
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.NOT_RESUMED)):
+        victim.voidresp()
+    refused = [r for r in audit_records() if r["event"] == "data_refused"]
+    assert [(r["reason"], r.get("version")) for r in refused] == [
+        ("not-resumed", "TLSv1.2"),
+        ("not-resumed", "TLSv1.2"),
+    ]
+    out = io.BytesIO()  # the victim itself still resumes
+    victim.retrbinary("RETR secret.bin", out.write)
+    assert out.getvalue() == SECRET
+    victim.quit()
+
+
 def test_site_diag_shows_what_the_server_sees(start_gateway: StartGateway) -> None:
     gw = start_gateway(
         extra='address = "203.0.113.9"',

@@ -23,34 +23,143 @@ def factory(cert_files: tuple[Path, Path, Path]) -> tls.TLSContextFactory:
 
 
 def test_session_binding_holds_on_this_runtime(factory: tls.TLSContextFactory) -> None:
-    """The start-up proof passes here (it runs in every GatewayServer too)."""
+    """The start-up proof passes here, in shared mode (it runs in every GatewayServer)."""
     tls.prove_session_binding(factory)
+    assert factory.mode == tls.SHARED, factory.mode_problem
 
 
-def test_session_binding_proof_catches_tickets_on_data_connections(
+def test_per_session_contexts_hold_too(cert_files: tuple[Path, Path, Path]) -> None:
+    """The fallback (a context per session, public API only) passes the same proof."""
+    chain, key, _ = cert_files
+    factory = tls.TLSContextFactory(TLSSettings(chain, key), shared=False)
+    tls.prove_session_binding(factory)
+    assert factory.mode == tls.PER_SESSION
+
+
+def test_shared_mode_without_id_context_falls_back(
     factory: tls.TLSContextFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without the seal, data connections would get TLS 1.3 tickets: refuse to start."""
-    monkeypatch.setattr(tls, "seal_for_data_connections", lambda _context: None)
+    """One context without a per-session id context lets any session resume any other:
+    the proof sees it and the factory falls back to a context per session."""
+    monkeypatch.setattr(tls.openssl(), "set_id_context", lambda *_args: 1)
+    tls.prove_session_binding(factory)
+    assert factory.mode == tls.PER_SESSION
+    assert "another session's TLS session resumed" in factory.mode_problem
+
+
+def test_proof_catches_tickets_on_data_connections(
+    factory: tls.TLSContextFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the per-connection setup (no seal, no id context) data connections get
+    TLS 1.3 tickets in both modes: refuse to start."""
+    monkeypatch.setattr(tls.SessionContext, "_configure", lambda *_a, **_k: None)
     with pytest.raises(StartupError, match="data connection received session tickets"):
         tls.prove_session_binding(factory)
 
 
-def test_session_binding_proof_catches_shared_contexts(
+def test_proof_catches_one_context_for_all_sessions(
     factory: tls.TLSContextFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One context shared by all sessions would let any session resume any other."""
-    shared = factory.session_context()
-    monkeypatch.setattr(factory, "session_context", lambda _policy=None: shared)
-    with pytest.raises(StartupError, match="another session's context resumed"):
+    """Per-session mode on a context shared after all: refuse to start."""
+    factory.use_per_session_contexts("test")
+    contexts = {p: factory.new_context(p) for p in map(factory.policy, ("1.2", "1.3"))}
+    monkeypatch.setattr(factory, "new_context", contexts.__getitem__)
+    with pytest.raises(StartupError, match="another session's TLS session resumed"):
         tls.prove_session_binding(factory)
 
 
-def test_policy_caps_the_version(factory: tls.TLSContextFactory) -> None:
-    context = factory.session_context(factory.policy("1.2"))
-    assert context.maximum_version == tls.ssl.TLSVersion.TLSv1_2
-    tls.set_data_max_version(context, "1.2")
-    assert context.maximum_version == tls.ssl.TLSVersion.TLSv1_2
+def test_proof_catches_a_missing_master_secret_check(
+    factory: tls.TLSContextFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counting any TLS 1.2 resumption would let a refused stranger in next time."""
+    monkeypatch.setattr(
+        tls.SessionContext,
+        "resumed_here",
+        lambda _self, data, _control: bool(data.session_reused),
+    )
+    with pytest.raises(StartupError, match="stranger's session from the data port"):
+        tls.prove_session_binding(factory)
+
+
+def _client() -> tls.ssl.SSLContext:
+    client = tls.ssl.SSLContext(tls.ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = tls.ssl.CERT_NONE
+    return client
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-session"])
+def test_tls12_stranger_from_the_data_port_does_not_count_as_resumed(
+    cert_files: tuple[Path, Path, Path], shared: bool
+) -> None:
+    """A stranger's full TLS 1.2 handshake on the data port gives it a session that
+    OpenSSL resumes there; the master secret tells it from the partner's."""
+    chain, key, _ = cert_files
+    factory = tls.TLSContextFactory(TLSSettings(chain, key), shared=shared)
+    victim = factory.session_context(factory.policy("1.2"))
+    partner = _client()
+    control = tls._memory_handshake(victim, partner, None, data=False)
+    stranger = _client()
+    first = tls._memory_handshake(victim, stranger, None, data=True)
+    again = tls._memory_handshake(victim, stranger, first.client.session, data=True)
+    assert again.server.session_reused  # OpenSSL alone would call it resumed
+    assert not victim.resumed_here(again.server, control.server)
+    own = tls._memory_handshake(victim, partner, control.client.session, data=True)
+    assert victim.resumed_here(own.server, control.server)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-session"])
+def test_user_cap_applies_to_data_connections_only(
+    cert_files: tuple[Path, Path, Path], shared: bool
+) -> None:
+    """A user capped at 1.2: data connections negotiate 1.2, the control keeps 1.3."""
+    chain, key, _ = cert_files
+    factory = tls.TLSContextFactory(TLSSettings(chain, key), shared=shared)
+    session = factory.session_context(factory.policy("1.3"))
+    control = tls._memory_handshake(session, _client(), None, data=False)
+    session.cap_data_version("1.2")
+    assert session.data_max_version == tls.ssl.TLSVersion.TLSv1_2
+    data = tls._memory_handshake(session, _client(), None, data=True)
+    assert (control.server.version(), data.server.version()) == ("TLSv1.3", "TLSv1.2")
+    other = factory.session_context(factory.policy("1.3"))  # another user's session
+    tls._memory_handshake(other, _client(), None, data=False)
+    assert tls._memory_handshake(
+        other, _client(), None, data=True
+    ).server.version() == ("TLSv1.3")
+
+
+def test_shared_contexts_are_reused_and_renewed(
+    factory: tls.TLSContextFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions share one context per policy; after an hour new sessions get a new one
+    (bounding its ticket keys' life) while running sessions keep theirs."""
+    first = factory.session_context()
+    assert factory.session_context().context is first.context
+    assert factory.session_context(factory.policy("1.2")).context is not first.context
+    later = tls.time.monotonic() + tls.SHARED_CONTEXT_SECONDS + 1
+    monkeypatch.setattr(tls.time, "monotonic", lambda: later)
+    renewed = factory.session_context()
+    assert renewed.context is not first.context
+    assert factory.session_context().context is renewed.context
+
+
+def test_control_session_leaves_no_tls12_session_in_the_shared_cache(
+    factory: tls.TLSContextFactory,
+) -> None:
+    """``release`` drops a closed session's TLS 1.2 session from the shared cache."""
+    session = factory.session_context(factory.policy("1.2"))
+    client = _client()
+    client.options |= tls.ssl.OP_NO_TICKET  # resumes from the server's cache
+    cache = session.context.session_stats
+    before = cache()["number"]
+    control = tls._memory_handshake(session, client, None, data=False)
+    data = tls._memory_handshake(session, client, control.client.session, data=True)
+    assert session.resumed_here(data.server, control.server)
+    assert cache()["number"] == before + 1
+    session.release(data.server)  # resumed: the control session's, stays
+    assert cache()["number"] == before + 1
+    session.release(control.server)
+    assert cache()["number"] == before
 
 
 def _settings(**changes: object) -> TLSSettings:
@@ -105,22 +214,22 @@ def test_fresh_tickets_are_proven_on_this_runtime(
 
 def test_fresh_tickets_only_on_tls13(factory: tls.TLSContextFactory) -> None:
     refresher = tls.TicketRefresher()
-    client = tls.ssl.SSLContext(tls.ssl.PROTOCOL_TLS_CLIENT)
-    client.check_hostname = False
-    client.verify_mode = tls.ssl.CERT_NONE
     pair = tls._memory_handshake(
-        factory.session_context(factory.policy("1.2")), client, None
+        factory.session_context(factory.policy("1.2")), _client(), None, data=False
     )
     assert pair.server.version() == "TLSv1.2"
     assert not refresher.refresh(pair.server)
 
 
-def test_broken_layout_switches_fresh_tickets_off(
+def test_broken_layout_falls_back_and_switches_fresh_tickets_off(
     factory: tls.TLSContextFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """If the pointer does not check out, the server runs on without the refresh."""
+    """If connection pointers do not check out, the server still starts: a context per
+    session, and no fresh tickets."""
     refresher = tls.TicketRefresher()
-    monkeypatch.setattr(tls, "_SSL_POINTER_OFFSET", 8)  # points at ob_type instead
+    monkeypatch.setattr(tls.OpenSSLAccess, "connection_pointer", lambda *_args: None)
     tls.prove_session_binding(factory, refresher)
+    assert factory.mode == tls.PER_SESSION
+    assert "binding unavailable" in factory.mode_problem
     assert not refresher.available
     assert "did not check out" in refresher.problem
