@@ -104,6 +104,7 @@ class ControlHandler(
     gateways: ClassVar[GatewayHolder]  # set per server by server.build_handler_class
     implicit_tls: ClassVar[bool] = False  # TLS from the first byte (port 990 style)
     tls_data_channel: ClassVar[bool] = False  # the control connection keeps tickets
+    tls_coalesce_writes: ClassVar[bool] = True  # one TLS write per read event
 
     # pyftpdlib's session state, declared for mypy (pyftpdlib has no types).
     ac_in_buffer: bytes

@@ -65,6 +65,11 @@ class TLSChannelMixin:
     # A data connection unless a class says otherwise: no session tickets, the user's
     # version cap. The control channel sets False.
     tls_data_channel: ClassVar[bool] = True
+    # Replies pushed while one read event is handled leave in one TLS write at its
+    # end (the control channel). See ``handle_read_event``.
+    tls_coalesce_writes: ClassVar[bool] = False
+    _write_batch = 0  # > 0: inside a read event, sends wait for its end
+    _tls_write_pending = False  # an SSL_write must be retried with the same bytes
     tls_truncated = False  # the peer's stream ended without close_notify
     tls_peer_closed = False  # the peer sent close_notify
     _tls_read_wants_write = False
@@ -73,6 +78,7 @@ class TLSChannelMixin:
 
     # Provided by pyftpdlib's AsyncChat.
     socket: Any
+    producer_fifo: Any
     ioloop: Any
     _fileno: int | None
     _closed: bool
@@ -170,6 +176,21 @@ class TLSChannelMixin:
             return
         if state is not TLSState.ESTABLISHED:
             return
+        if not self.tls_coalesce_writes:
+            self._handle_tls_read()
+            return
+        # Commands that arrived together (a pipelining client, a multi-line reply)
+        # get their replies in one SSL_write and one send, not one each: nothing the
+        # client waits for is held beyond the handling of what it already sent.
+        self._write_batch += 1
+        try:
+            self._handle_tls_read()
+        finally:
+            self._write_batch -= 1
+        if not self._write_batch and not self._closed and self.producer_fifo:
+            self.initiate_send()
+
+    def _handle_tls_read(self) -> None:
         if self._tls_write_wants_read:
             self._tls_write_wants_read = False
             self.handle_write()
@@ -182,6 +203,18 @@ class TLSChannelMixin:
             and self.socket.pending()
         ):
             self.handle_read()
+
+    def initiate_send(self) -> None:
+        """asynchat's send, with replies queued back to back joined into one write."""
+        if self._write_batch:
+            return  # handle_read_event sends once the event is handled
+        if (
+            self.tls_coalesce_writes
+            and self.tls_state is TLSState.ESTABLISHED
+            and not self._tls_write_pending
+        ):
+            _join_leading_bytes(self.producer_fifo)
+        super().initiate_send()  # type: ignore[misc]
 
     def _wants_to_read(self) -> bool:
         return bool(self._current_io_events & READ)
@@ -211,10 +244,12 @@ class TLSChannelMixin:
         if self.tls_state is not TLSState.ESTABLISHED:
             return 0  # the send gate: no byte leaves before the channel approved it
         try:
-            return int(self.socket.send(data))
+            sent = int(self.socket.send(data))
         except ssl.SSLWantWriteError:
+            self._tls_write_pending = True
             return 0
         except ssl.SSLWantReadError:
+            self._tls_write_pending = True
             self._tls_write_wants_read = True
             self._set_io_events(self._current_io_events | READ)
             return 0
@@ -226,6 +261,8 @@ class TLSChannelMixin:
                 self.handle_close()
                 return 0
             raise
+        self._tls_write_pending = False
+        return sent
 
     def tls_recv(self, buffer_size: int) -> bytes:
         """Receive up to ``buffer_size`` bytes; ``b""`` means the stream has ended."""
@@ -302,11 +339,43 @@ class TLSChannelMixin:
             return bytes(super().recv(buffer_size))  # type: ignore[misc]
         return self.tls_recv(buffer_size)
 
+    def _send_held_replies(self) -> None:
+        """Replies held for the end of a read event still leave if the channel closes
+        within it (once, best effort: the peer may be gone)."""
+        fifo = self.producer_fifo
+        if not self._write_batch or not fifo or self._tls_write_pending:
+            return
+        _join_leading_bytes(fifo)
+        if _is_data(fifo[0]):
+            with contextlib.suppress(OSError):
+                self.socket.send(fifo[0])
+
     def tls_close(self) -> None:
         """Send close_notify if the session is healthy; never waits for the peer's."""
         if self.tls_state is TLSState.ESTABLISHED and not self._closed:
+            self._send_held_replies()
             self.tls_state = TLSState.FAILED  # once only
             # WantRead: our close_notify is out, the peer's is not awaited.
             # WantWrite or a dead peer: nothing more to do.
             with contextlib.suppress(OSError, ValueError):
                 self.socket.unwrap()
+
+
+def _join_leading_bytes(fifo: Any) -> None:
+    """Join the byte strings at the head of asynchat's queue into one.
+
+    asynchat sends one queue entry per call, so replies pushed back to back cost one
+    ``SSL_write`` (a TLS record) and one ``send`` each. Entries after an end marker
+    (``None``: close when done) or a producer stay where they are.
+    """
+    if not (len(fifo) > 1 and _is_data(fifo[0]) and _is_data(fifo[1])):
+        return
+    parts = []
+    while fifo and _is_data(fifo[0]):
+        parts.append(fifo.popleft())
+    fifo.appendleft(b"".join(parts))
+
+
+def _is_data(entry: object) -> bool:
+    """Bytes to send (not a producer, not the end marker, not empty)."""
+    return isinstance(entry, bytes | bytearray) and bool(entry)
