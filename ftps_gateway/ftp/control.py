@@ -30,6 +30,7 @@ import ssl
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pyftpdlib.handlers import FTPHandler
+from pyftpdlib.log import logger as pyftpdlib_logger
 
 from ftps_gateway.ftp import replies
 from ftps_gateway.ftp.authorizer import GatewayAuthorizer
@@ -555,6 +556,24 @@ class ControlHandler(
 
     def _virtual(self, path: str) -> str:
         return self.fs.fs2ftp(path) if self.fs and path else path
+
+    def log(self, msg: str, logfun: Any = pyftpdlib_logger.info) -> None:
+        """pyftpdlib's line per reply, formatted only if its logger writes it.
+
+        ``respond`` calls this for every reply, and pyftpdlib formats the session
+        prefix (``log_prefix % self.__dict__``) before its logger, which runs at
+        WARNING, drops the line.
+        """
+        level = _PYFTPDLIB_LEVELS.get(logfun)
+        if level is None or pyftpdlib_logger.isEnabledFor(level):
+            super().log(msg, logfun)
+
+
+# pyftpdlib's own logging calls by the level they log at (others are always passed).
+_PYFTPDLIB_LEVELS = {
+    pyftpdlib_logger.debug: logging.DEBUG,
+    pyftpdlib_logger.info: logging.INFO,
+}
 
 
 def _without_flags(arg: str) -> str:

@@ -7,6 +7,7 @@ A TLS 1.2 client on memory BIOs over a real socket sees the server's records (in
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 from typing import TYPE_CHECKING
@@ -144,3 +145,13 @@ def test_pipelined_quit_still_answers_everything_before_closing(
     assert client.records == 1
     with pytest.raises((EOFError, ssl.SSLZeroReturnError)):
         client.replies(1)
+
+
+def test_pyftpdlib_lines_are_still_written_when_its_logger_is_on(
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Skipping the per-reply formatting must not lose a line pyftpdlib would log."""
+    caplog.set_level(logging.INFO, logger="pyftpdlib")
+    gateway.client().quit()
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyftpdlib"]
+    assert any(line.endswith("USER 'acme' logged in.") for line in lines), lines

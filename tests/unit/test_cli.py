@@ -162,3 +162,23 @@ def test_audit_and_xferlog_files(tmp_path: Path) -> None:
         "c",
     ]  # fmt: skip
     assert oct(audit_file.stat().st_mode & 0o777) == "0o640"
+
+
+def test_audit_timestamps_follow_the_clock_across_seconds(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The second's text is reused within a second and renewed after it."""
+    from ftps_gateway import audit
+
+    caplog.set_level(logging.INFO, logger="ftps_gateway.audit")
+    log = audit.AuditLog()
+    for now in (1_800_000_000.25, 1_800_000_000.999, 1_800_000_001.0, 1_799_999_999.5):
+        monkeypatch.setattr(audit.time, "time", lambda now=now: now)
+        log.event("noop", value=object())  # anything else is written as its str()
+    stamps = [json.loads(r.getMessage())["ts"] for r in caplog.records]
+    assert stamps == [
+        "2027-01-15T08:00:00.250Z",
+        "2027-01-15T08:00:00.999Z",
+        "2027-01-15T08:00:01.000Z",
+        "2027-01-15T07:59:59.500Z",
+    ]
