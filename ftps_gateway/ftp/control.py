@@ -14,7 +14,8 @@ gaps are listed in ARCHITECTURE.md):
   ending in STAT, ABOR or QUIT as that verb).
 - File commands are decided on the path pyftpdlib finally uses (``fileverbs``);
   logins by the session's gate (``loginflow``); data connections through three doors
-  (``datapath``); a balancer's PROXY header first (``proxyheader``).
+  (``datapath``); a balancer's PROXY header first (``proxyheader``); file digests
+  (HASH, XSHA256...) off the loop (``hashverbs``).
 - A login grace timer that NOOP does not reset.
 
 This class holds no permission, quota, login or admission decision: those are the
@@ -37,6 +38,7 @@ from ftps_gateway.ftp.data import DataHandler
 from ftps_gateway.ftp.datapath import DataPathMixin
 from ftps_gateway.ftp.filesystem import GatewayFS
 from ftps_gateway.ftp.fileverbs import FileVerbsMixin
+from ftps_gateway.ftp.hashverbs import HASH_COMMANDS, HashVerbsMixin
 from ftps_gateway.ftp.loginflow import LoginFlowMixin
 from ftps_gateway.ftp.proxyheader import ProxyHeaderMixin
 from ftps_gateway.ftp.tlschannel import (
@@ -96,6 +98,7 @@ class ControlHandler(
     TLSChannelMixin,
     LoginFlowMixin,
     FileVerbsMixin,
+    HashVerbsMixin,
     DataPathMixin,
     FTPHandler,
 ):
@@ -146,6 +149,7 @@ class ControlHandler(
                           "help": "Syntax: SITE DIAG (what the server sees)."},
         }
     )  # fmt: skip
+    proto_cmds.update(HASH_COMMANDS)  # HASH, XSHA256... (hashverbs)
     for _removed in ("SITE CHMOD", "REIN"):
         proto_cmds.pop(_removed, None)
 
