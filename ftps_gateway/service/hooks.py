@@ -6,9 +6,10 @@ event, and on which thread:
 1. ``submit`` (IO loop): match the event against the hooks (kind, users, groups,
    path globs) and put it on a bounded in-memory queue. Nothing else: no disk, no
    network. A full queue drops the event, counted and audited.
-2. The spool writer (a thread): one file per event and hook, written to ``tmp/``,
-   fsync'ed, renamed into ``queue/``, then the folder fsync'ed. Only then does the
-   event count as queued: a crash after that loses nothing.
+2. The spool writer (a thread): gathers what arrives within 50 ms into one segment
+   file, written to ``tmp/``, fsync'ed, renamed into ``queue/``, the folder
+   fsync'ed (``SpoolFolder``). Only then does an event count as queued: a crash
+   after that loses nothing.
 3. The scheduler (a thread) hands due entries to ``DELIVERY_THREADS`` delivery
    threads, in spool order, one at a time per hook and file: an event for a path (or
    a rename's target) waits while an earlier event of the same hook for the same
@@ -17,15 +18,16 @@ event, and on which thread:
 4. A delivery thread runs the command (argv, no shell, event as JSON on stdin and as
    ``FTPS_*`` variables, killed with its process group at the timeout; exit 0 =
    delivered) or POSTs the JSON (``X-FTPS-Gateway-Signature: sha256=<hex HMAC>``;
-   2xx = delivered). Delivered: the file is removed. Failed: the attempt count,
-   the time of the next attempt (``backoff_seconds``) and the error are written
-   back. After ``max_attempts`` or ``max_age_seconds`` the file moves to ``dead/``
-   with its last error, and an audit line says so.
+   2xx = delivered). Delivered: a done marker. Failed: the attempt count, the time
+   of the next attempt (``backoff_seconds``) and the error are written next to the
+   segment. After ``max_attempts`` or ``max_age_seconds`` the entry goes to ``dead/``
+   with its last error, and an audit line says so. A segment whose entries are all
+   done is removed.
 
-Delivery is at least once: a crash between a delivery and the removal of its file
-delivers it again after the restart, with the same ``id``. ``close`` (the drain,
-or any stop) writes whatever is still in memory to the spool and stops; the next
-start, of this process or its successor, delivers what is left.
+Delivery is at least once: a crash between a delivery and its done marker reaching
+the disk delivers it again after the restart, with the same ``id``. ``close`` (the
+drain, or any stop) writes whatever is still in memory to the spool and stops; the
+next start, of this process or its successor, delivers what is left.
 
 Where the spool lives: ``<storage.root>/.ftps-gateway/hooks/<node>-<worker>/``. Each
 worker process delivers its own folder (and holds a ``flock`` on it: two processes
@@ -37,9 +39,11 @@ list|retry`` works on, from the admin socket of the server or the supervisor.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
+import heapq
 import hmac
 import json
 import logging
@@ -47,6 +51,7 @@ import os
 import queue
 import random
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -74,14 +79,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ftps_gateway")
 
 SPOOL_DIRECTORY: Final = "hooks"  # under <storage.root>/<STATE_DIRECTORY>
-QUEUE, DEAD, TMP, RETRY = "queue", "dead", "tmp", "retry"
+QUEUE, DEAD, TMP, RETRY, DONE, STATE = "queue", "dead", "tmp", "retry", "done", "state"
+PARTS: Final = (QUEUE, DEAD, TMP, RETRY, DONE, STATE)
 # Concurrent deliveries per process: a slow receiver (1 s per request) holds one
 # thread per request, so 4 keep 4 requests in flight, and a hung command costs one
 # thread until its timeout. Transfers never wait for any of them.
 DELIVERY_THREADS: Final = 4
 MAX_PENDING_WRITES: Final = 10_000  # events handed over, not yet on disk
 MAX_QUEUED: Final = 100_000  # spooled events per process; beyond: dropped, audited
-WRITE_BATCH: Final = 256  # events per folder fsync
+WRITE_BATCH: Final = 256  # entries per segment at most
+# How long the spool writer gathers events into one segment: one fsync pair per
+# batch instead of per event (measured: 0.47 ms CPU and 5.4 ms of fsyncs per event
+# on the development VM; the uploads' own fsyncs queue behind them in the journal).
+WRITE_WINDOW_SECONDS: Final = 0.05
 BACKOFF_FIRST_SECONDS: Final = 1.0
 BACKOFF_MAX_SECONDS: Final = 300.0
 JITTER: Final = 0.2  # a retry waits 80-100 % of the doubled delay
@@ -150,9 +160,10 @@ def event_matches(
 
 @dataclass
 class Entry:
-    """One event for one hook, as spooled in ``queue/<name>``."""
+    """One event for one hook: entry ``index`` of the segment file ``segment``."""
 
-    name: str  # the file name: "<ns since the epoch>-<counter>.json", spool order
+    segment: str  # "<ns since the epoch>-<random>": spool order, unique everywhere
+    index: int
     hook: str
     event: dict[str, Any]
     queued_at: float
@@ -162,15 +173,19 @@ class Entry:
     in_flight: bool = field(default=False, compare=False)
 
     @property
+    def name(self) -> str:
+        """``<segment>-<index>``: the names of its done marker, state, dead letter."""
+        return f"{self.segment}-{self.index:04d}"
+
+    @property
     def keys(self) -> frozenset[tuple[str, str]]:
         """(hook, path) pairs that order this entry after earlier ones."""
         names = (self.event.get("path"), self.event.get("target"))
         return frozenset((self.hook, name) for name in names if name)
 
     def record(self) -> dict[str, Any]:
-        """What the spool file holds."""
+        """The entry as a segment (and a dead letter) holds it."""
         return {
-            "version": 1,
             "hook": self.hook,
             "event": self.event,
             "queued_at": self.queued_at,
@@ -179,12 +194,20 @@ class Entry:
             "last_error": self.last_error,
         }
 
+    def state(self) -> dict[str, Any]:
+        """What changes after a failed attempt (``state/<name>.json``)."""
+        return {
+            "attempts": self.attempts,
+            "next_at": self.next_at,
+            "last_error": self.last_error,
+        }
+
     @classmethod
-    def load(cls, path: Path) -> Entry:
-        """Read a spool file; raises OSError or ValueError (KeyError) if unusable."""
-        data = json.loads(path.read_bytes())
+    def from_record(cls, segment: str, index: int, data: dict[str, Any]) -> Entry:
+        """An entry from a segment's record; raises KeyError/TypeError/ValueError."""
         return cls(
-            name=path.name,
+            segment=segment,
+            index=index,
             hook=str(data["hook"]),
             event=dict(data["event"]),
             queued_at=float(data["queued_at"]),
@@ -220,6 +243,118 @@ def fsync_folder(path: Path) -> None:
         os.close(fd)
 
 
+class SpoolFolder:
+    """One worker's spool on disk (everything here is a plain file operation).
+
+    - ``queue/<segment>.json``: a batch of entries, written to ``tmp/``, fsync'ed,
+      renamed, the folder fsync'ed: one fsync pair per batch, not per event.
+    - ``state/<entry>.json``: attempts, next attempt and last error after a failure.
+    - ``done/<entry>``: delivered or dead-lettered. Not fsync'ed: losing one in a
+      crash delivers that event once more, which at-least-once allows.
+    - ``dead/<entry>.json``: a dead letter (the entry, its last error, when).
+    - ``retry/<segment>.json``: dead letters queued again by ``hooks retry``.
+    A segment whose entries are all done is removed with its markers and states.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def part(self, name: str) -> Path:
+        """One of the subfolders."""
+        return self.path / name
+
+    def prepare(self) -> None:
+        """Create the subfolders (mode 0700)."""
+        for name in PARTS:
+            self.part(name).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def write_segment(self, records: list[dict[str, Any]], part: str = QUEUE) -> str:
+        """Write ``records`` as one segment, durably; returns its name."""
+        segment = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
+        data = json.dumps({"version": 2, "entries": records}).encode()
+        write_durably(self.part(part) / f"{segment}.json", data, self.part(TMP))
+        fsync_folder(self.part(part))
+        return segment
+
+    def segments(self, part: str = QUEUE) -> list[str]:
+        """Segment names in ``part``, oldest first."""
+        return [name.removesuffix(".json") for name in _names(self.part(part))]
+
+    def load_segment(self, segment: str, part: str = QUEUE) -> list[Entry]:
+        """The entries of ``segment`` not yet done, with their latest state.
+
+        Raises:
+            OSError, ValueError, KeyError, TypeError: the segment is unusable.
+        """
+        data = json.loads((self.part(part) / f"{segment}.json").read_bytes())
+        done = set(_prefixed(self.part(DONE), segment))
+        states = {
+            name.removesuffix(".json") for name in _prefixed(self.part(STATE), segment)
+        }
+        entries = []
+        for index, record in enumerate(data["entries"]):
+            entry = Entry.from_record(segment, index, record)
+            if entry.name in done:
+                continue
+            if entry.name in states:
+                with contextlib.suppress(OSError, ValueError):
+                    state = json.loads(
+                        (self.part(STATE) / f"{entry.name}.json").read_bytes()
+                    )
+                    entry.attempts = int(state["attempts"])
+                    entry.next_at = float(state["next_at"])
+                    entry.last_error = state.get("last_error")
+            entries.append(entry)
+        return entries
+
+    def save_state(self, entry: Entry) -> None:
+        """Record a failed attempt (fsync'ed: the backoff survives a restart)."""
+        data = json.dumps(entry.state()).encode()
+        write_durably(self.part(STATE) / f"{entry.name}.json", data, self.part(TMP))
+
+    def mark_done(self, entry: Entry) -> None:
+        """Delivered or dead-lettered: never attempted again (see the class doc)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+        os.close(os.open(self.part(DONE) / entry.name, flags, 0o600))
+
+    def dead_letter(self, entry: Entry) -> None:
+        """Write the dead letter durably, then mark the entry done."""
+        data = json.dumps(entry.record() | {"dead_at": time.time()}).encode()
+        write_durably(self.part(DEAD) / f"{entry.name}.json", data, self.part(TMP))
+        fsync_folder(self.part(DEAD))
+        self.mark_done(entry)
+
+    def remove_segment(self, segment: str) -> None:
+        """A segment with nothing left to deliver: it, its markers, its states."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.part(QUEUE) / f"{segment}.json").unlink()
+        for part in (DONE, STATE):
+            for name in _prefixed(self.part(part), segment):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.part(part) / name).unlink()
+
+    def move_segment(self, segment: str, source: SpoolFolder, part: str) -> None:
+        """Take over ``source``'s segment (its markers and states first)."""
+        for sub in (DONE, STATE):
+            for name in _prefixed(source.part(sub), segment):
+                (source.part(sub) / name).replace(self.part(sub) / name)
+        (source.part(part) / f"{segment}.json").replace(
+            self.part(QUEUE) / f"{segment}.json"
+        )
+
+    def clean(self) -> None:
+        """At start: drop tmp/ leftovers (never counted) and orphaned markers."""
+        for name in _all_names(self.part(TMP)):
+            with contextlib.suppress(OSError):
+                (self.part(TMP) / name).unlink()
+        live = set(self.segments())
+        for part in (DONE, STATE):
+            for name in _all_names(self.part(part)):
+                if name[:29] not in live:  # "<20 digits>-<8 hex>"
+                    with contextlib.suppress(OSError):
+                        (self.part(part) / name).unlink()
+
+
 class HookDispatcher:
     """One process's hooks: ``submit`` on the loop, everything else on its threads."""
 
@@ -241,19 +376,27 @@ class HookDispatcher:
         self._node = config.server.node_name or socket.gethostname()
         self._index, self._count = worker
         self._folder = self._root / folder_name(self._node, self._index)
+        self._spool_folder = SpoolFolder(self._folder)
         self._audit = audit
         self._metrics = metrics
         self._hooks: dict[str, HookSettings] = {}
         self._wanted: frozenset[str] = frozenset()
+        self._real_path_kinds: frozenset[str] = frozenset()
         self._groups_of: dict[str, frozenset[str]] = {}
         self._pending: queue.Queue[tuple[dict[str, Any], tuple[str, ...]] | None] = (
             queue.Queue(MAX_PENDING_WRITES)
         )
         self._work: queue.Queue[Entry | None] = queue.Queue()
         self._cond = threading.Condition()
+        # Under self._cond: every queued entry; per (hook, path) the entries in spool
+        # order (only the head of all its chains may be delivered); entries that may
+        # be due (checked when popped); entries waiting for a retry, by due time.
         self._entries: dict[str, Entry] = {}
+        self._chains: dict[tuple[str, str], collections.deque[str]] = {}
+        self._candidates: collections.deque[str] = collections.deque()
+        self._timers: list[tuple[float, str]] = []
+        self._remaining: dict[str, int] = {}  # segment -> entries not yet done
         self._in_flight = 0
-        self._counter = 0
         self._threads: list[threading.Thread] = []
         self._lock_fd = -1
         self._started = False
@@ -291,6 +434,9 @@ class HookDispatcher:
         self._wanted = frozenset(
             kind for hook in hooks.values() for kind in hook.events
         )
+        self._real_path_kinds = frozenset(
+            kind for hook in hooks.values() if hook.command for kind in hook.events
+        )
         with self._pools_lock:  # a changed URL or CA gets a new pool
             keep = {(h.name, h.url, str(h.ca_file)) for h in hooks.values()}
             for key in [key for key in self._pools if key not in keep]:
@@ -301,6 +447,10 @@ class HookDispatcher:
     def wants(self, event: str) -> bool:
         """Does a hook name this kind of event?"""
         return event in self._wanted
+
+    def needs_real_path(self, event: str) -> bool:
+        """Does a command hook name this kind of event?"""
+        return event in self._real_path_kinds
 
     def submit(self, event: dict[str, Any]) -> None:
         """Queue ``event`` for the hooks it matches; never blocks."""
@@ -394,8 +544,7 @@ class HookDispatcher:
 
     def _prepare_folder(self) -> None:
         try:
-            for part in (QUEUE, DEAD, TMP, RETRY):
-                (self._folder / part).mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._spool_folder.prepare()
             # Events name partners, files and addresses: for the service user only.
             for folder in (self._root.parent, self._root, self._folder):
                 folder.chmod(0o700)
@@ -432,70 +581,91 @@ class HookDispatcher:
         return found
 
     def _recover(self) -> None:
-        """Load the spool at start: leftovers of tmp/ never counted as queued."""
-        for leftover in _names(self._folder / TMP):
-            with contextlib.suppress(OSError):
-                (self._folder / TMP / leftover).unlink()
-        entries: list[Entry] = []
-        for name in _names(self._folder / QUEUE):
-            path = self._folder / QUEUE / name
-            try:
-                entries.append(Entry.load(path))
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                self._quarantine(path, f"unreadable spool file: {err}")
-        entries.sort(key=lambda entry: entry.name)
-        with self._cond:  # before anything spooled since the start: they are older
-            self._entries = {entry.name: entry for entry in entries} | self._entries
-            self._cond.notify_all()
-        if entries:
-            logger.info("hooks: %d queued events from %s", len(entries), self._folder)
+        """Load the spool at start (tmp/ leftovers never counted as queued)."""
+        folder = self._spool_folder
+        folder.clean()
+        count = 0
+        for segment in folder.segments():
+            count += self._load(folder, segment)
+        if count:
+            logger.info("hooks: %d queued events from %s", count, self._folder)
 
-    def _quarantine(self, path: Path, error: str) -> None:
-        with contextlib.suppress(OSError):
-            path.replace(self._folder / DEAD / path.name)
-        logger.error("hooks: %s: %s; moved to %s", path, error, self._folder / DEAD)
+    def _load(self, folder: SpoolFolder, segment: str) -> int:
+        """Queue the undone entries of one of this folder's segments."""
+        try:
+            entries = folder.load_segment(segment)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            source = folder.part(QUEUE) / f"{segment}.json"
+            with contextlib.suppress(OSError):
+                source.replace(folder.part(DEAD) / f"{segment}.unreadable")
+            logger.error(  # noqa: TRY400 - an operational fault, not a bug
+                "hooks: unreadable spool file %s (%s); moved to dead/", source, err
+            )
+            return 0
+        if not entries:
+            folder.remove_segment(segment)
+            return 0
+        with self._cond:
+            self._remaining[segment] = len(entries)
+            for entry in entries:
+                self._enqueue(entry)
+            self._cond.notify_all()
+        return len(entries)
 
     def _poll_inboxes(self) -> None:
         """Adopt retried events (``hooks retry``) and abandoned workers' folders."""
-        adopted: list[Entry] = []
-        inboxes = [self._folder / RETRY]
+        own = self._spool_folder
+        moves = [(own, RETRY)]
         if self._index == 0:
-            for folder in self._abandoned_folders():
-                if _lock_free(folder):
-                    inboxes += [folder / RETRY, folder / QUEUE]
-                    _move_all(folder / DEAD, self._folder / DEAD)
-        for inbox in inboxes:
-            for name in _names(inbox):
-                source = inbox / name
+            for path in self._abandoned_folders():
+                if _lock_free(path):
+                    other = SpoolFolder(path)
+                    moves += [(other, RETRY), (other, QUEUE)]
+                    for name in _all_names(other.part(DEAD)):
+                        with contextlib.suppress(OSError):
+                            (other.part(DEAD) / name).replace(own.part(DEAD) / name)
+        taken = []
+        for source, part in moves:
+            for segment in source.segments(part):
                 try:
-                    entry = Entry.load(source)
-                    source.replace(self._folder / QUEUE / name)
-                except (OSError, ValueError, KeyError, TypeError) as err:
-                    self._quarantine(source, f"unreadable spool file: {err}")
+                    own.move_segment(segment, source, part)
+                except OSError as err:
+                    logger.error(  # noqa: TRY400 - an operational fault, not a bug
+                        "hooks: cannot take over %s from %s: %s", segment,
+                        source.path, err.strerror,
+                    )  # fmt: skip
                     continue
-                adopted.append(entry)
-        if not adopted:
-            return
-        fsync_folder(self._folder / QUEUE)
-        adopted.sort(key=lambda entry: entry.name)
-        with self._cond:
-            for entry in adopted:
-                self._entries.setdefault(entry.name, entry)
-            self._cond.notify_all()
+                taken.append(segment)
+        if taken:
+            fsync_folder(own.part(QUEUE))
+        for segment in sorted(taken):
+            self._load(own, segment)
 
     # --- thread: the spool writer
 
     def _write_loop(self) -> None:
-        """Spool what ``submit`` handed over, in batches; ``None`` ends it (close)."""
+        """Load the spool, then spool what ``submit`` hands over, in batches.
+
+        The spool is loaded here, before anything new is written, so events of an
+        earlier run keep their place ahead of new ones. A batch is what arrives
+        within ``WRITE_WINDOW_SECONDS`` of its first event. ``None`` ends it (close).
+        """
+        self._recover()
         while True:
             item = self._pending.get()
             if item is None:
                 return
             batch = [item]
             stop = False
+            deadline = time.monotonic() + WRITE_WINDOW_SECONDS
             while len(batch) < WRITE_BATCH:
+                wait = 0.0 if self._closing else deadline - time.monotonic()
                 try:
-                    more = self._pending.get_nowait()
+                    more = (
+                        self._pending.get(timeout=wait)
+                        if wait > 0
+                        else self._pending.get_nowait()  # closing: no window
+                    )
                 except queue.Empty:
                     break
                 if more is None:
@@ -507,36 +677,34 @@ class HookDispatcher:
                 return
 
     def _spool(self, batch: list[tuple[dict[str, Any], tuple[str, ...]]]) -> None:
-        queue_folder, tmp = self._folder / QUEUE, self._folder / TMP
-        written: list[Entry] = []
+        """One segment for the batch: written and fsync'ed, then queued."""
+        now = time.time()
+        pairs: list[tuple[dict[str, Any], str]] = []
         for event, hooks in batch:
             for hook in hooks:
-                if len(self._entries) + len(written) >= MAX_QUEUED:
+                if len(self._entries) + len(pairs) >= MAX_QUEUED:
                     self._dropped(event, (hook,), f"more than {MAX_QUEUED} queued")
-                    continue
-                self._counter += 1
-                entry = Entry(
-                    f"{time.time_ns():020d}-{self._counter:010d}.json", hook, event,
-                    time.time(),
-                )  # fmt: skip
-                record = json.dumps(entry.record()).encode()
-                try:
-                    write_durably(queue_folder / entry.name, record, tmp)
-                except OSError as err:
-                    self._dropped(event, (hook,), f"spool write failed: {err.strerror}")
-                    continue
-                written.append(entry)
-        if not written:
+                else:
+                    pairs.append((event, hook))
+        if not pairs:
             return
+        records = [
+            {"hook": hook, "event": event, "queued_at": now} for event, hook in pairs
+        ]
         try:
-            fsync_folder(queue_folder)
+            segment = self._spool_folder.write_segment(records)
         except OSError as err:
-            logger.error(  # noqa: TRY400 - an operational fault, not a bug
-                "hooks: fsync of %s failed: %s", queue_folder, err.strerror
-            )
+            for event, hook in pairs:
+                self._dropped(event, (hook,), f"spool write failed: {err.strerror}")
+            return
+        entries = [
+            Entry(segment, index, hook, event, now)
+            for index, (event, hook) in enumerate(pairs)
+        ]
         with self._cond:
-            for entry in written:
-                self._entries[entry.name] = entry
+            self._remaining[segment] = len(entries)
+            for entry in entries:
+                self._enqueue(entry)
             self._cond.notify_all()
 
     def _dropped(
@@ -552,7 +720,6 @@ class HookDispatcher:
     # --- thread: the scheduler
 
     def _schedule_loop(self) -> None:
-        self._recover()
         next_poll = time.monotonic()
         while True:
             if time.monotonic() >= next_poll:
@@ -567,39 +734,66 @@ class HookDispatcher:
                 delay = self._dispatch_due(time.time())
                 self._cond.wait(min(delay, max(next_poll - time.monotonic(), 0.0)))
 
+    def _enqueue(self, entry: Entry) -> None:
+        """Queue ``entry`` behind the earlier entries of its chains (under the lock)."""
+        self._entries[entry.name] = entry
+        for key in entry.keys:
+            self._chains.setdefault(key, collections.deque()).append(entry.name)
+        if entry.next_at > time.time():
+            heapq.heappush(self._timers, (entry.next_at, entry.name))
+        else:
+            self._candidates.append(entry.name)
+
+    def _is_head(self, entry: Entry) -> bool:
+        return all(self._chains[key][0] == entry.name for key in entry.keys)
+
     def _dispatch_due(self, now: float) -> float:
         """Hand due entries to the delivery threads; seconds until the next is due.
 
-        Runs under the condition's lock. Spool order; an entry waits while an
-        earlier one of its hook shares a path with it.
+        Runs under the condition's lock. Candidates are looked at in the order they
+        became candidates (spool order for new events); one that is not yet at the
+        head of all its chains is dropped, and comes back when its predecessor is
+        done. Each entry costs O(log n) to schedule, however many wait: a receiver
+        down for a day with 100,000 events queued does not make the loop spin.
         """
-        delay = POLL_SECONDS
+        while self._timers and self._timers[0][0] <= now:
+            self._candidates.append(heapq.heappop(self._timers)[1])
         capacity = DELIVERY_THREADS - self._in_flight
-        blocked: set[tuple[str, str]] = set()
-        for entry in self._entries.values():
-            keys = entry.keys
-            if entry.in_flight or keys & blocked:
-                blocked |= keys
+        while capacity > 0 and self._candidates:
+            entry = self._entries.get(self._candidates.popleft())
+            if (
+                entry is None
+                or entry.in_flight
+                or entry.next_at > now
+                or not self._is_head(entry)
+            ):
                 continue
-            if entry.next_at > now:
-                delay = min(delay, entry.next_at - now)
-                blocked |= keys
-                continue
-            if capacity <= 0:
-                break
             entry.in_flight = True
             self._in_flight += 1
             capacity -= 1
-            blocked |= keys
             self._work.put(entry)
-        return max(delay, 0.01)
+        delay = self._timers[0][0] - now if self._timers else POLL_SECONDS
+        return min(max(delay, 0.01), POLL_SECONDS)
 
     def _settled(self, entry: Entry, *, remove: bool) -> None:
+        """An attempt ended: the entry is done (``remove``) or waits for a retry."""
         with self._cond:
             entry.in_flight = False
             self._in_flight -= 1
             if remove:
                 self._entries.pop(entry.name, None)
+                for key in entry.keys:
+                    chain = self._chains[key]
+                    with contextlib.suppress(ValueError):
+                        chain.remove(entry.name)  # the head, in practice
+                    if chain:
+                        self._candidates.append(chain[0])
+                    else:
+                        del self._chains[key]
+            elif entry.next_at > time.time():
+                heapq.heappush(self._timers, (entry.next_at, entry.name))
+            else:
+                self._candidates.append(entry.name)
             self._cond.notify_all()
 
     # --- threads: delivery
@@ -629,13 +823,11 @@ class HookDispatcher:
         except DeliveryError as err:
             error = str(err)
         else:
-            with contextlib.suppress(FileNotFoundError):
-                (self._folder / QUEUE / entry.name).unlink()
             self._metrics.hook_delivery("delivered")
             if hook.name in self._failing:
                 self._failing.discard(hook.name)
                 logger.info("hooks: %s delivers again", hook.name)
-            self._settled(entry, remove=True)
+            self._finish(entry)
             return
         now = time.time()
         entry.attempts += 1
@@ -649,22 +841,35 @@ class HookDispatcher:
         if hook.name not in self._failing:
             self._failing.add(hook.name)
             logger.warning("hooks: %s failing: %s (retrying)", hook.name, error)
-        record = json.dumps(entry.record()).encode()
         try:
-            write_durably(self._folder / QUEUE / entry.name, record, self._folder / TMP)
-        except OSError as err:  # the old record stays: more attempts, nothing lost
+            self._spool_folder.save_state(entry)
+        except OSError as err:  # the old state stays: more attempts, nothing lost
             logger.error(  # noqa: TRY400 - an operational fault, not a bug
                 "hooks: cannot update %s: %s", entry.name, err.strerror
             )
         self._settled(entry, remove=False)
 
-    def _dead_letter(self, entry: Entry) -> None:
-        record = entry.record() | {"dead_at": time.time()}
+    def _finish(self, entry: Entry) -> None:
+        """Delivered: never again; the segment goes once all of it is done."""
         try:
-            data = json.dumps(record).encode()
-            write_durably(self._folder / DEAD / entry.name, data, self._folder / TMP)
-            (self._folder / QUEUE / entry.name).unlink(missing_ok=True)
-            fsync_folder(self._folder / DEAD)
+            self._spool_folder.mark_done(entry)
+        except OSError as err:  # delivered again after a restart: at least once
+            logger.error(  # noqa: TRY400 - an operational fault, not a bug
+                "hooks: cannot mark %s done: %s", entry.name, err.strerror
+            )
+        self._settled(entry, remove=True)
+        with self._cond:
+            left = self._remaining.get(entry.segment, 1) - 1
+            if left > 0:
+                self._remaining[entry.segment] = left
+            else:
+                self._remaining.pop(entry.segment, None)
+        if left <= 0:
+            self._spool_folder.remove_segment(entry.segment)
+
+    def _dead_letter(self, entry: Entry) -> None:
+        try:
+            self._spool_folder.dead_letter(entry)
         except OSError as err:
             logger.error(  # noqa: TRY400 - an operational fault, not a bug
                 "hooks: cannot dead-letter %s: %s", entry.name, err.strerror
@@ -676,7 +881,7 @@ class HookDispatcher:
             kind=event.get("event"), path=event.get("path"),
             attempts=entry.attempts, error=entry.last_error,
         )  # fmt: skip
-        self._settled(entry, remove=True)
+        self._finish(entry)
 
     def _deliver(self, hook: HookSettings, event: dict[str, Any]) -> None:
         """One attempt; raises DeliveryError."""
@@ -776,52 +981,55 @@ class SpoolAdmin:
 
     def listing(self, limit: int = 1000) -> dict[str, Any]:
         """Queued and dead-lettered events (at most ``limit`` of each), oldest first."""
-        result: dict[str, Any] = {}
-        for part in (QUEUE, DEAD):
-            files = sorted(
-                (name, folder)
-                for folder in self._folders()
-                for name in _names(folder / part)
-            )
-            shown = []
-            for name, folder in files[:limit]:
-                try:
-                    data = json.loads((folder / part / name).read_bytes())
-                except (OSError, ValueError):
-                    continue
-                event = data.get("event", {})
-                fields = ("hook", "attempts", "queued_at", "next_at", "last_error")
-                shown.append(
-                    {"folder": folder.name, "file": name}
-                    | {key: event.get(key) for key in ("id", "event", "path", "target")}
-                    | {key: data.get(key) for key in (*fields, "dead_at")}
-                )
-            result[part] = shown
-            result[f"{part}_total"] = len(files)
-        return result
+        queued: list[dict[str, Any]] = []
+        dead: list[dict[str, Any]] = []
+        for path in self._folders():
+            folder = SpoolFolder(path)
+            for part in (QUEUE, RETRY):
+                for segment in folder.segments(part):
+                    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                        queued += [
+                            _shown(path, entry.name, entry.record())
+                            for entry in folder.load_segment(segment, part)
+                        ]
+            for name in _names(folder.part(DEAD)):
+                with contextlib.suppress(OSError, ValueError):
+                    record = json.loads((folder.part(DEAD) / name).read_bytes())
+                    dead.append(_shown(path, name.removesuffix(".json"), record))
+        queued.sort(key=lambda item: str(item["file"]))
+        dead.sort(key=lambda item: str(item["file"]))
+        return {
+            QUEUE: queued[:limit],
+            f"{QUEUE}_total": len(queued),
+            DEAD: dead[:limit],
+            f"{DEAD}_total": len(dead),
+        }
 
     def retry(self, ids: Iterable[str] | None) -> int:
         """Queue dead-lettered events again (all, or those with these event ids).
 
-        Each goes to its folder's ``retry/`` inbox with its attempts and age reset;
-        the delivering process picks it up within ``POLL_SECONDS``.
+        Each becomes a segment in its folder's ``retry/`` inbox, its attempts and age
+        reset; the delivering process queues it within ``POLL_SECONDS``.
         """
         wanted = None if ids is None else set(ids)
         moved = 0
-        for folder in self._folders():
-            for name in _names(folder / DEAD):
-                source = folder / DEAD / name
+        for path in self._folders():
+            folder = SpoolFolder(path)
+            for name in _names(folder.part(DEAD)):
+                source = folder.part(DEAD) / name
                 try:
-                    data = json.loads(source.read_bytes())
+                    record = json.loads(source.read_bytes())
                 except (OSError, ValueError):
                     continue
-                if wanted is not None and data.get("event", {}).get("id") not in wanted:
+                if (
+                    wanted is not None
+                    and record.get("event", {}).get("id") not in wanted
+                ):
                     continue
-                data |= {"attempts": 0, "next_at": 0.0, "queued_at": time.time()}
-                data.pop("dead_at", None)
-                (folder / RETRY).mkdir(mode=0o700, exist_ok=True)
-                again = json.dumps(data).encode()
-                write_durably(folder / RETRY / name, again, folder / TMP)
+                record |= {"attempts": 0, "next_at": 0.0, "queued_at": time.time()}
+                record.pop("dead_at", None)
+                folder.prepare()
+                folder.write_segment([record], part=RETRY)
                 source.unlink()
                 moved += 1
         return moved
@@ -836,12 +1044,35 @@ class SpoolAdmin:
         return []
 
 
+def _shown(folder: Path, name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """One line of ``hooks list``."""
+    event = record.get("event", {})
+    fields = ("hook", "attempts", "queued_at", "next_at", "last_error", "dead_at")
+    return (
+        {"folder": folder.name, "file": name}
+        | {key: event.get(key) for key in ("id", "event", "path", "target")}
+        | {key: record.get(key) for key in fields}
+    )
+
+
 def _names(folder: Path) -> list[str]:
     """The spool files in ``folder`` (none if it does not exist)."""
     try:
         return sorted(p.name for p in folder.iterdir() if p.name.endswith(".json"))
     except OSError:
         return []
+
+
+def _all_names(folder: Path) -> list[str]:
+    try:
+        return [p.name for p in folder.iterdir()]
+    except OSError:
+        return []
+
+
+def _prefixed(folder: Path, segment: str) -> list[str]:
+    """Markers or states of ``segment``'s entries in ``folder``."""
+    return [name for name in _all_names(folder) if name.startswith(segment + "-")]
 
 
 def _non_empty(folder: Path) -> bool:
@@ -861,12 +1092,6 @@ def _lock_free(folder: Path) -> bool:
     finally:
         os.close(fd)
     return True
-
-
-def _move_all(source: Path, target: Path) -> None:
-    for name in _names(source):
-        with contextlib.suppress(OSError):
-            (source / name).replace(target / name)
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:

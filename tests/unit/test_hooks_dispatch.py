@@ -96,37 +96,65 @@ def test_each_files_events_wait_for_the_earlier_ones(
     dispatcher = _dispatcher(_config(tmp_path, cert_files))
     now = time.time()
     entries = [
-        Entry("1", "web", _event(1, "/a"), now),
-        Entry("2", "web", _event(2, "/a"), now),  # behind 1
-        Entry("3", "web", _event(3, "/b"), now, attempts=1, next_at=now + 5),
-        Entry("4", "web", _event(4, "/c", target="/b"), now),  # behind 3 (target)
-        Entry("5", "other", _event(5, "/a"), now),  # another hook: its own order
-        Entry("6", "web", _event(6, "/d"), now),
-        Entry("7", "web", _event(7, "/e"), now),
-        Entry("8", "web", _event(8, "/f"), now),
+        Entry("1", 0, "web", _event(1, "/a"), now),
+        Entry("2", 0, "web", _event(2, "/a"), now),  # behind 1
+        Entry("3", 0, "web", _event(3, "/b"), now, attempts=1, next_at=now + 5),
+        Entry("4", 0, "web", _event(4, "/c", target="/b"), now),  # behind 3 (target)
+        Entry("5", 0, "other", _event(5, "/a"), now),  # another hook: its own order
+        Entry("6", 0, "web", _event(6, "/d"), now),
+        Entry("7", 0, "web", _event(7, "/e"), now),
+        Entry("8", 0, "web", _event(8, "/f"), now),
     ]
-    dispatcher._entries = {entry.name: entry for entry in entries}
-    delay = dispatcher._dispatch_due(now)
-    handed = []
-    while not dispatcher._work.empty():
-        entry = dispatcher._work.get_nowait()
-        assert entry is not None
-        handed.append(entry.name)
-    assert handed == ["1", "5", "6", "7"][:DELIVERY_THREADS]
+    with dispatcher._cond:
+        for entry in entries:
+            dispatcher._enqueue(entry)
+
+    def handed() -> list[str]:
+        names = []
+        while not dispatcher._work.empty():
+            entry = dispatcher._work.get_nowait()
+            assert entry is not None
+            names.append(entry.segment)
+        return names
+
+    with dispatcher._cond:
+        delay = dispatcher._dispatch_due(now)
+    assert DELIVERY_THREADS == 4
+    assert handed() == ["1", "5", "6", "7"]
     assert delay == pytest.approx(1.0)  # the poll interval; entry 3 is due in 5 s
+    for done in ("5", "6", "7"):  # free three threads: 8 goes, 2 and 4 still wait
+        dispatcher._settled(dispatcher._entries[f"{done}-0000"], remove=True)
+    with dispatcher._cond:
+        dispatcher._dispatch_due(now)
+    assert handed() == ["8"]
     dispatcher._settled(entries[0], remove=True)  # 1 delivered: 2 may go now
-    dispatcher._dispatch_due(now)
-    entry = dispatcher._work.get_nowait()
-    assert entry is not None
-    assert entry.name == "2"
+    with dispatcher._cond:
+        dispatcher._dispatch_due(now)
+    assert handed() == ["2"]
+    with dispatcher._cond:  # 3 is due (and fails again): 4 still waits behind it
+        dispatcher._dispatch_due(now + 6)
+    assert handed() == ["3"]
+    entries[2].next_at = now + 20
+    dispatcher._settled(entries[2], remove=False)
+    with dispatcher._cond:
+        dispatcher._dispatch_due(now + 7)
+    assert handed() == []
+    with dispatcher._cond:  # 3 delivered on its next attempt: now 4
+        dispatcher._dispatch_due(now + 21)
+    assert handed() == ["3"]
+    dispatcher._settled(entries[2], remove=True)
+    with dispatcher._cond:
+        dispatcher._dispatch_due(now + 21)
+    assert handed() == ["4"]
     dispatcher.close()
 
 
 def test_close_spools_everything_handed_over_and_a_restart_recovers_it(
     tmp_path: Path, cert_files: tuple[Path, Path, Path]
 ) -> None:
-    """close() returns only when every submitted event is on disk; the next
-    dispatcher on the folder queues all of them again, in order."""
+    """close() returns only when every submitted event is on disk (a few segment
+    files, mode 0600 in 0700 folders); the next dispatcher queues all of them again,
+    in order, and a crash's leftovers in tmp/ do not count."""
     cfg = _config(tmp_path, cert_files)
     first = _dispatcher(cfg)
     first.start()
@@ -134,12 +162,13 @@ def test_close_spools_everything_handed_over_and_a_restart_recovers_it(
         first.submit(_event(n))
     first.close()
     folder = first.folder
-    spooled = sorted((folder / "queue").glob("*.json"))
-    assert len(spooled) == 300
-    assert oct((folder / "queue" / spooled[0].name).stat().st_mode & 0o777) == "0o600"
+    segments = sorted((folder / "queue").glob("*.json"))
+    assert 1 <= len(segments) < 300  # batched: one fsync pair per segment
+    assert oct(segments[0].stat().st_mode & 0o777) == "0o600"
     assert oct(folder.stat().st_mode & 0o777) == "0o700"
-    ids = [json.loads(p.read_text())["event"]["id"] for p in spooled]
-    assert ids == [f"id-{n}" for n in range(300)]
+    listing = SpoolAdmin(hooks.spool_root(cfg)).listing()
+    assert listing["queue_total"] == 300
+    assert [item["id"] for item in listing["queue"]] == [f"id-{n}" for n in range(300)]
     (folder / "tmp" / "leftover.json").write_text("{half")  # a crash mid-write
     second = _dispatcher(cfg)
     second.start()
@@ -152,6 +181,41 @@ def test_close_spools_everything_handed_over_and_a_restart_recovers_it(
     assert depth == 300
     assert age > 0
     second.close()
+
+
+def test_done_entries_and_failed_attempts_survive_a_restart(
+    tmp_path: Path, cert_files: tuple[Path, Path, Path]
+) -> None:
+    """A delivered entry is not queued again after a restart; a failed one keeps its
+    attempts and its next attempt; a segment with nothing left is removed."""
+    cfg = _config(tmp_path, cert_files)
+    dispatcher = _dispatcher(cfg)
+    spool = hooks.SpoolFolder(dispatcher.folder)
+    segment = spool.write_segment(
+        [{"hook": "web", "event": _event(n), "queued_at": 1.0} for n in range(3)]
+    )
+    delivered, failed, untouched = spool.load_segment(segment)
+    spool.mark_done(delivered)
+    failed.attempts, failed.next_at, failed.last_error = (
+        4,
+        time.time() + 600,
+        "HTTP 503",
+    )
+    spool.save_state(failed)
+    again = spool.load_segment(segment)
+    assert [e.name for e in again] == [failed.name, untouched.name]
+    assert (again[0].attempts, again[0].last_error) == (4, "HTTP 503")
+    assert again[0].next_at == pytest.approx(failed.next_at)
+    for entry in again:
+        spool.mark_done(entry)
+    dispatcher.start()  # loads the segment: nothing left, so it is removed
+    deadline = time.monotonic() + 10
+    while (dispatcher.folder / "queue" / f"{segment}.json").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    dispatcher.close()
+    assert not list((dispatcher.folder / "done").iterdir())
+    assert not list((dispatcher.folder / "state").iterdir())
 
 
 def test_one_folder_is_delivered_by_one_process_only(
@@ -177,8 +241,8 @@ def test_worker_0_adopts_the_folders_of_workers_that_no_longer_exist(
     for n in range(5):
         old.submit(_event(n))
     old.close()
-    dead = old.folder / "dead" / "00000000000000000001-0000000001.json"
-    dead.write_text(json.dumps(Entry("x", "web", _event(9), 1.0).record()))
+    dead = old.folder / "dead" / "00000000000000000001-00000000-0000.json"
+    dead.write_text(json.dumps(Entry("x", 0, "web", _event(9), 1.0).record()))
     survivor = _dispatcher(cfg, worker=(0, 1))
     survivor.start()
     deadline = time.monotonic() + 10
@@ -193,14 +257,14 @@ def test_worker_0_adopts_the_folders_of_workers_that_no_longer_exist(
 def test_spool_admin_lists_and_retries_dead_letters(
     tmp_path: Path, cert_files: tuple[Path, Path, Path]
 ) -> None:
-    """retry moves a dead letter to its folder's retry inbox with its count reset;
-    the dispatcher queues it from there."""
+    """retry turns a dead letter into a segment of its folder's retry inbox with its
+    count reset; the dispatcher queues it from there."""
     cfg = _config(tmp_path, cert_files)
     dispatcher = _dispatcher(cfg)
-    entry = Entry("00000000000000000005-0000000001.json", "web", _event(5), 1.0,
+    entry = Entry("00000000000000000005-abcdef01", 0, "web", _event(5), 1.0,
                   attempts=20, last_error="HTTP 500")  # fmt: skip
     record = entry.record() | {"dead_at": 2.0}
-    (dispatcher.folder / "dead" / entry.name).write_text(json.dumps(record))
+    (dispatcher.folder / "dead" / f"{entry.name}.json").write_text(json.dumps(record))
     admin = SpoolAdmin(hooks.spool_root(cfg))
     listing = admin.listing()
     assert (listing["queue_total"], listing["dead_total"]) == (0, 1)
@@ -212,13 +276,16 @@ def test_spool_admin_lists_and_retries_dead_letters(
     )
     assert admin.retry(["another-id"]) == 0
     assert admin.retry(None) == 1
-    retried = json.loads((dispatcher.folder / "retry" / entry.name).read_text())
+    (inbox,) = (dispatcher.folder / "retry").glob("*.json")
+    (retried,) = json.loads(inbox.read_text())["entries"]
     assert (retried["attempts"], retried["next_at"]) == (0, 0.0)
     assert "dead_at" not in retried
+    assert admin.listing()["queue_total"] == 1  # listed while in the inbox too
     dispatcher.start()
     deadline = time.monotonic() + 10
-    while not (dispatcher.folder / "queue" / entry.name).exists():
+    while not list((dispatcher.folder / "queue").glob("*.json")):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     dispatcher.close()
     assert admin.listing()["queue_total"] == 1
+    assert not list((dispatcher.folder / "retry").glob("*.json"))
