@@ -1,5 +1,5 @@
 """Command line: ``serve``, ``check-config``, ``hash-password``, ``gen-cert``, ``ban``,
-``reload``, ``explain``, ``self-test``.
+``hooks``, ``reload``, ``explain``, ``self-test``.
 
 Only this module turns exceptions into exit codes. Expected errors print one line per
 problem and no traceback (``--debug`` adds it), as aiosmtpd's ``main`` does.
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     ban_remove.add_argument("ip")
     ban_remove.add_argument("--config", type=Path, required=True)
 
+    _add_hooks(verbs)
+
     worker = verbs.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("--config", type=Path, required=True)
     worker.add_argument("--index", type=int, required=True)
@@ -105,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--config", type=Path, required=True)
     _add_self_test(verbs)
     return parser
+
+
+def _add_hooks(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    hooks = verbs.add_parser("hooks", help="queued and dead-lettered hook events")
+    actions = hooks.add_subparsers(dest="hooks_verb", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="events waiting or dead-lettered")
+    listing.add_argument("--config", type=Path, required=True)
+    listing.add_argument("--json", action="store_true", help="machine-readable")
+    retry = actions.add_parser("retry", help="queue dead-lettered events again")
+    retry.add_argument("ids", nargs="*", metavar="ID", help="event ids")
+    retry.add_argument("--all", action="store_true", help="every dead-lettered event")
+    retry.add_argument("--config", type=Path, required=True)
 
 
 def _add_self_test(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -176,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "hash-password": _hash_password,
         "gen-cert": lambda: _gen_cert(args.hostname, args.out),
         "ban": lambda: _ban(args),
+        "hooks": lambda: _hooks(args),
         "worker": lambda: _worker(args),
         "reload": lambda: _reload(args.config),
         "explain": lambda: _explain(args.config, args.user),
@@ -349,6 +364,37 @@ def _ban(args: argparse.Namespace) -> int:
             )
             remaining = f"{ban['remaining_seconds']} s"
             print(f"{ban['ip']:<40} {remaining:>10} {ban['offences']:>8}  {until}")
+    return EXIT_OK
+
+
+def _hooks(args: argparse.Namespace) -> int:
+    socket_path = _admin_socket(args.config)
+    if args.hooks_verb == "retry":
+        if bool(args.ids) == args.all:
+            print("give event ids or --all (not both)", file=sys.stderr)
+            return EXIT_USAGE
+        ids = None if args.all else args.ids
+        answer = admin.request(socket_path, {"command": "hooks-retry", "ids": ids})
+        print(f"{answer['retried']} dead-lettered event(s) queued again")
+        return EXIT_OK if answer["retried"] or args.all else EXIT_FAILURE
+    spool = admin.request(socket_path, {"command": "hooks"})
+    if args.json:
+        print(json.dumps(spool, indent=2))
+        return EXIT_OK
+    for part, title in (("queue", "queued"), ("dead", "dead-lettered")):
+        print(f"{title}: {spool[f'{part}_total']}")
+        for item in spool[part]:
+            when = item["dead_at"] if part == "dead" else item["next_at"]
+            stamp = datetime.fromtimestamp(when or 0, tz=UTC).strftime("%H:%M:%S")
+            names = item["path"] or "-"
+            if item.get("target"):
+                names += f" -> {item['target']}"
+            error = f"  ({item['last_error']})" if item["last_error"] else ""
+            print(
+                f"  {item['id']}  {item['hook']}  {item['event']}  {names}  "
+                f"attempts {item['attempts']}, {'since' if part == 'dead' else 'next'}"
+                f" {stamp}{error}"
+            )
     return EXIT_OK
 
 

@@ -135,6 +135,15 @@ TRANSFER_RESULTS: Final = (
 
 RELOAD_RESULTS: Final = ("ok", "invalid-config", "error")
 
+# What became of one attempt to deliver a hook event (``hook_delivery``).
+HOOK_RESULTS: Final = (
+    "delivered",  # the command exited 0 / the URL answered 2xx
+    "failed",  # the attempt failed; the event waits for its next attempt
+    "dead-lettered",  # attempts or age used up: moved to the dead-letter folder
+    "dropped",  # never spooled: the in-memory queue or the spool was full, or a
+    # write failed (the audit log has each one)
+)
+
 # --- limits ---------------------------------------------------------------------------
 
 # Distinct users that get their own label value when per-user labels are on; later
@@ -153,6 +162,7 @@ _MAX_LOGGED_LABEL_CHARS: Final = 64
 _T = TypeVar("_T")
 
 PassivePortsSource = Callable[[], tuple[int, int]]  # (in use, size of the range)
+HooksSource = Callable[[], tuple[int, float]]  # (events queued, oldest's age in s)
 Timestamp = datetime | float  # aware datetime, or seconds since the epoch
 
 
@@ -170,6 +180,7 @@ _DATA_REFUSALS = _as_frozen(DATA_REFUSALS)
 _TRANSFER_DIRECTIONS = _as_frozen(TRANSFER_DIRECTIONS)
 _TRANSFER_RESULTS = _as_frozen(TRANSFER_RESULTS)
 _RELOAD_RESULTS = _as_frozen(RELOAD_RESULTS)
+_HOOK_RESULTS = _as_frozen(HOOK_RESULTS)
 
 # OpenSSL reason fragments (lower case, "_" as "-", as describe_tls_error writes them)
 # and the cause each one points to. First match wins.
@@ -323,6 +334,12 @@ class GatewayMetrics:
             ["result"],
             registry=registry,
         )
+        self._hook_deliveries = Counter(
+            f"{PREFIX}hook_deliveries_total",
+            "Hook delivery attempts and events, by result (see HOOK_RESULTS).",
+            ["result"],
+            registry=registry,
+        )
         self._last_reload = Gauge(
             f"{PREFIX}config_last_reload_success_timestamp_seconds",
             "When the configuration in force was loaded (start or last good reload).",
@@ -385,6 +402,7 @@ class GatewayMetrics:
             (self._transfer_bytes, (TRANSFER_DIRECTIONS,)),
             (self._durations, (TRANSFER_DIRECTIONS,)),
             (self._reloads, (with_other["reload"],)),
+            (self._hook_deliveries, (HOOK_RESULTS,)),
         ]
         for metric, label_values in series:
             for labels in itertools.product(*label_values):
@@ -498,6 +516,16 @@ class GatewayMetrics:
         if label == "ok":
             self._last_reload.set_to_current_time()
 
+    def hook_delivery(self, result: str) -> None:
+        """A hook event was delivered, failed an attempt, dead-lettered or dropped."""
+        self._hook_deliveries.labels(
+            self._known("hook result", result, _HOOK_RESULTS)
+        ).inc()
+
+    def track_hooks(self, source: HooksSource) -> None:
+        """Report the hook queue at each scrape from ``source() -> (depth, age)``."""
+        self._scrape_time.hooks = source
+
     def track_passive_ports(self, source: PassivePortsSource) -> None:
         """Report passive ports at each scrape from ``source() -> (in_use, total)``.
 
@@ -582,6 +610,7 @@ class _ScrapeTimeGauges(Collector):
         self.passive_ports: PassivePortsSource | None = None
         self.bans: Callable[[], int] | None = None
         self.certificate_expiry: Callable[[], Timestamp] | None = None
+        self.hooks: HooksSource | None = None
         self._failed: set[str] = set()
 
     def collect(self) -> Iterable[Metric]:
@@ -614,6 +643,21 @@ class _ScrapeTimeGauges(Collector):
                     f"{PREFIX}tls_certificate_expiry_timestamp_seconds",
                     "When the served certificate expires (Unix time).",
                     value=seconds,
+                )
+
+        if self.hooks is not None:
+            queue = self._read("hook queue", self.hooks)
+            if queue is not None:
+                depth, age = queue
+                yield GaugeMetricFamily(
+                    f"{PREFIX}hook_events_queued",
+                    "Hook events waiting for delivery (spooled or being spooled).",
+                    value=depth,
+                )
+                yield GaugeMetricFamily(
+                    f"{PREFIX}hook_oldest_queued_age_seconds",
+                    "Age of the oldest hook event waiting for delivery (0: none).",
+                    value=age,
                 )
 
     def _read(self, what: str, source: Callable[[], _T]) -> _T | None:

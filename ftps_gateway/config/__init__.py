@@ -12,6 +12,7 @@ The floor, lowest module first (each imports only modules above it in this list)
 - ``parsers``: value parsers shared by sections and accounts;
 - ``tree``: one user's tree planned from the config (also ``explain``);
 - ``users``: ``[[users]]``, ``[[groups]]``, mounts, permission words;
+- ``hooks``: ``[[hooks]]`` (event hooks: commands and signed URLs);
 - ``loader``: ``load``, ``load_text`` and the sections.
 
 The floor may import only ``ftps_gateway.errors``, ``ftps_gateway.storage.vfs`` and
@@ -26,6 +27,7 @@ from __future__ import annotations
 from ftps_gateway.config.describe import endpoint, summary
 from ftps_gateway.config.loader import load, load_text
 from ftps_gateway.config.model import (
+    HOOK_EVENTS,
     LOG_LEVELS,
     MAX_BANNER_CHARS,
     MAX_HOSTNAME_CHARS,
@@ -45,6 +47,7 @@ from ftps_gateway.config.model import (
     DefenderSettings,
     GatewayConfig,
     GroupSettings,
+    HookSettings,
     IPNetwork,
     ListenAddress,
     MetricsSettings,
@@ -61,6 +64,7 @@ from ftps_gateway.config.users import NOT_ARGON2ID
 from ftps_gateway.config.values import expand_environment
 
 __all__ = [
+    "HOOK_EVENTS",
     "LOG_LEVELS",
     "MAX_BANNER_CHARS",
     "MAX_HOSTNAME_CHARS",
@@ -81,6 +85,7 @@ __all__ = [
     "DefenderSettings",
     "GatewayConfig",
     "GroupSettings",
+    "HookSettings",
     "IPNetwork",
     "ListenAddress",
     "MetricsSettings",

@@ -5,9 +5,10 @@ May import: ``config.model``; nothing else in the package.
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import TYPE_CHECKING
 
-from ftps_gateway.config.model import is_internal
+from ftps_gateway.config.model import HOOK_EVENTS, is_internal
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
         AccessSettings,
         DefenderSettings,
         GatewayConfig,
+        HookSettings,
         IPNetwork,
         ListenAddress,
         MetricsSettings,
@@ -100,6 +102,7 @@ def summary(cfg: GatewayConfig) -> str:
         f"Audit log: {cfg.audit_file or 'stdout'}",
         f"xferlog: {cfg.xferlog_file or 'off'}",
         f"Upload sha256 in the audit log: {'on' if cfg.upload_sha256 else 'off'}",
+        *([describe_hook(hook) for hook in cfg.hooks] or ["Hooks: none"]),
         f"Metrics: {_metrics_summary(cfg.metrics)}",
     ]
     return "\n".join(lines)
@@ -175,3 +178,28 @@ def _advertised(address: str) -> str:
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def describe_hook(hook: HookSettings) -> str:
+    """One ``check-config`` summary line; no secret, no query string."""
+    events = ", ".join(event for event in HOOK_EVENTS if event in hook.events)
+    if hook.command:
+        action = f"run {hook.command[0]}"
+        if len(hook.command) > 1:
+            action += f" (+{len(hook.command) - 1} arguments)"
+    else:
+        parts = urllib.parse.urlsplit(hook.url)
+        action = f"POST {parts.scheme}://{parts.netloc}{parts.path or '/'}, signed"
+        if hook.ca_file is not None:
+            action += f", CA {hook.ca_file}"
+    filters = [
+        f"users {', '.join(sorted(hook.users))}" if hook.users else "",
+        f"groups {', '.join(sorted(hook.groups))}" if hook.groups else "",
+        f"paths {', '.join(hook.paths)}" if hook.paths else "",
+    ]
+    only = "; only " + "; ".join(f for f in filters if f) if any(filters) else ""
+    return (
+        f"Hook {hook.name}: {events} -> {action}{only}; timeout "
+        f"{hook.timeout_seconds} s, at most {hook.max_attempts} attempts within "
+        f"{hook.max_age_seconds} s"
+    )

@@ -2,8 +2,9 @@
 
 Builds one section at a time (``[server]``, ``[tls]``, ``[passive]``, ``[storage]``,
 ``[access]``, ``[defender]``, ``[admin]``, ``[logging]``, ``[metrics]``; accounts come
-from ``config.users``) and the checks that span sections (listener and port overlaps,
-PROXY with "ip-match"). Every problem is collected, then all are raised together.
+from ``config.users``, ``[[hooks]]`` from ``config.hooks``) and the checks that span
+sections (listener and port overlaps, PROXY with "ip-match"). Every problem is
+collected, then all are raised together.
 
 May import: the other ``config`` modules, ``ftps_gateway.errors``, and (late, for the
 certificate check only) ``ftps_gateway.tls.certificates``.
@@ -17,12 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftps_gateway.config.describe import endpoint
+from ftps_gateway.config.hooks import read_hooks
 from ftps_gateway.config.model import (
     LOG_LEVELS,
     MAX_RETENTION_SECONDS,
     MAX_SOCKET_PATH_BYTES,
     MAX_WORKERS,
     REUSE_POLICIES,
+    STATE_DIRECTORY,
     TLS_VERSIONS,
     AccessSettings,
     AdminSettings,
@@ -118,13 +121,14 @@ def _gateway(root: Table, source: Path) -> GatewayConfig:
     )
     groups = read_groups(root)
     users = read_users(root, tls.min_version)
+    hooks = read_hooks(root, base, users, groups)
     root.close()
     config = GatewayConfig(
         source, server, tls, passive, storage, users,
         access=access, defender=defender, admin=admin, log_level=log_level,
         audit_file=audit_file, xferlog_file=xferlog_file,
         upload_sha256=upload_sha256, metrics=metrics,
-        groups=groups,
+        groups=groups, hooks=hooks,
     )  # fmt: skip
     check_trees(root.problems, config)
     _check_proxy_and_ip_match(root.problems, config)
@@ -365,7 +369,7 @@ def _admin(table: Table, base: Path, storage_root: Path) -> AdminSettings:
     socket = table.optional("socket", path_under(base), None)
     table.close()
     if socket is None:
-        socket = storage_root / ".ftps-gateway" / "admin.sock"
+        socket = storage_root / STATE_DIRECTORY / "admin.sock"
     if len(bytes(socket)) > MAX_SOCKET_PATH_BYTES:
         key = table.key("socket")
         problem = f"longer than {MAX_SOCKET_PATH_BYTES} bytes, too long for a socket"

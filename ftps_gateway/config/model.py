@@ -194,6 +194,42 @@ class MetricsSettings:
     allow_public: bool = False
 
 
+# --- event hooks (issue 16) ---------------------------------------------------------
+
+# What a hook can be told about: the happenings ``session.events`` hands to the hooks.
+HOOK_EVENTS: Final = (
+    "upload", "download", "delete", "rename", "mkdir", "rmdir", "login-failed", "ban",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HookSettings:
+    """``[[hooks]]``: run a command or POST to a URL when a happening matches."""
+
+    name: str  # unique; names the hook in spool files, metrics, audit; "hooks[N]"
+    key: str  # where it was configured, for messages: "hooks[0]"
+    events: frozenset[str]  # some of HOOK_EVENTS; required
+    users: frozenset[str] = frozenset()  # only these users' events; empty: anyone's
+    groups: frozenset[str] = frozenset()  # only members of these groups; empty: any
+    paths: tuple[str, ...] = ()  # virtual path globs (fnmatch, "*" spans "/"); any
+    # Exactly one action: an argv (absolute program path, never a shell) ...
+    command: tuple[str, ...] = ()
+    # ... or an https:// URL (http:// only for a loopback host) to POST the event to.
+    url: str = ""
+    # The HMAC-SHA256 key of url hooks: secret_file's content without trailing CR/LF.
+    secret: bytes = field(default=b"", repr=False)
+    secret_file: Path | None = None  # where the secret came from (for messages)
+    ca_file: Path | None = None  # CA bundle for the URL's certificate; None: system
+    timeout_seconds: int = 30  # one attempt: the command's run, or the HTTP request
+    max_attempts: int = 20  # then the event goes to the dead-letter folder
+    max_age_seconds: int = 86_400  # or once it has waited this long since queued
+
+    @property
+    def kind(self) -> str:
+        """``"command"`` or ``"url"``."""
+        return "command" if self.command else "url"
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """The whole, validated configuration."""
@@ -213,6 +249,7 @@ class GatewayConfig:
     upload_sha256: bool = True  # [logging] upload_sha256: digest in upload events
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     groups: tuple[GroupSettings, ...] = ()
+    hooks: tuple[HookSettings, ...] = ()  # [[hooks]], in the order written
 
     def group(self, name: str) -> GroupSettings | None:
         """Return the group called ``name``, or None."""
@@ -241,6 +278,9 @@ MAX_PASSIVE_PORTS: Final = 10_000  # each one is a firewall/NAT rule somewhere
 MAX_RETENTION_SECONDS: Final = 30 * 86_400
 MAX_QUOTA: Final = 2**62
 MAX_WORKERS: Final = 64  # [server] workers
+# The gateway's own state under storage.root: the default admin socket, the hook
+# spool. Never mountable (config.tree refuses it as a source).
+STATE_DIRECTORY: Final = ".ftps-gateway"
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH_BYTES: Final = 107
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ftps_gateway.config.model import STATE_DIRECTORY
 from ftps_gateway.storage import vfs
 
 if TYPE_CHECKING:
@@ -138,7 +139,8 @@ def source_problem(cfg: GatewayConfig, template: str, source: Path) -> str | Non
 
     Refused: storage.root itself or anything containing it (every home at once), the
     folder of all homes, a relative source that climbs out of storage.root, and any
-    folder holding the gateway's own secrets (TLS key and certificate, the config).
+    folder holding the gateway's own secrets (TLS key and certificate, the config,
+    hook secrets) or state (``STATE_DIRECTORY``: admin socket, hook spool).
     """
     root = _norm(cfg.storage.root)
     text = _norm(source)
@@ -150,9 +152,12 @@ def source_problem(cfg: GatewayConfig, template: str, source: Path) -> str | Non
         return "would expose storage.root (every home); mount a folder inside it"
     if text == _norm(cfg.storage.root / HOME_DIRECTORY):
         return "would expose every user's home; mount one folder inside it"
+    if _under(text, _norm(cfg.storage.root / STATE_DIRECTORY)):
+        return "would expose the gateway's own state (admin socket, hook spool)"
     secrets = [cfg.tls.private_key, cfg.tls.certificate]
     if cfg.source is not None:
         secrets.append(cfg.source)
+    secrets += [hook.secret_file for hook in cfg.hooks if hook.secret_file is not None]
     for secret in secrets:
         if _under(_norm(secret), text):
             return f"would expose the gateway's own file {secret}"

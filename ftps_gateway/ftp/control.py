@@ -14,7 +14,8 @@ gaps are listed in ARCHITECTURE.md):
   ending in STAT, ABOR or QUIT as that verb).
 - File commands are decided on the path pyftpdlib finally uses (``fileverbs``);
   logins by the session's gate (``loginflow``); data connections through three doors
-  (``datapath``); a balancer's PROXY header first (``proxyheader``).
+  (``datapath``); a balancer's PROXY header first (``proxyheader``); file digests
+  (HASH, XSHA256...) off the loop (``hashverbs``).
 - A login grace timer that NOOP does not reset.
 
 This class holds no permission, quota, login or admission decision: those are the
@@ -38,6 +39,7 @@ from ftps_gateway.ftp.data import DataHandler
 from ftps_gateway.ftp.datapath import DataPathMixin
 from ftps_gateway.ftp.filesystem import GatewayFS
 from ftps_gateway.ftp.fileverbs import FileVerbsMixin
+from ftps_gateway.ftp.hashverbs import HASH_COMMANDS, HashVerbsMixin
 from ftps_gateway.ftp.loginflow import LoginFlowMixin
 from ftps_gateway.ftp.proxyheader import ProxyHeaderMixin
 from ftps_gateway.ftp.tlschannel import (
@@ -85,7 +87,10 @@ _FLAGS_WORD = re.compile(r"-[A-Za-z]+")
 
 FIRST_ERROR_REPLY = 400  # 4xx and 5xx: the command failed
 # Commands that change the tree -> their audit event.
-TREE_EVENTS = {"DELE": "delete", "RMD": "rmdir", "MKD": "mkdir", "RNTO": "rename"}
+TREE_EVENTS = {
+    "DELE": "delete", "RMD": "rmdir", "MKD": "mkdir", "RNTO": "rename",
+    "XRMD": "rmdir", "XMKD": "mkdir",  # pyftpdlib logs the aliases by their own name
+}  # fmt: skip
 
 # The longest command line (without CRLF) the control channel reads; pyftpdlib's own
 # limit. Longer lines are discarded up to their CRLF and get one 500 reply.
@@ -97,6 +102,7 @@ class ControlHandler(
     TLSChannelMixin,
     LoginFlowMixin,
     FileVerbsMixin,
+    HashVerbsMixin,
     DataPathMixin,
     FTPHandler,
 ):
@@ -149,6 +155,7 @@ class ControlHandler(
                           "help": "Syntax: SITE DIAG (what the server sees)."},
         }
     )  # fmt: skip
+    proto_cmds.update(HASH_COMMANDS)  # HASH, XSHA256... (hashverbs)
     for _removed in ("SITE CHMOD", "REIN"):
         proto_cmds.pop(_removed, None)
 
@@ -539,6 +546,7 @@ class ControlHandler(
             result=result,
             binary=self._current_type != "a",
             sha256=getattr(upload, "sha256", None) if receive else None,
+            file_size=getattr(upload, "size", None) if receive else None,
         )
 
     def log_cmd(self, cmd: str, arg: str, respcode: int, respstr: str) -> None:
@@ -546,16 +554,26 @@ class ControlHandler(
         event = TREE_EVENTS.get(cmd)
         if event is None:
             return
-        ok = respcode < FIRST_ERROR_REPLY
-        fields: dict[str, Any] = {"path": self._virtual(arg), "ok": ok}
-        if cmd == "RNTO":
-            fields["from"] = self._virtual(self._rename_source or "")
-        if respcode >= FIRST_ERROR_REPLY:
-            fields["reply"] = respcode
-        self.events.note(event, **fields)
+        failed = respcode >= FIRST_ERROR_REPLY
+        self.events.tree_changed(
+            event, path=self._virtual(arg), ok=not failed,
+            source=self._virtual(self._rename_source or "") if cmd == "RNTO" else None,
+            reply=respcode if failed else None,
+        )  # fmt: skip
 
     def _virtual(self, path: str) -> str:
         return self.fs.fs2ftp(path) if self.fs and path else path
+
+    def real_path(self, virtual: str) -> str | None:
+        """Where ``virtual`` is on disk, for command hooks (``session.events``)."""
+        access = self.file_access
+        if access is None:
+            return None
+        try:
+            real = access.locate(virtual).real
+        except vfs.PathRefused:
+            return None
+        return None if real is None else str(real)
 
     def log(self, msg: str, logfun: Any = pyftpdlib_logger.info) -> None:
         """pyftpdlib's line per reply, formatted only if its logger writes it.

@@ -99,6 +99,25 @@ TRANSFER_ABORTED: Final = "426 Transfer aborted."
 UPLOAD_NAME_TAKEN: Final = "550 File exists; upload not stored."
 UPLOAD_NOT_STORED: Final = "451 Local error: upload not stored."
 
+# --- file digests: HASH (draft-bryan-ftpext-hash-02 sections 3, 3.1, 3.2, 3.5) and
+# the X* commands as ProFTPD's mod_digest answers them (contrib/mod_digest.c)
+HASH_FEATURE_TEXT: Final = (
+    "HASH {algorithms}"  # a FEAT line: "HASH SHA-256*;SHA-512;..."
+)
+HASH_OK: Final = "213 {algorithm} {start}-{end} {digest} {path}"
+DIGEST_OK: Final = "213 {digest}"
+HASH_ALGORITHM: Final = "200 {algorithm}"
+HASH_UNKNOWN_ALGORITHM: Final = "501 Unknown algorithm, current selection not changed."
+HASH_OPTS_SYNTAX: Final = "501 OPTS HASH: wrong number of parameters."
+DIGEST_SYNTAX: Final = "501 Syntax: {command} pathname [start end]."
+DIGEST_UPLOADING: Final = "450 File is being uploaded; try again when it is complete."
+DIGEST_BUSY: Final = "450 Too many digests being computed; try again later."
+NO_SUCH_FILE: Final = "550 No such file."
+HASH_NOT_A_FILE: Final = "553 Not a regular file."
+DIGEST_NOT_A_FILE: Final = "550 Not a regular file."
+DIGEST_BAD_RANGE: Final = "501 Invalid range: need start <= end <= file size."
+DIGEST_FAILED: Final = "550 Could not read the file."
+
 # --- diagnostics
 DIAG_HEAD: Final = "200-Diagnostics: what the server sees"
 DIAG_END: Final = "200 End of diagnostics."

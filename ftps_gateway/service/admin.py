@@ -1,4 +1,4 @@
-"""The local admin socket: list and lift bans, reload, status, for the CLI.
+"""The local admin socket: bans, reload, status and the hook spool, for the CLI.
 
 A Unix socket (mode 0600, in a 0700 directory) rather than a network port: only
 the service account and root can reach it, and no credentials are needed or stored.
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from ftps_gateway.audit import AuditLog
     from ftps_gateway.policy.defender import BanKeeper, LimitKeeper
+    from ftps_gateway.service.hooks import SpoolAdmin
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -76,7 +77,7 @@ class AdminServer:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911 - one return per command
         """Carry out one request; errors come back as ``{"error": ...}``."""
         command = request.get("command")
         defender = self._server.defender
@@ -93,6 +94,8 @@ class AdminServer:
             return {"removed": removed, "ip": str(address)}
         if command == "reload":
             return {"problems": self._server.reload_from_thread()}
+        if command in ("hooks", "hooks-retry"):
+            return self._hooks(command, request.get("ids"))
         if command == "status":
             total, per_ip, per_user = self._server.limits.snapshot()
             return {
@@ -102,6 +105,20 @@ class AdminServer:
                 "bans": defender.active_count(),
             }
         return {"error": f"unknown command: {command!r}"}
+
+    def _hooks(self, command: str, ids: object) -> dict[str, Any]:
+        """``hooks``: the spool's queued and dead events; ``hooks-retry``: queue dead
+        ones again (``ids`` None: all of them)."""
+        spool = self._server.hook_spool
+        if command == "hooks":
+            return spool.listing()
+        if ids is not None and not (
+            isinstance(ids, list) and all(isinstance(i, str) for i in ids)
+        ):
+            return {"error": "ids: a list of event ids, or null for all"}
+        retried = spool.retry(ids)
+        self._server.audit.event("hooks_retried", count=retried, ids=ids)
+        return {"retried": retried}
 
 
 class AdminTarget(Protocol):
@@ -113,6 +130,8 @@ class AdminTarget(Protocol):
     def limits(self) -> LimitKeeper: ...
     @property
     def audit(self) -> AuditLog: ...
+    @property
+    def hook_spool(self) -> SpoolAdmin: ...
     def reload_from_thread(self) -> list[str]: ...
 
 

@@ -44,6 +44,7 @@ from ftps_gateway.policy.netpolicy import (
 from ftps_gateway.policy.passwords import PasswordVerifier, RecentLogins
 from ftps_gateway.service import lifecycle, sdnotify
 from ftps_gateway.service.admin import RELOAD_TIMEOUT_SECONDS, AdminServer
+from ftps_gateway.service.hooks import HookDispatcher, SpoolAdmin, spool_root
 from ftps_gateway.service.sharedstate import RemoteDefender, RemoteLimits, StateChannel
 from ftps_gateway.session.runtime import (
     PASSWORD_WORKERS,
@@ -195,26 +196,36 @@ class GatewayServer:
             defender, limits = lifecycle.new_kept_state(config)
         executor = ThreadPoolExecutor(PASSWORD_WORKERS, thread_name_prefix="argon2")
         file_work = FileWork(self.waker)
+        audit = audit or AuditLog()
+        metrics = GatewayMetrics(
+            per_user_labels=config.metrics.per_user_labels,
+            node=config.server.node_name or socket.gethostname(),
+        )
         own = {
             "verifier": verifier or PasswordVerifier(),
             "executor": executor,
             "waker": self.waker,
-            "audit": audit or AuditLog(),
+            "audit": audit,
             "defender": defender,
             "limits": limits,
-            "metrics": GatewayMetrics(
-                per_user_labels=config.metrics.per_user_labels,
-                node=config.server.node_name or socket.gethostname(),
-            ),
+            "metrics": metrics,
             "passive_ports": PortsInUse(),
             "tickets": TicketRefresher(),
             "file_work": file_work,
         }
+        self.hooks: HookDispatcher | None = None
         try:
-            return build_gateway(config, own)
+            worker = self.worker
+            self.hooks = HookDispatcher(
+                config, audit=audit, metrics=metrics,
+                worker=(worker.index, worker.count) if worker else (0, 1),
+            )  # fmt: skip
+            return build_gateway(config, own | {"hooks": self.hooks})
         except GatewayError:
             executor.shutdown(wait=False)
             file_work.shutdown()
+            if self.hooks is not None:
+                self.hooks.close()
             self.ioloop.close()
             raise
 
@@ -236,6 +247,8 @@ class GatewayServer:
         metrics.track_passive_ports(self._passive_ports)
         metrics.track_bans(self.gateway.defender.active_count)
         metrics.track_certificate_expiry(self._certificate_expiry)
+        if self.hooks is not None:
+            metrics.track_hooks(self.hooks.snapshot)
         if self.worker is not None:
             # The supervisor serves one /metrics that adds up the workers' pushes.
             channel = self.worker.channel
@@ -289,6 +302,11 @@ class GatewayServer:
         """The audit log."""
         return self.gateway.audit
 
+    @property
+    def hook_spool(self) -> SpoolAdmin:
+        """The hook spool, as files (``ftps-gateway hooks list|retry``)."""
+        return SpoolAdmin(spool_root(self.config))
+
     def reload_from_thread(self) -> list[str]:
         """``reload`` on the IO loop, waited for from another thread."""
         done: Future[list[str]] = Future()
@@ -325,6 +343,8 @@ class GatewayServer:
         current = self.holder.current
         own = {name: getattr(current, name) for name in SHARED_PARTS}
         gateway = build_gateway(config, own)
+        if self.hooks is not None:
+            self.hooks.configure(config)  # new hooks apply to events from now on
         lifecycle.update_kept_state(config, current.defender, current.limits)
         self.holder.current = gateway
 
@@ -395,6 +415,8 @@ class GatewayServer:
             logger.info("listening for implicit FTPS on %s:%s", host, port)
         if self.admin is not None:
             self.admin.start()
+        if self.hooks is not None:
+            self.hooks.start()  # queued events of an earlier run go out now
         if self._speaks_for_service:
             sdnotify.notify("READY=1", "STATUS=serving")
         # pyftpdlib's loop starts with an unbounded poll and only then asks its
@@ -467,6 +489,8 @@ class GatewayServer:
         gateway = self.holder.current
         gateway.executor.shutdown(wait=False, cancel_futures=True)
         gateway.file_work.shutdown()
+        if self.hooks is not None:
+            self.hooks.close()  # unsent events stay spooled for the next start
         gateway.tls.close()
         if self.ioloop.socket_map:
             self.ioloop.close()

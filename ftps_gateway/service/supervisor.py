@@ -12,7 +12,9 @@ them. What must be shared is shared explicitly:
 - bans and session limits: kept here, asked over a socket pair (``sharedstate``);
 - metrics: workers push theirs, ``/metrics`` here adds them up;
 - signals: SIGTERM drains every worker, SIGHUP reloads (validated here first);
-- the admin socket and the HTTP endpoint live here.
+- the admin socket and the HTTP endpoint live here;
+- hook events: each worker spools and delivers its own (``hooks``); ``hooks
+  list|retry`` here work on the spool files.
 A worker that dies is restarted; what it held (session slots) is released.
 """
 
@@ -37,6 +39,7 @@ from ftps_gateway.audit import AuditLog
 from ftps_gateway.errors import StartupError
 from ftps_gateway.service import lifecycle, sdnotify, sharedstate
 from ftps_gateway.service.admin import AdminServer
+from ftps_gateway.service.hooks import SpoolAdmin, spool_root
 from ftps_gateway.service.server import GatewayServer, WorkerRole
 from ftps_gateway.tls.certificates import certificate_not_after
 
@@ -61,6 +64,8 @@ SAME_IN_EVERY_WORKER = frozenset(
         "ftps_gateway_tls_certificate_expiry_timestamp_seconds",
         "ftps_gateway_config_reloads_total",
         "ftps_gateway_config_last_reload_success_timestamp_seconds",
+        # Not the same in every worker, but a maximum too: the oldest event waiting.
+        "ftps_gateway_hook_oldest_queued_age_seconds",
     }
 )
 
@@ -164,6 +169,11 @@ class Supervisor:
     def limits(self) -> LimitKeeper:
         """The one SessionLimits all workers ask."""
         return self._limits
+
+    @property
+    def hook_spool(self) -> SpoolAdmin:
+        """Every worker's hook folder, as files (``ftps-gateway hooks``)."""
+        return SpoolAdmin(spool_root(self.config))
 
     def reload_from_thread(self) -> list[str]:
         """Validate the config, apply what is shared here, then reload each worker."""

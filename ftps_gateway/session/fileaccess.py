@@ -6,7 +6,7 @@ text of a command. Each decision returns a ``Refusal`` (the reason for the audit
 and its kind, which the protocol layer maps to a reply) or None to allow:
 
 - permission words of the mount the path belongs to (``list``, ``download``,
-  ``upload``, ``overwrite``, ``mkdir``, ``delete``, ``rename``);
+  ``upload``, ``overwrite``, ``mkdir``, ``delete``, ``rename``, ``hash``);
 - mount points, and the virtual directories leading to them, are never created,
   removed, renamed, uploaded over or re-timed; nothing is renamed across mounts;
 - a folder that may not be listed shows nothing of what is in it: no names, no sizes,
@@ -49,6 +49,7 @@ class Action(enum.Enum):
     RENAME_FROM = "rename-from"
     RENAME_TO = "rename-to"
     SET_TIME = "set-time"  # a file's modification time
+    HASH = "hash"  # a file's digest (HASH, XSHA256...): download or hash
 
 
 class Kind(enum.Enum):
@@ -92,6 +93,10 @@ STRUCTURAL_CHANGES = frozenset(
 VIRTUAL_DIRECTORY_ACTIONS = frozenset({Action.ENTER, Action.LIST})
 # Permission words that show a file's metadata (size, date, its line in a listing).
 METADATA_PERMISSIONS = frozenset({P.LIST, P.DOWNLOAD})
+# Permission words that allow a file's digest: whoever may read the file back, or an
+# upload-only partner given ``hash`` to verify its delivery (draft-bryan-ftpext-hash-02
+# section 6: only for users who uploaded the file or could download it).
+HASH_PERMISSIONS = frozenset({P.DOWNLOAD, P.HASH})
 
 
 class FileAccess:
@@ -244,5 +249,7 @@ def _missing_permission(action: Action, location: vfs.Location) -> str | None:
         readable = granted & METADATA_PERMISSIONS
         uploader = action is Action.SIZE and P.UPLOAD in granted
         return None if readable or uploader else "needs-list-or-download"
+    if action is Action.HASH:
+        return None if granted & HASH_PERMISSIONS else "needs-download-or-hash"
     needed = REQUIRED[action]
     return None if needed in granted else f"needs-{needed.value}"

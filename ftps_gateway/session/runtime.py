@@ -13,6 +13,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from ftps_gateway.session.events import NO_HOOKS
+
 if TYPE_CHECKING:
     from collections.abc import Callable
     from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
         TLSPolicyTable,
     )
     from ftps_gateway.policy.passwords import PasswordVerifier, RecentLogins
+    from ftps_gateway.session.events import HookSink
     from ftps_gateway.session.work import FileWork
     from ftps_gateway.tls.contexts import TicketRefresher, TLSContextFactory
 
@@ -85,6 +88,7 @@ class Gateway:
     passive_ports: PortsInUse
     tickets: TicketRefresher
     file_work: FileWork  # slow file work off the loop (session.work)
+    hooks: HookSink = NO_HOOKS  # [[hooks]] events: spooled, delivered (service.hooks)
 
     @property
     def node_name(self) -> str:
@@ -95,7 +99,7 @@ class Gateway:
 # The server's own parts of a Gateway, carried over by a reload.
 SHARED_PARTS = (
     "verifier", "executor", "waker", "audit", "defender", "limits", "metrics",
-    "passive_ports", "tickets", "file_work",
+    "passive_ports", "tickets", "file_work", "hooks",
 )  # fmt: skip
 
 

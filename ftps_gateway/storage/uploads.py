@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from ftps_gateway.storage import vfs
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from pathlib import Path
 
 _COPY_CHUNK = 1 << 20
@@ -278,6 +279,36 @@ def partial_size(final: Path, owner: str, retention_seconds: int) -> int | None:
     if time.time() - info.st_mtime > retention_seconds:
         return None
     return info.st_size
+
+
+def upload_in_progress(final: Path, owners: Iterable[str]) -> bool:
+    """True if one of ``owners`` is uploading to ``final`` right now.
+
+    An upload holds an exclusive ``flock`` on its temporary file for as long as it
+    runs (``AtomicUpload``); a kept partial is unlocked. The temporary names are
+    derived from user and final name, so this looks at one name per user instead of
+    listing a folder that may hold thousands of deliveries.
+    """
+    for owner in owners:
+        try:
+            temp = final.parent / vfs.upload_temp_name(
+                final.name, vfs.partial_token(owner, final.name)
+            )
+        except ValueError:  # not a file name ("/"): nothing is uploaded there
+            return False
+        try:
+            fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            continue
+        finally:
+            os.close(fd)  # also releases the shared lock
+    return False
 
 
 def sweep_partials(roots: list[Path], retention_seconds: int) -> int:

@@ -305,6 +305,11 @@ class Permission(enum.StrEnum):
     DELETE = "delete"  # DELE, RMD
     RENAME = "rename"  # RNFR/RNTO, both names in the same mount
     MKDIR = "mkdir"  # MKD
+    # HASH and the XSHA*/XMD5/XCRC digests of a file. ``download`` allows them too;
+    # this word lets an upload-only partner verify a delivery it cannot read back.
+    # It also lets it learn whether a name exists and what it holds (by digest):
+    # grant it only on folders that are the partner's own.
+    HASH = "hash"
 
 
 ALL_PERMISSIONS = frozenset(Permission)

@@ -672,7 +672,7 @@ PYFTPDLIB_PRIVATE_NAMES: dict[str, tuple[str, str]] = {
     ),
     "_extra_feats": (
         "pyftpdlib.handlers.FTPHandler",
-        "control: FEAT lists AUTH TLS, PBSZ and PROT",
+        "control/hashverbs: FEAT lists AUTH TLS, PBSZ, PROT, HASH and the X* digests",
     ),
     # the data connection (pyftpdlib's DTPHandler)
     "_idler": (

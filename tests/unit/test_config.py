@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -1082,6 +1083,7 @@ def test_summary(config_dir: Path) -> None:
         "Audit log: stdout",
         "xferlog: off",
         "Upload sha256 in the audit log: on",
+        "Hooks: none",
         "Metrics: off",
     ]
     assert "argon2" not in report
@@ -1100,6 +1102,15 @@ def test_example_file_loads(config_dir: Path) -> None:
     placeholder = "PASTE-OUTPUT-OF-ftps-gateway-hash-password"
     assert placeholder in text
     text = re.sub(r"^# (\[\[[a-z.]+\]\]$|[a-z_]+ = )", r"\1", text, flags=re.MULTILINE)
+    # The hook examples name a program, a secret and a CA of a real host.
+    (config_dir / "hook.secret").write_text("s3cret\n")
+    for example, local in (
+        ("/etc/ftps-gateway/hook.secret", config_dir / "hook.secret"),
+        ("/etc/ftps-gateway/hooks-ca.pem", config_dir / "certs" / "server.crt"),
+        ("/usr/local/bin/archive-delivery", Path(sys.executable)),
+    ):
+        assert example in text
+        text = text.replace(example, str(local))
     cfg = config.load(_write(config_dir, text.replace(placeholder, HASH)))
     assert [(u.name, u.password_hash, u.groups) for u in cfg.users] == [
         ("acme", HASH, ("finance",))
@@ -1112,6 +1123,9 @@ def test_example_file_loads(config_dir: Path) -> None:
     assert cfg.tls.certificate == config_dir / "certs" / "server.crt"
     assert cfg.passive.address == "203.0.113.7"
     assert [override.address for override in cfg.passive.overrides] == [""]
+    ingest, archive = cfg.hooks
+    assert (ingest.name, ingest.kind, ingest.secret) == ("ingest", "url", b"s3cret")
+    assert (archive.name, archive.kind) == ("archive", "command")
 
 
 def test_example_file_documents_every_key() -> None:
@@ -1168,6 +1182,16 @@ def test_example_file_documents_every_key() -> None:
         "groups",
         "home",
         "home_permissions",
+        "events",
+        "users",
+        "paths",
+        "url",
+        "secret_file",
+        "ca_file",
+        "timeout_seconds",
+        "max_attempts",
+        "max_age_seconds",
+        "command",
     }
 
 

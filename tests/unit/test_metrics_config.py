@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import argon2
@@ -167,6 +168,13 @@ def test_example_file_metrics_section(config_dir: Path) -> None:
     text = re.sub(
         r"^# (\[\[[a-z.]+\]\]$|[a-z_]+ = )", r"\1", text, flags=re.MULTILINE
     ).replace("PASTE-OUTPUT-OF-ftps-gateway-hash-password", HASH)
+    # The hook examples name a program, a secret and a CA of a real host.
+    (config_dir / "hook.secret").write_text("s3cret\n")
+    text = (
+        text.replace("/etc/ftps-gateway/hook.secret", str(config_dir / "hook.secret"))
+        .replace("/etc/ftps-gateway/hooks-ca.pem", str(config_dir / "certs/server.crt"))
+        .replace("/usr/local/bin/archive-delivery", sys.executable)
+    )
     path = config_dir / "gateway.toml"
     path.write_text(text, encoding="utf-8")
     assert config.load(path).metrics == MetricsSettings(

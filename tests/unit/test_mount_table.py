@@ -315,7 +315,7 @@ def test_config_reads_groups_and_user_trees(
                 "users[0].mounts[0].quota_bytes: must be 1 to 4611686018427387904 (got 0)",
                 "users[0].mounts[0].permissions: unknown permission 'fly' (known: read, "
                 "dropbox, read-write, none, list, download, upload, overwrite, delete, "
-                "rename, mkdir)",
+                "rename, mkdir, hash)",
             ],
         ),
         (
@@ -375,7 +375,7 @@ Tree (the longest matching path decides):
   /
     source:      {root}/home/acme
     from:        home (users[0])
-    permissions: read-write (list, download, upload, overwrite, delete, rename, mkdir)
+    permissions: read-write (list, download, upload, overwrite, delete, rename, mkdir, hash)
     counts in:   the user's quota
   /finance
     source:      {root}/shared/finance
