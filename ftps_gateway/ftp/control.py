@@ -14,7 +14,8 @@ gaps are listed in ARCHITECTURE.md):
   ending in STAT, ABOR or QUIT as that verb).
 - File commands are decided on the path pyftpdlib finally uses (``fileverbs``);
   logins by the session's gate (``loginflow``); data connections through three doors
-  (``datapath``); a balancer's PROXY header first (``proxyheader``).
+  (``datapath``); a balancer's PROXY header first (``proxyheader``); listings and
+  uploads' slow file work off the IO loop (``listings``, ``fileverbs``).
 - A login grace timer that NOOP does not reset.
 
 This class holds no permission, quota, login or admission decision: those are the
@@ -37,6 +38,7 @@ from ftps_gateway.ftp.data import DataHandler
 from ftps_gateway.ftp.datapath import DataPathMixin
 from ftps_gateway.ftp.filesystem import GatewayFS
 from ftps_gateway.ftp.fileverbs import FileVerbsMixin
+from ftps_gateway.ftp.listings import ListingsMixin
 from ftps_gateway.ftp.loginflow import LoginFlowMixin
 from ftps_gateway.ftp.proxyheader import ProxyHeaderMixin
 from ftps_gateway.ftp.tlschannel import (
@@ -95,6 +97,7 @@ class ControlHandler(
     ProxyHeaderMixin,  # before TLS: a PROXY header precedes the ClientHello
     TLSChannelMixin,
     LoginFlowMixin,
+    ListingsMixin,  # LIST, NLST, MLSD, STAT <path> rendered off the IO loop
     FileVerbsMixin,
     DataPathMixin,
     FTPHandler,

@@ -321,6 +321,45 @@ class GatewayFS(AbstractedFS):
         letters += "".join(letter for p, letter in mapping.items() if p in granted)
         return letters
 
+    # --- a whole listing at once (for a file-work thread, off the IO loop)
+
+    def render_listing(
+        self, kind: str, path: str, *, perms: str = "", facts: list[str] | None = None
+    ) -> bytes:
+        """Everything ``kind`` (LIST, NLST, MLSD or STAT) sends for ``path``.
+
+        pyftpdlib reads the folder on the IO loop and then stats (here also maps
+        and ``realpath``-checks) one entry per step while the data connection
+        drains, all on the loop: for a folder of many files that is the loop's
+        time, not the partner's. This does all of it in one go, in the caller's
+        thread; the result is held in memory (about 80 bytes per entry, the size
+        of the name list ``listdir`` already builds).
+
+        Raises:
+            OSError: the folder cannot be read (the reply is 550 with its reason);
+                NotADirectoryError for MLSD of something else (501).
+        """
+        if kind == "MLSD":
+            if not self.isdir(path):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            lines = self.format_mlsx(path, self.listdir(path), perms, facts or [])
+            return b"".join(lines)
+        if kind == "NLST":
+            if self.isdir(path):
+                names = self.listdir(path)
+            else:
+                self.lstat(path)  # raises if it is not there (or not visible)
+                names = [os.path.basename(path)]
+            text = "".join(f"{name}\r\n" for name in names)
+            return text.encode(
+                self.cmd_channel.encoding, self.cmd_channel.unicode_errors
+            )
+        if self.isdir(path):  # LIST and STAT
+            return b"".join(self.format_list(path, self.listdir(path)))
+        basedir, filename = os.path.split(path)
+        self.lstat(path)
+        return b"".join(self.format_list(basedir, [filename]))
+
     def get_user_by_uid(self, uid: int) -> str:
         """Do not reveal server account names in listings."""
         return "owner"

@@ -9,14 +9,22 @@ os.fsync and file IO release the GIL, so the loop keeps turning meanwhile.
 Every queue has a bound: at most ``max_queued`` jobs wait in all, at most
 ``max_per_owner`` for one session, so one partner cannot starve the others. A refused
 submission is the caller's to answer (a 4xx reply); nothing waits unboundedly.
+
+Four threads: a job here mostly waits for the disk (a 2 GiB seed copy, the fsync of
+a big upload), holding no CPU, so two long jobs must still leave threads for the
+small ones (a 4 KiB upload's open and commit, a listing). The pool also owns the
+worker's hash lane (``storage.digest``): uploads' sha256 on its own thread.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Generic, TypeVar
+
+from ftps_gateway.storage.digest import HashLane
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -24,6 +32,9 @@ if TYPE_CHECKING:
     from ftps_gateway.session.runtime import Waker
 
 logger = logging.getLogger("ftps_gateway")
+
+# shutdown() waits this long for running jobs (a commit's fsync) before it returns.
+SHUTDOWN_WAIT_SECONDS = 5.0
 
 _T = TypeVar("_T")
 
@@ -51,11 +62,12 @@ class FileWork:
         self,
         waker: Waker,
         *,
-        threads: int = 2,
+        threads: int = 4,
         max_queued: int = 64,
         max_per_owner: int = 4,
     ) -> None:
         self._waker = waker
+        self.hashing = HashLane()  # uploads' sha256, overlapping their receive
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="file-work")
         self._max_queued = max_queued
         self._max_per_owner = max_per_owner
@@ -111,6 +123,15 @@ class FileWork:
             else:
                 self._per_owner.pop(owner, None)
 
-    def shutdown(self) -> None:
-        """Stop taking work; running jobs finish, queued ones are dropped."""
+    def wake(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the IO loop (for work that reports by itself)."""
+        self._waker.call_soon_threadsafe(callback)
+
+    def shutdown(self, wait_seconds: float = SHUTDOWN_WAIT_SECONDS) -> None:
+        """Stop taking work; queued jobs are dropped, running ones may finish
+        within ``wait_seconds`` (a commit half done is still a commit)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + wait_seconds
+        for thread in list(self._pool._threads):  # noqa: SLF001 - no timed join in the API
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.hashing.close()

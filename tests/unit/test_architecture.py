@@ -674,6 +674,10 @@ PYFTPDLIB_PRIVATE_NAMES: dict[str, tuple[str, str]] = {
         "pyftpdlib.handlers.FTPHandler",
         "control: FEAT lists AUTH TLS, PBSZ and PROT",
     ),
+    "_current_facts": (
+        "pyftpdlib.handlers.FTPHandler",
+        "listings: the MLST facts the client chose (OPTS MLST), for MLSD off the loop",
+    ),
     # the data connection (pyftpdlib's DTPHandler)
     "_idler": (
         "pyftpdlib.handlers.DTPHandler",
