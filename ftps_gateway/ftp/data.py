@@ -9,6 +9,7 @@ rename) off the IO loop, and its 226 is sent only once the file is durable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +23,11 @@ from ftps_gateway.ftp.tlschannel import READ, TLSChannelMixin, TLSState
 from ftps_gateway.storage.uploads import AtomicUpload, QuotaExceededError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ftps_gateway.ftp.control import ControlHandler
     from ftps_gateway.session.work import Outcome
+    from ftps_gateway.storage.uploads import Discarded
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -49,8 +53,12 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         self.peer_ip = ""  # set by the control session at accept (stays if reset)
         self.approved = False
         self.resumed: bool | None = None
-        self.committing = False  # the upload is being made durable off the loop
+        self.settling = False  # the upload is being committed or removed off the loop
         self._discard_keep: bool | None = None  # False: never keep a partial
+        # The data connection itself ended the upload (quota, disk full, cut): its
+        # reply waits until the temporary is gone. Closed from a command (ABOR,
+        # PASV, the session's end) the reply goes at once, the unlink follows.
+        self._reply_after_removal = False
         self._handshake_timer: Any = None
         super().__init__(sock, cmd_channel)
         if not self.connected or self._closed:
@@ -122,7 +130,7 @@ class DataHandler(TLSChannelMixin, DTPHandler):
 
     def handle_read(self) -> None:
         """Receive upload data: many records per readiness event, one file write."""
-        if self._closed or self.committing or not self.receive:
+        if self._closed or self.settling or not self.receive:
             return  # a download, or a transfer not started: no bytes are taken
         upload = self.file_obj
         try:
@@ -167,7 +175,7 @@ class DataHandler(TLSChannelMixin, DTPHandler):
 
     def _resume_receiving(self) -> None:
         """The hash lane freed a buffer: read again (runs on the loop)."""
-        if self._closed or self.committing:
+        if self._closed or self.settling:
             return
         try:
             self._set_io_events(READ)
@@ -184,6 +192,7 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         )  # fmt: skip
         self.transfer_finished = False
         self._resp = (replies.OVER_QUOTA, logger.info)
+        self._reply_after_removal = True
         self.close()
 
     def _refuse_storage_full(self, err: OSError) -> None:
@@ -196,6 +205,7 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         )  # fmt: skip
         self.transfer_finished = False
         self._resp = (replies.STORAGE_FULL, logger.warning)
+        self._reply_after_removal = True
         self.close()
 
     def handle_close(self) -> None:
@@ -203,13 +213,14 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         if not self._closed and self.receive and not self.tls_peer_closed:
             self.transfer_finished = False
             self._resp = (replies.UPLOAD_CUT, logger.info)
+            self._reply_after_removal = True
             self.close()
             return
         super().handle_close()
 
     def close(self) -> None:
         """Finish or discard the upload before pyftpdlib sends the final reply."""
-        if self._closed or self.committing:
+        if self._closed or self.settling:
             return
         self._cancel_handshake_timer()
         if not self.approved:
@@ -226,49 +237,61 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         upload = self.file_obj if isinstance(self.file_obj, AtomicUpload) else None
         if upload is not None and not upload.closed:
             if self.receive and self.transfer_finished and not self.tls_truncated:
-                self._commit(upload)
+                self._settle(upload.commit, commit=upload)
                 return
-            self._discard(upload)
+            leftover = self._discard(upload)
+            if leftover is not None and self._reply_after_removal:
+                self._settle(leftover.remove)
+                return
+            if leftover is not None:  # the reply goes now; the unlink follows
+                control = self.cmd_channel
+                work = control.gateway.file_work
+                if not work.submit(control.session_id, leftover.remove, _ignore):
+                    leftover.remove()
         self.tls_close()
         super().close()
 
-    def _commit(self, upload: AtomicUpload) -> None:
-        """Make the upload durable off the loop; DTPHandler.close (the 226) after.
+    def _settle(
+        self, job: Callable[[], None], *, commit: AtomicUpload | None = None
+    ) -> None:
+        """Run ``job`` (the commit, or removing a discarded temporary) off the loop;
+        DTPHandler.close, with its reply (the 226), after.
 
-        The connection is done (our close_notify goes now) but stays open, out of
-        the poller, until the commit has an outcome: the session holds its input
-        meanwhile and counts as transferring (a drain waits for it).
+        The connection is closed now, as DTPHandler.close would (our close_notify
+        first); the rest of DTPHandler.close waits for the job: the session holds
+        its input meanwhile and counts as transferring (a drain waits for it).
         """
-        self.committing = True
+        self.settling = True
         self.tls_close()
         self.del_channel()
+        # The fd number may be reused by the next connection: from here on nothing
+        # may unregister this channel by number (AsyncChat.close skips None).
+        self._fileno = None
+        with contextlib.suppress(OSError):
+            self.socket.close()
         if self._idler is not None and not self._idler.cancelled:
             self._idler.cancel()  # a slow fsync is not an idle client
         control = self.cmd_channel
 
-        def committed(outcome: Outcome[None]) -> None:
-            self.committing = False
-            if outcome.error is not None:
+        def settled(outcome: Outcome[None]) -> None:
+            self.settling = False
+            if commit is not None and outcome.error is not None:
                 self.transfer_finished = False
-                self._resp = _commit_failure_reply(upload, outcome.error)
+                self._resp = _commit_failure_reply(commit, outcome.error)
             if control._closed:  # noqa: SLF001 - the client left: nobody to answer
                 self._resp = ()  # type: ignore[assignment]  # DTPHandler's "no reply"
             super(DataHandler, self).close()
 
-        control.run_file_job(upload.commit, committed, must_run=True)
+        control.run_file_job(job, settled, must_run=True)
 
-    def _discard(self, upload: AtomicUpload) -> None:
-        """Keep it as a resumable partial if the config says so, else remove it
-        (the unlink, which frees the blocks, off the loop)."""
+    def _discard(self, upload: AtomicUpload) -> Discarded | None:
+        """Keep it as a resumable partial if the config says so, else set it aside
+        for removal (the unlink, which frees the blocks, runs off the loop)."""
         leftover = upload.discard(keep=self._discard_keep, defer_unlink=True)
-        if leftover is not None:
-            control = self.cmd_channel
-            work = control.gateway.file_work
-            if not work.submit(control.session_id, leftover.remove, _ignore):
-                leftover.remove()
         self.transfer_finished = False
         if not self._resp or self._resp[0].startswith("226"):
             self._resp = (replies.TRANSFER_ABORTED, logger.info)
+        return leftover
 
 
 def _commit_failure_reply(

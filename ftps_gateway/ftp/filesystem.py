@@ -17,15 +17,20 @@ pyftpdlib answers ``550 Permission denied.``; the session audits the reason.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-from typing import Any
+import threading
+from typing import TYPE_CHECKING, Any
 
 from pyftpdlib.filesystems import AbstractedFS
 
 from ftps_gateway.session.fileaccess import Action, FileAccess, Kind, Refusal
 from ftps_gateway.storage import vfs
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 # What ftp2fs returns for a refused virtual path: pyftpdlib's own validpath() check
 # then answers 550 instead of raising.
@@ -41,6 +46,33 @@ class GatewayFS(AbstractedFS):
         super().__init__("/", cmd_channel)
         self.access: FileAccess = cmd_channel.file_access
         self.table: vfs.MountTable = self.access.table
+        self._rendering = threading.local()  # a listing's own location cache
+
+    def _locate_absolute(self, path: str) -> vfs.Location:
+        """``table.locate("/", path)``; remembered for the listing being rendered.
+
+        A LIST line asks for one entry's location four times (visibility, mount
+        point, virtual folder, real path), each a ``realpath`` of every component:
+        20,000 entries cost ~36 lstat calls each. Within one listing (one thread,
+        one moment) the answer is the same, so it is computed once.
+        """
+        cache: dict[str, vfs.Location] | None = getattr(
+            self._rendering, "locations", None
+        )
+        if cache is None:
+            return self.table.locate("/", path)
+        location = cache.get(path)
+        if location is None:
+            location = cache[path] = self.table.locate("/", path)
+        return location
+
+    @contextlib.contextmanager
+    def _one_listing(self) -> Iterator[None]:
+        self._rendering.locations = {}
+        try:
+            yield
+        finally:
+            self._rendering.locations = None
 
     # --- path mapping
 
@@ -88,7 +120,7 @@ class GatewayFS(AbstractedFS):
 
     def _location(self, path: str) -> vfs.Location:
         try:
-            return self.table.locate("/", path)
+            return self._locate_absolute(path)
         except vfs.PathRefused as refusal:
             raise PermissionError(errno.EACCES, refusal.reason) from None
 
@@ -126,7 +158,7 @@ class GatewayFS(AbstractedFS):
         """No real folder, but mount points below: a directory that only lists them
         (``/`` without a home, or ``/a`` on the way to a mount at ``/a/b``)."""
         try:
-            location = self.table.locate("/", path)
+            location = self._locate_absolute(path)
         except vfs.PathRefused:
             return False
         if location.real is None:
@@ -308,7 +340,7 @@ class GatewayFS(AbstractedFS):
     def perm_letters(self, virtual: str) -> str:
         """RFC 3659 ``perm`` letters for a virtual path, from its mount's words."""
         try:
-            location = self.table.locate("/", virtual)
+            location = self._locate_absolute(virtual)
         except vfs.PathRefused:
             return ""
         granted = location.permissions
@@ -339,10 +371,14 @@ class GatewayFS(AbstractedFS):
             OSError: the folder cannot be read (the reply is 550 with its reason);
                 NotADirectoryError for MLSD of something else (501).
         """
+        with self._one_listing():
+            return self._render(kind, path, perms, facts or [])
+
+    def _render(self, kind: str, path: str, perms: str, facts: list[str]) -> bytes:
         if kind == "MLSD":
             if not self.isdir(path):
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-            lines = self.format_mlsx(path, self.listdir(path), perms, facts or [])
+            lines = self.format_mlsx(path, self.listdir(path), perms, facts)
             return b"".join(lines)
         if kind == "NLST":
             if self.isdir(path):

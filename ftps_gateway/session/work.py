@@ -8,7 +8,10 @@ os.fsync and file IO release the GIL, so the loop keeps turning meanwhile.
 
 Every queue has a bound: at most ``max_queued`` jobs wait in all, at most
 ``max_per_owner`` for one session, so one partner cannot starve the others. A refused
-submission is the caller's to answer (a 4xx reply); nothing waits unboundedly.
+submission is the caller's to answer (a 4xx reply); nothing waits unboundedly. A
+session holds its input while its job runs, so it has one open or listing job and one
+commit at a time: 512 is a real overload (the default ``max_sessions``), not a burst
+of small uploads from many partners.
 
 Four threads: a job here mostly waits for the disk (a 2 GiB seed copy, the fsync of
 a big upload), holding no CPU, so two long jobs must still leave threads for the
@@ -63,7 +66,7 @@ class FileWork:
         waker: Waker,
         *,
         threads: int = 4,
-        max_queued: int = 64,
+        max_queued: int = 512,
         max_per_owner: int = 4,
     ) -> None:
         self._waker = waker
