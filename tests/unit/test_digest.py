@@ -14,6 +14,7 @@ from ftps_gateway.storage.digest import (
     BUFFER_BYTES,
     HAND_OFF_BYTES,
     RING_BUFFERS,
+    SPARE_BUFFERS,
     HashLane,
     UploadDigest,
 )
@@ -159,3 +160,26 @@ def test_many_uploads_share_one_lane_in_order() -> None:
     for digest, data in uploads:
         assert digest.finish() == hashlib.sha256(data).hexdigest()
     lane.close()
+
+
+def test_buffers_go_back_to_the_lane_once_the_upload_ends() -> None:
+    """A finished or discarded upload's buffers serve the next uploads (no fresh MiB
+    per file); the lane keeps a bounded number."""
+    lane = ManualLane()
+    first = UploadDigest(lane)
+    feed(first, b"x" * 4096, 4096)
+    view = first.buffer(lambda: None)
+    assert view is not None
+    buffer = view.obj
+    first.finish()
+    second = UploadDigest(lane)
+    again = second.buffer(lambda: None)
+    assert again is not None
+    assert again.obj is buffer
+    second.cancel()
+    uploads = [UploadDigest(lane) for _ in range(SPARE_BUFFERS + 4)]
+    for upload in uploads:
+        assert upload.buffer(lambda: None) is not None
+    for upload in uploads:
+        upload.cancel()
+    assert len(lane._spare) == SPARE_BUFFERS  # the bound
