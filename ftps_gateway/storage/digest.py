@@ -76,13 +76,20 @@ class HashLane:
             if self._closed:
                 return False
             self._ready.append(digest)
-            if self._thread is None:  # started on first use: most workers only
-                self._thread = threading.Thread(  # ever see small files
-                    target=self._run, name=self._name, daemon=True
-                )
-                self._thread.start()
+            if self._thread is None:
+                self._start()
             self._cond.notify()
         return True
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def start(self) -> None:
+        """Start the thread now (a worker's thread count then never changes)."""
+        with self._cond:
+            if self._thread is None and not self._closed:
+                self._start()
 
     def _run(self) -> None:
         while True:
