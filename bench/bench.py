@@ -90,7 +90,11 @@ SMALL_NAME = "bench-4k.bin"
 SMALL_BYTES = 4096
 USER = "bench"
 MB = 1_000_000
-ROW_NAMES = ("download", "upload", "sessions", "idle", "uploads")
+ROW_NAMES = (
+    "download", "upload", "sessions", "idle", "uploads", "noop-appe", "noop-commit",
+)  # fmt: skip
+APPE_NAME = "bench-appe.bin"  # the big file the noop-appe row appends to
+COMMIT_NAME = "bench-commit.bin"  # the big file the noop-commit row uploads
 
 
 @dataclass(frozen=True)
@@ -103,12 +107,15 @@ class Profile:
     idle_sessions: int
     upload_seconds: float
     rounds: int
+    appe_bytes: int = 1 << 20  # the file APPE appends to (noop-appe)
+    commit_bytes: int = 1 << 20  # the upload whose commit is watched (noop-commit)
 
 
 PROFILES = {
-    "long": Profile(1 << 30, 20.0, 16, 1000, 10.0, 5),
-    "quick": Profile(64 << 20, 5.0, 16, 100, 3.0, 3),
-    "smoke": Profile(1 << 20, 1.0, 2, 8, 1.0, 1),
+    # Issue 14's sizes: APPE onto 2 GiB, the commit of a 1 GiB upload.
+    "long": Profile(1 << 30, 20.0, 16, 1000, 10.0, 5, 2 << 30, 1 << 30),
+    "quick": Profile(64 << 20, 5.0, 16, 100, 3.0, 3, 200 << 20, 200 << 20),
+    "smoke": Profile(1 << 20, 1.0, 2, 8, 1.0, 1, 4 << 20, 4 << 20),
 }
 
 
@@ -134,6 +141,7 @@ class Server:
     log_tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     metrics_url: str | None = None
     audit_file: Path | None = None
+    home: Path | None = None  # the bench user's folder, for local servers
 
 
 @dataclass
@@ -326,16 +334,21 @@ def prepare_workspace(root: Path, big_bytes: int) -> Workspace:
     data = root / "data"
     data.mkdir()
     big, small = data / BIG_NAME, data / SMALL_NAME
-    with big.open("wb") as out:  # random, so nothing on the path can compress it
-        chunk = os.urandom(1 << 20)
-        for _ in range(big_bytes >> 20):
-            out.write(chunk)
-        out.write(chunk[: big_bytes & ((1 << 20) - 1)])
+    _write_random(big, big_bytes)
     small.write_bytes(os.urandom(SMALL_BYTES))
     certs = root / "certs"
     return Workspace(
         root, certs / "server.crt", certs / "server.key", password, hashed, big, small
     )
+
+
+def _write_random(path: Path, size: int) -> None:
+    """``size`` bytes of random data (one random MiB repeated: nothing compresses it)."""
+    with path.open("wb") as out:
+        chunk = os.urandom(1 << 20)
+        for _ in range(size >> 20):
+            out.write(chunk)
+        out.write(chunk[: size & ((1 << 20) - 1)])
 
 
 def _link_data(space: Workspace, home: Path) -> None:
@@ -420,6 +433,7 @@ password = "{space.password_hash}"
         tail,
         f"http://{m_host}:{m_port}",
         audit,
+        storage / "home" / USER,
     )
     _wait_ready(f"{server.metrics_url}/readyz")
     return server
@@ -467,6 +481,7 @@ def start_reference(space: Workspace, *, wrapper: tuple[str, ...] = ()) -> Serve
         process.pid,
         process,
         tail,
+        home=home,
     )
 
 
@@ -802,6 +817,191 @@ def measure_uploads(server: Server, profile: Profile, _pool: object) -> Sample:
     )
 
 
+# ---------------------------------------------------------------- NOOPs during slow file work
+
+NOOP_PACE_SECONDS = 0.005  # one NOOP every 5 ms (plus its round trip) per prober
+PROBE_SESSIONS = 16  # sessions a prober tries to find one on the uploader's worker
+
+
+def _worker_of(ftp: ReusingFTP_TLS) -> str | None:
+    """``SITE DIAG``'s worker line ("1 of 2"); None from a server without it."""
+    try:
+        text = ftp.sendcmd("SITE DIAG")
+    except ftplib.Error:
+        return None
+    match = re.search(r"worker: (\d+ of \d+)", text)
+    return match.group(1) if match else None
+
+
+def noop_prober(endpoint: Endpoint, worker: str | None, channel: Connection) -> None:
+    """Another partner on the uploader's worker: NOOP round trips until told to stop.
+
+    Sends "ready" once it holds a session on ``worker`` (any session when None), then
+    a list of (start, seconds) per NOOP, start on CLOCK_MONOTONIC (the driver's clock).
+    """
+    context = client_context(endpoint.cafile)
+    spare: list[ReusingFTP_TLS] = []
+    chosen = None
+    try:
+        for _ in range(PROBE_SESSIONS):
+            ftp = login(endpoint, context)
+            if worker is None or _worker_of(ftp) == worker:
+                chosen = ftp
+                break
+            spare.append(ftp)
+    except (OSError, EOFError, ftplib.Error) as err:
+        channel.send(f"prober login failed: {err!r}")
+        return
+    for ftp in spare:
+        ftp.close()
+    if chosen is None:
+        channel.send(f"no session landed on worker {worker}")
+        return
+    chosen.voidcmd("NOOP")
+    channel.send("ready")
+    samples: list[tuple[float, float]] = []
+    while not channel.poll():
+        began = time.monotonic()
+        chosen.voidcmd("NOOP")
+        samples.append((began, time.monotonic() - began))
+        time.sleep(NOOP_PACE_SECONDS)
+    channel.recv()
+    chosen.quit()
+    channel.send(samples)
+
+
+@contextlib.contextmanager
+def _prober(
+    endpoint: Endpoint, worker: str | None
+) -> Iterator[Callable[[], list[tuple[float, float]]]]:
+    """Run ``noop_prober`` in a spawned process; yields "stop and give me the samples"."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=noop_prober, args=(endpoint, worker, child))
+    process.start()
+    try:
+        answer = parent.recv()
+        if answer != "ready":
+            raise BenchError(str(answer))
+
+        def stop() -> list[tuple[float, float]]:
+            parent.send("stop")
+            samples: list[tuple[float, float]] = parent.recv()
+            return samples
+
+        yield stop
+    finally:
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+
+
+def _seed_big_file(server: Server, name: str, size: int) -> None:
+    """Put ``name`` (``size`` bytes) in the bench user's folder, once per server."""
+    key = f"{server.endpoint.name}:{name}"
+    if key in BENCH_SEEDED:
+        return
+    source = BENCH_STATE["data"] / name
+    if not source.exists():
+        _write_random(source, size)
+    if server.home is not None:
+        with contextlib.suppress(FileExistsError):
+            os.link(source, server.home / name)
+    else:
+        _curl(server.endpoint, ["-T", str(source)], name)
+    BENCH_SEEDED.add(key)
+
+
+def _during(
+    samples: list[tuple[float, float]], began: float, ended: float
+) -> list[float]:
+    """Round trips (sorted) of the NOOPs in flight at any moment of [began, ended];
+    if none overlaps (a window shorter than one NOOP), the first one after it."""
+    inside = sorted(s for start, s in samples if start <= ended and start + s >= began)
+    if inside:
+        return inside
+    after = [s for start, s in samples if start >= began]
+    return after[:1]
+
+
+def _noop_summary(
+    samples: list[tuple[float, float]], began: float, ended: float
+) -> str:
+    """p99 (ms) of the NOOPs in flight during [began, ended], and how many."""
+    inside = _during(samples, began, ended)
+    if not inside:
+        return "no NOOP"
+    return f"{_percentile(inside, 0.99) * 1000:.1f} ms p99 of {len(inside)}"
+
+
+def measure_noop_appe(server: Server, profile: Profile, _pool: object) -> Sample:
+    """p99 NOOP round trip (ms) of a session on the same worker while another
+    session APPEs 4 bytes onto a big file (the gateway copies and hashes it first)."""
+    _seed_big_file(server, APPE_NAME, profile.appe_bytes)
+    ftp = login(server.endpoint, client_context(server.endpoint.cafile))
+    with _prober(server.endpoint, _worker_of(ftp)) as stop:
+        began = time.monotonic()
+        ftp.storbinary(f"APPE {APPE_NAME}", _Reader(b"tail"))
+        ended = time.monotonic()
+        # An APPE shorter than one NOOP (stock pyftpdlib: ~1 ms) overlaps none:
+        # let one more start after it, which _during then takes.
+        time.sleep(10 * NOOP_PACE_SECONDS)
+        samples = stop()
+    ftp.quit()
+    latencies = _during(samples, began, ended)
+    if not latencies:
+        raise BenchError("no NOOP completed during the APPE")
+    return Sample(
+        _percentile(latencies, 0.99) * 1000,
+        wall_seconds=ended - began,
+        note=f"{max(latencies) * 1000:.1f}",
+        work=len(latencies),
+    )
+
+
+def measure_noop_commit(server: Server, profile: Profile, _pool: object) -> Sample:
+    """p99 NOOP round trip (ms) of a session on the same worker during a big upload,
+    from its first byte to its 226 (sha256, fsync and rename on the gateway)."""
+    source = BENCH_STATE["data"] / COMMIT_NAME
+    if not source.exists():
+        _write_random(source, profile.commit_bytes)
+    name = f"bench-commit-{random.getrandbits(32):x}.bin"
+    ftp = login(server.endpoint, client_context(server.endpoint.cafile))
+    ftp.voidcmd("TYPE I")
+    with _prober(server.endpoint, _worker_of(ftp)) as stop, source.open("rb") as data:
+        began = time.monotonic()
+        conn = ftp.transfercmd(f"STOR {name}")
+        while block := data.read(1 << 20):
+            conn.sendall(block)
+        sent = time.monotonic()  # the server may still be reading and storing
+        conn.unwrap()  # type: ignore[attr-defined]
+        conn.close()
+        ftp.voidresp()
+        ended = time.monotonic()
+        samples = stop()
+    ftp.quit()
+    latencies = _during(samples, began, ended)
+    if not latencies:
+        raise BenchError("no NOOP completed during the upload")
+    commit = _noop_summary(samples, sent, ended)
+    print(
+        f"    {server.endpoint.name}: data {sent - began:.2f} s, last byte to 226 "
+        f"{(ended - sent) * 1000:.0f} ms ({commit}), max NOOP "
+        f"{max(latencies) * 1000:.1f} ms",
+        flush=True,
+    )
+    return Sample(
+        _percentile(latencies, 0.99) * 1000,
+        wall_seconds=ended - began,
+        note=f"{max(latencies) * 1000:.1f}",
+        work=len(latencies),
+        cleanup=[name],
+    )
+
+
+BENCH_SEEDED: set[str] = set()
+
+
 class _Reader:
     """A file-like object over bytes, for ``storbinary`` without temp files."""
 
@@ -813,7 +1013,7 @@ class _Reader:
         return data
 
 
-BENCH_STATE: dict[str, Path] = {}
+BENCH_STATE: dict[str, Path] = {}  # "big_file", "data" (the workspace's data folder)
 LOGIN_CPU: dict[str, float | None] = {}  # server name -> CPU seconds per login
 
 
@@ -874,6 +1074,24 @@ ROWS = {
         measure_uploads,
         "≥ best C server = 551",
         target_value=551,
+    ),
+    "noop-appe": Row(
+        "noop-appe",
+        "NOOP p99 ms, same worker, during APPE onto the big file",
+        "ms",
+        measure_noop_appe,
+        "< 50 (issue 14)",
+        higher_is_better=False,
+        target_value=50,
+    ),
+    "noop-commit": Row(
+        "noop-commit",
+        "NOOP p99 ms, same worker, during a big upload and its commit",
+        "ms",
+        measure_noop_commit,
+        "< 50 (issue 14)",
+        higher_is_better=False,
+        target_value=50,
     ),
 }
 
@@ -948,6 +1166,8 @@ def report(results: dict[str, dict[str, list[Sample]]], names: list[str]) -> Non
         if key == "idle":
             limit = _verdict(_median(notes[subject]), 64, higher_is_better=False)
             _line("KiB per idle TLS session (PSS)", notes, names, "≤ 64", limit)
+        if key in {"noop-appe", "noop-commit"}:
+            _line(f"{key}: slowest NOOP, ms", notes, names, "-", "-")
     print(
         "\nDetails (medians): server CPU = the server process tree, client CPU = "
         "curl or the client processes"
@@ -1052,6 +1272,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="interleaved rounds per row")
     parser.add_argument("--idle-sessions", type=int, help="sessions for the idle row")
     parser.add_argument(
+        "--appe-mib", type=int, help="size of the file noop-appe appends to (MiB)"
+    )
+    parser.add_argument(
+        "--commit-mib", type=int, help="size of the upload noop-commit watches (MiB)"
+    )
+    parser.add_argument(
         "--target", help="HOST:PORT of another FTPS server (explicit TLS)"
     )
     parser.add_argument("--target-name", default="target")
@@ -1083,6 +1309,8 @@ def _profile(args: argparse.Namespace) -> Profile:
         args.idle_sessions or base.idle_sessions,
         base.upload_seconds,
         args.rounds or base.rounds,
+        (args.appe_mib << 20) if args.appe_mib else base.appe_bytes,
+        (args.commit_mib << 20) if args.commit_mib else base.commit_bytes,
     )
 
 
@@ -1111,6 +1339,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         space = prepare_workspace(root, profile.big_bytes)
         BENCH_STATE["big_file"] = space.big
+        BENCH_STATE["data"] = space.big.parent
         servers.append(
             _target_server(args, space)
             if args.target

@@ -346,6 +346,16 @@ class GatewayMetrics:
             registry=registry,
         )
         self._last_reload.set_to_current_time()
+        self._loop_stalls = Counter(
+            f"{PREFIX}io_loop_stalls_total",
+            "Times an IO loop went server.loop_stall_seconds without turning.",
+            registry=registry,
+        )
+        self._loop_stalled = Gauge(
+            f"{PREFIX}io_loop_stalled",
+            "1 while the IO loop is stalled (summed over workers: how many are).",
+            registry=registry,
+        )
         build = Gauge(
             f"{PREFIX}build_info",
             "Always 1; the labels say which build, Python and node runs.",
@@ -525,6 +535,16 @@ class GatewayMetrics:
     def track_hooks(self, source: HooksSource) -> None:
         """Report the hook queue at each scrape from ``source() -> (depth, age)``."""
         self._scrape_time.hooks = source
+
+    def loop_stalled(self) -> None:
+        """The IO loop has not turned for ``server.loop_stall_seconds`` (the
+        watchdog thread calls this once per stall)."""
+        self._loop_stalls.inc()
+        self._loop_stalled.set(1)
+
+    def loop_recovered(self) -> None:
+        """The stalled IO loop turned again."""
+        self._loop_stalled.set(0)
 
     def track_passive_ports(self, source: PassivePortsSource) -> None:
         """Report passive ports at each scrape from ``source() -> (in_use, total)``.

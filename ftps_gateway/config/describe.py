@@ -55,6 +55,12 @@ def summary(cfg: GatewayConfig) -> str:
         (
             "Worker processes: "
             + (str(server.workers) if server.workers else "auto (one per CPU core)")
+            + "; IO loop watchdog: "
+            + (
+                f"stuck after {server.loop_stall_seconds} s"
+                if server.loop_stall_seconds
+                else "off"
+            )
         ),
         f"Active mode (PORT/EPRT): {active}",
         _access_line(cfg.access),

@@ -202,6 +202,9 @@ def _server(table: Table) -> ServerSettings:
         login_cache_seconds=table.integer(
             "login_cache_seconds", 0, 3_600, ServerSettings.login_cache_seconds
         ),
+        loop_stall_seconds=table.integer(
+            "loop_stall_seconds", 0, 600, ServerSettings.loop_stall_seconds
+        ),
     )
     table.close()
     return settings

@@ -58,6 +58,9 @@ class ServerSettings:
     workers: int = 0  # worker processes; 0 = "auto": one per CPU core
     login_cache_seconds: int = 300  # a verified password skips argon2id this long
     implicit_listen: tuple[ListenAddress, ...] = ()  # TLS from the first byte (990)
+    # Seconds a worker's IO loop may go without turning before it is reported stuck
+    # (log with its stack, /readyz fails, a metric counts it); 0 = no watchdog.
+    loop_stall_seconds: int = 5
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ gaps are listed in ARCHITECTURE.md):
 - File commands are decided on the path pyftpdlib finally uses (``fileverbs``);
   logins by the session's gate (``loginflow``); data connections through three doors
   (``datapath``); a balancer's PROXY header first (``proxyheader``); file digests
-  (HASH, XSHA256...) off the loop (``hashverbs``).
+  (HASH, XSHA256...), listings and uploads' slow file work off the IO loop
+  (``hashverbs``, ``listings``, ``fileverbs``).
 - A login grace timer that NOOP does not reset.
 
 This class holds no permission, quota, login or admission decision: those are the
@@ -40,6 +41,7 @@ from ftps_gateway.ftp.datapath import DataPathMixin
 from ftps_gateway.ftp.filesystem import GatewayFS
 from ftps_gateway.ftp.fileverbs import FileVerbsMixin
 from ftps_gateway.ftp.hashverbs import HASH_COMMANDS, HashVerbsMixin
+from ftps_gateway.ftp.listings import ListingsMixin
 from ftps_gateway.ftp.loginflow import LoginFlowMixin
 from ftps_gateway.ftp.proxyheader import ProxyHeaderMixin
 from ftps_gateway.ftp.tlschannel import (
@@ -101,6 +103,7 @@ class ControlHandler(
     ProxyHeaderMixin,  # before TLS: a PROXY header precedes the ClientHello
     TLSChannelMixin,
     LoginFlowMixin,
+    ListingsMixin,  # LIST, NLST, MLSD, STAT <path> rendered off the IO loop
     FileVerbsMixin,
     HashVerbsMixin,
     DataPathMixin,

@@ -1,12 +1,15 @@
 """A data connection: TLS first (the send gate), then the transfer pyftpdlib queued.
 
-Uploads are received many TLS records per readiness event and count as complete only
-when the client's close_notify arrived; a full disk or quota answers 452 and leaves
-nothing behind.
+Uploads are received many TLS records per readiness event, straight into the
+upload's receive buffers (their sha256 is computed on the hash lane meanwhile), and
+count as complete only when the client's close_notify arrived; a full disk or quota
+answers 452 and leaves nothing behind. A complete upload is committed (fsync,
+rename) off the IO loop, and its 226 is sent only once the file is durable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +23,11 @@ from ftps_gateway.ftp.tlschannel import READ, TLSChannelMixin, TLSState
 from ftps_gateway.storage.uploads import AtomicUpload, QuotaExceededError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ftps_gateway.ftp.control import ControlHandler
+    from ftps_gateway.session.work import Outcome
+    from ftps_gateway.storage.uploads import Discarded
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -46,14 +53,17 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         self.peer_ip = ""  # set by the control session at accept (stays if reset)
         self.approved = False
         self.resumed: bool | None = None
+        self.settling = False  # the upload is being committed or removed off the loop
+        self._discard_keep: bool | None = None  # False: never keep a partial
+        # The data connection itself ended the upload (quota, disk full, cut): its
+        # reply waits until the temporary is gone. Closed from a command (ABOR,
+        # PASV, the session's end) the reply goes at once, the unlink follows.
+        self._reply_after_removal = False
         self._handshake_timer: Any = None
         super().__init__(sock, cmd_channel)
         if not self.connected or self._closed:
             return
-        self._handshake_timer = self.ioloop.call_later(
-            cmd_channel.gateway.config.passive.connect_timeout_seconds,
-            self._on_handshake_timeout,
-        )
+        self.restart_handshake_timer()
         context = cmd_channel.tls_context
         if context is not None:
             self.start_tls(context)
@@ -83,8 +93,25 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         self.cmd_channel.on_data_channel_failed(self, f"tls-handshake: {reason}")
         self.close()
 
+    def restart_handshake_timer(self) -> None:
+        """Give the client ``connect_timeout_seconds`` from now for its handshake.
+
+        Clients (ftplib, curl) start TLS on the data connection only after the
+        command's 150, so time the server spends before that 150 (an upload's open,
+        a listing, off the loop) is not theirs: the session restarts the timer
+        when that work ends.
+        """
+        self._cancel_handshake_timer()
+        self._handshake_timer = self.ioloop.call_later(
+            self.cmd_channel.gateway.config.passive.connect_timeout_seconds,
+            self._on_handshake_timeout,
+        )
+
     def _on_handshake_timeout(self) -> None:
         self._handshake_timer = None
+        if self.cmd_channel.holding_input():
+            self.restart_handshake_timer()  # waiting for our own 150, not the client
+            return
         self.cmd_channel.on_data_channel_failed(self, "tls-handshake: timeout")
         self.close()
 
@@ -103,26 +130,59 @@ class DataHandler(TLSChannelMixin, DTPHandler):
 
     def handle_read(self) -> None:
         """Receive upload data: many records per readiness event, one file write."""
-        if self._closed:
+        if self._closed or self.settling or not self.receive:
+            return  # a download, or a transfer not started: no bytes are taken
+        upload = self.file_obj
+        try:
+            if self._data_wrapper is None:
+                ended = self._receive_binary(upload)
+            else:  # TYPE A: line endings converted, then stored
+                ended = self._receive_converted(upload)
+        except QuotaExceededError as exceeded:
+            self._refuse_over_quota(exceeded)
             return
-        view, ended = self.tls_recv_many(UPLOAD_READ_BUDGET)
-        if view:
-            self.tot_bytes_received += len(view)
-            chunk: bytes | memoryview = view
-            if self._data_wrapper is not None:  # TYPE A: line endings converted
-                chunk = self._data_wrapper(bytes(view))
-            try:
-                self.file_obj.write(chunk)
-            except QuotaExceededError as exceeded:
-                self._refuse_over_quota(exceeded)
+        except OSError as err:
+            if err.errno in STORAGE_FULL_ERRNOS:
+                self._refuse_storage_full(err)
                 return
-            except OSError as err:
-                if err.errno in STORAGE_FULL_ERRNOS:
-                    self._refuse_storage_full(err)
-                    return
-                raise _FileReadWriteError(err) from err
+            raise _FileReadWriteError(err) from err
         if ended and not self._closed:
             self.handle_close()
+
+    def _receive_binary(self, upload: AtomicUpload) -> bool:
+        """Decrypt straight into the upload's buffer; True when the stream ended."""
+        target = upload.buffer(self._resume_receiving)
+        if target is None:  # every buffer is still being hashed
+            self._set_io_events(0)
+            return False
+        count, ended = self.tls_recv_into(target)
+        if count:
+            self.tot_bytes_received += count
+            upload.received(count)
+        return ended
+
+    def _receive_converted(self, upload: AtomicUpload) -> bool:
+        room = upload.buffer(self._resume_receiving)
+        if room is None:
+            self._set_io_events(0)
+            return False
+        # At most one byte longer once converted (a CR held back from before).
+        view, ended = self.tls_recv_many(len(room) - 1)
+        if view:
+            self.tot_bytes_received += len(view)
+            upload.write(self._data_wrapper(bytes(view)))
+        return ended
+
+    def _resume_receiving(self) -> None:
+        """The hash lane freed a buffer: read again (runs on the loop)."""
+        if self._closed or self.settling:
+            return
+        try:
+            self._set_io_events(READ)
+            if self.socket.pending():  # records OpenSSL decrypted already
+                self.handle_read_event()
+        except Exception:  # noqa: BLE001 - as pyftpdlib's loop: the channel's handler
+            self.handle_error()
 
     def _refuse_over_quota(self, exceeded: QuotaExceededError) -> None:
         """452, and the upload is discarded (not kept as a partial)."""
@@ -132,19 +192,20 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         )  # fmt: skip
         self.transfer_finished = False
         self._resp = (replies.OVER_QUOTA, logger.info)
+        self._reply_after_removal = True
         self.close()
 
     def _refuse_storage_full(self, err: OSError) -> None:
         """452, and the temporary file is removed: kept, it would hold the space."""
         upload = self.file_obj
-        if isinstance(upload, AtomicUpload):
-            upload.discard(keep=False)
+        self._discard_keep = False
         self.cmd_channel.events.note(
             "upload_refused", path=getattr(upload, "name", None),
             reason="storage-full", detail=err.strerror,
         )  # fmt: skip
         self.transfer_finished = False
         self._resp = (replies.STORAGE_FULL, logger.warning)
+        self._reply_after_removal = True
         self.close()
 
     def handle_close(self) -> None:
@@ -152,13 +213,14 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         if not self._closed and self.receive and not self.tls_peer_closed:
             self.transfer_finished = False
             self._resp = (replies.UPLOAD_CUT, logger.info)
+            self._reply_after_removal = True
             self.close()
             return
         super().handle_close()
 
     def close(self) -> None:
         """Finish or discard the upload before pyftpdlib sends the final reply."""
-        if self._closed:
+        if self._closed or self.settling:
             return
         self._cancel_handshake_timer()
         if not self.approved:
@@ -173,28 +235,77 @@ class DataHandler(TLSChannelMixin, DTPHandler):
             AsyncChat.close(self)
             return
         upload = self.file_obj if isinstance(self.file_obj, AtomicUpload) else None
-        if upload is not None:
-            self._settle_upload(upload)
+        if upload is not None and not upload.closed:
+            if self.receive and self.transfer_finished and not self.tls_truncated:
+                self._settle(upload.commit, commit=upload)
+                return
+            leftover = self._discard(upload)
+            if leftover is not None and self._reply_after_removal:
+                self._settle(leftover.remove)
+                return
+            if leftover is not None:  # the reply goes now; the unlink follows
+                control = self.cmd_channel
+                work = control.gateway.file_work
+                if not work.submit(control.session_id, leftover.remove, _ignore):
+                    leftover.remove()
         self.tls_close()
         super().close()
 
-    def _settle_upload(self, upload: AtomicUpload) -> None:
-        if self.receive and self.transfer_finished and not self.tls_truncated:
-            try:
-                upload.commit()
-            except FileExistsError:
-                # No overwrite permission, and the name appeared during the upload.
+    def _settle(
+        self, job: Callable[[], None], *, commit: AtomicUpload | None = None
+    ) -> None:
+        """Run ``job`` (the commit, or removing a discarded temporary) off the loop;
+        DTPHandler.close, with its reply (the 226), after.
+
+        The connection is closed now, as DTPHandler.close would (our close_notify
+        first); the rest of DTPHandler.close waits for the job: the session holds
+        its input meanwhile and counts as transferring (a drain waits for it).
+        """
+        self.settling = True
+        self.tls_close()
+        self.del_channel()
+        # The fd number may be reused by the next connection: from here on nothing
+        # may unregister this channel by number (AsyncChat.close skips None).
+        self._fileno = None
+        with contextlib.suppress(OSError):
+            self.socket.close()
+        if self._idler is not None and not self._idler.cancelled:
+            self._idler.cancel()  # a slow fsync is not an idle client
+        control = self.cmd_channel
+
+        def settled(outcome: Outcome[None]) -> None:
+            self.settling = False
+            if commit is not None and outcome.error is not None:
                 self.transfer_finished = False
-                self._resp = (replies.UPLOAD_NAME_TAKEN, logger.info)
-            except OSError as err:
-                self.transfer_finished = False
-                if err.errno in STORAGE_FULL_ERRNOS:  # fsync found no room
-                    self._resp = (replies.STORAGE_FULL, logger.warning)
-                    return
-                logger.exception("could not move upload into place: %s", upload.final)
-                self._resp = (replies.UPLOAD_NOT_STORED, logger.error)
-            return
-        upload.discard()  # kept as a resumable partial if the config says so
+                self._resp = _commit_failure_reply(commit, outcome.error)
+            if control._closed:  # noqa: SLF001 - the client left: nobody to answer
+                self._resp = ()  # type: ignore[assignment]  # DTPHandler's "no reply"
+            super(DataHandler, self).close()
+
+        control.run_file_job(job, settled, must_run=True)
+
+    def _discard(self, upload: AtomicUpload) -> Discarded | None:
+        """Keep it as a resumable partial if the config says so, else set it aside
+        for removal (the unlink, which frees the blocks, runs off the loop)."""
+        leftover = upload.discard(keep=self._discard_keep, defer_unlink=True)
         self.transfer_finished = False
         if not self._resp or self._resp[0].startswith("226"):
             self._resp = (replies.TRANSFER_ABORTED, logger.info)
+        return leftover
+
+
+def _commit_failure_reply(
+    upload: AtomicUpload, error: BaseException
+) -> tuple[str, Any]:
+    """The reply to an upload whose commit failed (the temporary is gone)."""
+    if isinstance(error, FileExistsError):
+        # No overwrite permission, and the name appeared during the upload.
+        return replies.UPLOAD_NAME_TAKEN, logger.info
+    if isinstance(error, OSError) and error.errno in STORAGE_FULL_ERRNOS:
+        return replies.STORAGE_FULL, logger.warning  # fsync found no room
+    logger.error("could not move upload into place: %s: %s", upload.final, error)
+    return replies.UPLOAD_NOT_STORED, logger.error
+
+
+def _ignore(_outcome: Outcome[None]) -> None:
+    """A job nobody waits for (its failure changes nothing the client sees)."""

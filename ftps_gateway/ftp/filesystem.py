@@ -17,15 +17,20 @@ pyftpdlib answers ``550 Permission denied.``; the session audits the reason.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-from typing import Any
+import threading
+from typing import TYPE_CHECKING, Any
 
 from pyftpdlib.filesystems import AbstractedFS
 
 from ftps_gateway.session.fileaccess import Action, FileAccess, Kind, Refusal
 from ftps_gateway.storage import vfs
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 # What ftp2fs returns for a refused virtual path: pyftpdlib's own validpath() check
 # then answers 550 instead of raising.
@@ -41,6 +46,33 @@ class GatewayFS(AbstractedFS):
         super().__init__("/", cmd_channel)
         self.access: FileAccess = cmd_channel.file_access
         self.table: vfs.MountTable = self.access.table
+        self._rendering = threading.local()  # a listing's own location cache
+
+    def _locate_absolute(self, path: str) -> vfs.Location:
+        """``table.locate("/", path)``; remembered for the listing being rendered.
+
+        A LIST line asks for one entry's location four times (visibility, mount
+        point, virtual folder, real path), each a ``realpath`` of every component:
+        20,000 entries cost ~36 lstat calls each. Within one listing (one thread,
+        one moment) the answer is the same, so it is computed once.
+        """
+        cache: dict[str, vfs.Location] | None = getattr(
+            self._rendering, "locations", None
+        )
+        if cache is None:
+            return self.table.locate("/", path)
+        location = cache.get(path)
+        if location is None:
+            location = cache[path] = self.table.locate("/", path)
+        return location
+
+    @contextlib.contextmanager
+    def _one_listing(self) -> Iterator[None]:
+        self._rendering.locations = {}
+        try:
+            yield
+        finally:
+            self._rendering.locations = None
 
     # --- path mapping
 
@@ -88,7 +120,7 @@ class GatewayFS(AbstractedFS):
 
     def _location(self, path: str) -> vfs.Location:
         try:
-            return self.table.locate("/", path)
+            return self._locate_absolute(path)
         except vfs.PathRefused:
             # pyftpdlib writes an OSError's text into its 550 reply: the generic
             # one, never the refusal's reason ("folder unavailable", "outside home").
@@ -128,7 +160,7 @@ class GatewayFS(AbstractedFS):
         """No real folder, but mount points below: a directory that only lists them
         (``/`` without a home, or ``/a`` on the way to a mount at ``/a/b``)."""
         try:
-            location = self.table.locate("/", path)
+            location = self._locate_absolute(path)
         except vfs.PathRefused:
             return False
         if location.real is None:
@@ -310,7 +342,7 @@ class GatewayFS(AbstractedFS):
     def perm_letters(self, virtual: str) -> str:
         """RFC 3659 ``perm`` letters for a virtual path, from its mount's words."""
         try:
-            location = self.table.locate("/", virtual)
+            location = self._locate_absolute(virtual)
         except vfs.PathRefused:
             return ""
         granted = location.permissions
@@ -322,6 +354,49 @@ class GatewayFS(AbstractedFS):
             mapping |= {vfs.Permission.DELETE: "d", vfs.Permission.RENAME: "f"}
         letters += "".join(letter for p, letter in mapping.items() if p in granted)
         return letters
+
+    # --- a whole listing at once (for a file-work thread, off the IO loop)
+
+    def render_listing(
+        self, kind: str, path: str, *, perms: str = "", facts: list[str] | None = None
+    ) -> bytes:
+        """Everything ``kind`` (LIST, NLST, MLSD or STAT) sends for ``path``.
+
+        pyftpdlib reads the folder on the IO loop and then stats (here also maps
+        and ``realpath``-checks) one entry per step while the data connection
+        drains, all on the loop: for a folder of many files that is the loop's
+        time, not the partner's. This does all of it in one go, in the caller's
+        thread; the result is held in memory (about 80 bytes per entry, the size
+        of the name list ``listdir`` already builds).
+
+        Raises:
+            OSError: the folder cannot be read (the reply is 550 with its reason);
+                NotADirectoryError for MLSD of something else (501).
+        """
+        with self._one_listing():
+            return self._render(kind, path, perms, facts or [])
+
+    def _render(self, kind: str, path: str, perms: str, facts: list[str]) -> bytes:
+        if kind == "MLSD":
+            if not self.isdir(path):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            lines = self.format_mlsx(path, self.listdir(path), perms, facts)
+            return b"".join(lines)
+        if kind == "NLST":
+            if self.isdir(path):
+                names = self.listdir(path)
+            else:
+                self.lstat(path)  # raises if it is not there (or not visible)
+                names = [os.path.basename(path)]
+            text = "".join(f"{name}\r\n" for name in names)
+            return text.encode(
+                self.cmd_channel.encoding, self.cmd_channel.unicode_errors
+            )
+        if self.isdir(path):  # LIST and STAT
+            return b"".join(self.format_list(path, self.listdir(path)))
+        basedir, filename = os.path.split(path)
+        self.lstat(path)
+        return b"".join(self.format_list(basedir, [filename]))
 
     def get_user_by_uid(self, uid: int) -> str:
         """Do not reveal server account names in listings."""

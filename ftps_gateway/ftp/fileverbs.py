@@ -14,12 +14,18 @@ A mixin for ``control.ControlHandler``. The decisions are the session's
   (``-C -``) and lftp (``reput``) learn where to resume.
 - Quotas are checked when an upload starts and enforced on every write (``452``); a
   refused upload leaves nothing behind.
+- Slow file work runs off the IO loop (``run_file_job``, on ``gateway.file_work``)
+  while the session's input is held, as PASS holds it for the password check, so
+  replies stay in order: an upload's open (with the quota walk, a resume's seed copy
+  and hash) before its 150, its commit (fsync, rename) before its 226.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
+from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any
 
 from ftps_gateway.ftp import replies
@@ -33,10 +39,15 @@ from ftps_gateway.storage.uploads import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ftps_gateway.ftp.filesystem import GatewayFS
     from ftps_gateway.session.events import SessionEvents
     from ftps_gateway.session.fileaccess import FileAccess
     from ftps_gateway.session.runtime import Gateway
+    from ftps_gateway.session.work import Outcome
+
+logger = logging.getLogger("ftps_gateway")
 
 # Each file command (pyftpdlib's canonical name) and what it does to its path.
 COMMAND_ACTIONS: dict[str, Action] = {
@@ -59,6 +70,13 @@ REFUSAL_REPLIES = {
     Kind.ACROSS_MOUNTS: replies.ACROSS_MOUNTS,
 }
 STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# A commit must run even when the file-work pool is full: it is tried again this
+# often (a refusal would lose an upload the client has finished sending).
+COMMIT_RETRY_SECONDS = 0.05
+
+
+class NotAFileError(Exception):
+    """The upload's name holds something other than a regular file."""
 
 
 class FileVerbsMixin:
@@ -66,12 +84,19 @@ class FileVerbsMixin:
 
     file_access: FileAccess | None = None
     current_command = ""  # the canonical command being processed (for the audit)
+    _held_for_files = 0  # file jobs running for this session (input held meanwhile)
 
     if TYPE_CHECKING:  # provided by ControlHandler / pyftpdlib's FTPHandler
         events: SessionEvents
         fs: GatewayFS
         username: str
+        session_id: str
         data_channel: Any
+        ioloop: Any
+        producer_fifo: Any
+        _closed: bool
+        _current_io_events: int
+        _pending_data: Any  # a data connection in its TLS handshake (datapath)
         _restart_position: int
         _in_dtp_queue: Any
         _current_type: str
@@ -82,6 +107,83 @@ class FileVerbsMixin:
         def respond(self, resp: str, logfun: Any = ...) -> None: ...
         def data_path_arranged(self) -> bool: ...
         def take_data_failure_reply(self) -> str: ...
+        def handle_error(self) -> None: ...
+        def del_channel(self) -> None: ...
+        def _pause_input(self) -> None: ...
+        def _writable_while_paused(self) -> None: ...
+        def _resume_input(self) -> None: ...
+
+    # --- slow file work, off the IO loop, with the session's input held
+
+    def run_file_job(
+        self,
+        job: Callable[[], Any],
+        done: Callable[[Outcome[Any]], None],
+        *,
+        must_run: bool = False,
+    ) -> bool:
+        """Run ``job`` on the file-work pool; ``done(outcome)`` on the loop after.
+
+        The session reads no command meanwhile (replies stay in order, as while
+        PASS is checked); ``done`` may reply, then input resumes. ``done`` also
+        runs when the session has closed meanwhile (to clean up; no reply then).
+
+        Returns False, having run nothing, when the pool (or this session's share
+        of it) is full; with ``must_run`` it is tried again until it gets in.
+        """
+        work = self.gateway.file_work
+        self.hold_input()
+
+        def finished(outcome: Outcome[Any]) -> None:
+            try:
+                if not self._closed:
+                    self._writable_while_paused()
+                done(outcome)
+            except Exception:  # noqa: BLE001 - handed to the session's error handler
+                self.handle_error()
+            finally:
+                self.release_input()
+
+        def attempt() -> bool:
+            if work.submit(self.session_id, job, finished):
+                return True
+            if must_run:
+                self.ioloop.call_later(COMMIT_RETRY_SECONDS, attempt)
+                return True
+            self.release_input()
+            return False
+
+        return attempt()
+
+    def hold_input(self) -> None:
+        """Stop reading commands until ``release_input`` (counted: jobs may nest)."""
+        self._held_for_files += 1
+        if self._held_for_files == 1 and not self._closed:
+            self._pause_input()
+            # TLSChannelMixin drains OpenSSL's decrypted bytes while the channel
+            # wants to read: it must not, or the next command would run now.
+            self._current_io_events = 0
+
+    def holding_input(self) -> bool:
+        """True while a file job runs for this session (its reply is not out)."""
+        return self._held_for_files > 0
+
+    def release_input(self) -> None:
+        """One file job ended; the last one resumes reading (and pending lines)."""
+        self._held_for_files -= 1
+        if self._closed:
+            return
+        if self._held_for_files == 0:
+            if self._pending_data is not None:  # its client waited for our reply
+                self._pending_data.restart_handshake_timer()
+            self._resume_input()
+        elif not self.producer_fifo:
+            self.del_channel()  # a reply re-registered it; still held
+            self._current_io_events = 0
+
+    def transfer_in_progress(self) -> bool:
+        """A file job counts as a transfer for the drain (its reply is due)."""
+        return self._held_for_files > 0 or bool(super().transfer_in_progress())  # type: ignore[misc]
 
     # --- the gate, on the path pyftpdlib is about to use
 
@@ -153,16 +255,121 @@ class FileVerbsMixin:
         return self.ftp_STOR(file, mode="a")
 
     def ftp_STOR(self, file: str, mode: str = "w") -> str | None:
-        """Receive into a hidden temporary file, renamed to ``file`` when complete."""
+        """Receive into a hidden temporary file, renamed to ``file`` when complete.
+
+        The temporary file is opened off the IO loop (with the quota walk, and for
+        a resume the copy and hash of what is there); 150 follows when it is ready.
+        """
         restart = self._restart_position or None
         self._restart_position = 0
         command = "APPE" if mode == "a" else "STOR"
         if not self.data_path_arranged():
             self.respond(self.take_data_failure_reply())
             return None
-        upload = self._open_upload(file, restart, append=mode == "a")
-        if upload is None:
+        access = self.file_access
+        if access is None:
             return None
+        location = access.locate(file)
+        if location.real is None or location.mount is None:
+            self.respond(replies.MOUNT_POINT)
+            return None
+        prepare = self._upload_opener(location, restart, append=mode == "a")
+
+        def opened(outcome: Outcome[AtomicUpload]) -> None:
+            if self._closed:  # the client left meanwhile: nobody to answer
+                if outcome.error is None:
+                    outcome.result().discard()
+                return
+            upload = self._opened_upload(location, outcome)
+            if upload is None:
+                return
+            self.reserve_upload_room(
+                upload, lambda: self._start_upload(upload, command)
+            )
+
+        if not self.run_file_job(prepare, opened):
+            self._refuse_upload(location, replies.FILE_WORK_BUSY, "file-work-full")
+        return file
+
+    def _upload_opener(
+        self, location: vfs.Location, restart: int | None, *, append: bool
+    ) -> Callable[[], AtomicUpload]:
+        """The job that opens the upload (runs off the loop; touches the disk)."""
+        access, fs, gateway = self.file_access, self.fs, self.gateway
+        assert access is not None  # noqa: S101 - logged in
+        config, work = gateway.config, gateway.file_work
+        real = location.real
+        assert real is not None  # noqa: S101 - checked by the caller
+        owner = self.username
+
+        def prepare() -> AtomicUpload:
+            exists = os.path.lexists(real)
+            if exists and not fs.isfile(location.virtual):
+                raise NotAFileError(location.virtual)
+            # The quota walk (every file under the scope's folders).
+            max_size, scope = access.upload_room(location, exists=exists)
+            return AtomicUpload(
+                real, location.virtual, owner,
+                restart=restart, append=append,
+                retention_seconds=config.storage.partial_retention_seconds,
+                max_size=max_size, quota_scope=scope,
+                may_replace=vfs.Permission.OVERWRITE in location.permissions,
+                digest=config.upload_sha256, lane=work.hashing, wake=work.wake,
+            )  # fmt: skip
+
+        return prepare
+
+    def _opened_upload(
+        self, location: vfs.Location, outcome: Outcome[AtomicUpload]
+    ) -> AtomicUpload | None:
+        """The opened upload, or None after replying why not."""
+        try:
+            return outcome.result()
+        except QuotaExceededError as exceeded:
+            self._refuse_upload(location, replies.OVER_QUOTA, "quota",
+                                scope=exceeded.scope)  # fmt: skip
+        except UploadBusyError:
+            self._refuse_upload(location, replies.UPLOAD_BUSY, "busy")
+        except RestartOutOfRangeError as beyond:
+            self._refuse_upload(location, replies.RESTART_BEYOND_DATA,
+                                "restart-beyond-data", detail=str(beyond))  # fmt: skip
+        except NotAFileError:
+            self._refuse_upload(location, replies.NOT_A_FILE, "not-a-file")
+        except CancelledError:  # the server is stopping
+            self._refuse_upload(location, replies.FILE_WORK_BUSY, "file-work-stopped")
+        except OSError as err:
+            if err.errno in STORAGE_FULL_ERRNOS:
+                self._refuse_upload(location, replies.STORAGE_FULL, "storage-full",
+                                    detail=err.strerror)  # fmt: skip
+            else:
+                self._refuse_upload(location, replies.CANNOT_CREATE, err.strerror)
+        return None
+
+    def reserve_upload_room(
+        self, upload: AtomicUpload, proceed: Callable[[], None]
+    ) -> None:
+        """The quota seam: take the upload's reservation, then ``proceed`` (loop).
+
+        Today the room measured by the walk (``upload.max_size``, set in
+        ``_upload_opener`` by ``FileAccess.upload_room``) is enforced on every write
+        and nothing is reserved, so concurrent uploads can together pass a quota
+        (issue 14, item 2). A reservation (``gateway.state.reserve``) is taken here:
+        on refusal, ``upload.discard(keep=False)`` and ``_refuse_upload(...,
+        replies.OVER_QUOTA, "quota")`` instead of ``proceed``; to wait for an answer
+        that comes later, ``hold_input()`` before asking and ``release_input()``
+        after ``proceed`` (the 150 must not overtake pipelined commands).
+        """
+        proceed()
+
+    def _start_upload(self, upload: AtomicUpload, command: str) -> None:
+        """The upload is open: 150 (or 125), and the data connection receives."""
+        if self._closed:
+            upload.discard()
+            return
+        if not self.data_path_arranged():  # its passive port timed out meanwhile
+            upload.discard()
+            self.respond(self.take_data_failure_reply())
+            return
         if upload.size:
             self.events.note("upload_resumed", path=upload.name, offset=upload.size)
         if self.data_channel is not None:
@@ -172,49 +379,6 @@ class FileVerbsMixin:
         else:
             self.respond(replies.OPENING_DATA)
             self._in_dtp_queue = (upload, command)
-        return file
-
-    def _open_upload(
-        self, file: str, restart: int | None, *, append: bool
-    ) -> AtomicUpload | None:
-        """The upload for ``file``, or None after replying why not."""
-        access = self.file_access
-        if access is None:
-            return None
-        location = access.locate(file)
-        if location.real is None or location.mount is None:
-            self.respond(replies.MOUNT_POINT)
-            return None
-        exists = os.path.lexists(location.real)
-        if exists and not self.fs.isfile(location.virtual):
-            self.respond(replies.NOT_A_FILE)
-            return None
-        config = self.gateway.config
-        try:
-            max_size, scope = access.upload_room(location, exists=exists)
-            return AtomicUpload(
-                location.real, location.virtual, self.username,
-                restart=restart, append=append,
-                retention_seconds=config.storage.partial_retention_seconds,
-                max_size=max_size, quota_scope=scope,
-                may_replace=vfs.Permission.OVERWRITE in location.permissions,
-                digest=config.upload_sha256,
-            )  # fmt: skip
-        except QuotaExceededError as exceeded:
-            self._refuse_upload(location, replies.OVER_QUOTA, "quota",
-                                scope=exceeded.scope)  # fmt: skip
-        except UploadBusyError:
-            self._refuse_upload(location, replies.UPLOAD_BUSY, "busy")
-        except RestartOutOfRangeError as beyond:
-            self._refuse_upload(location, replies.RESTART_BEYOND_DATA,
-                                "restart-beyond-data", detail=str(beyond))  # fmt: skip
-        except OSError as err:
-            if err.errno in STORAGE_FULL_ERRNOS:
-                self._refuse_upload(location, replies.STORAGE_FULL, "storage-full",
-                                    detail=err.strerror)  # fmt: skip
-            else:
-                self._refuse_upload(location, replies.CANNOT_CREATE, err.strerror)
-        return None
 
     def _refuse_upload(
         self, location: vfs.Location, reply: str, reason: str | None, **detail: Any

@@ -84,6 +84,13 @@ ACROSS_MOUNTS: Final = (
 NO_SIZE: Final = "550 Could not get file size."
 SIZE: Final = "213 {size}"
 
+# --- listings (produced off the IO loop; the texts pyftpdlib used)
+LISTING_FAILED: Final = "550 {reason}."  # the OS's words: "No such file or directory"
+MLSD_NOT_A_DIRECTORY: Final = "501 No such directory."
+STATUS_HEAD: Final = '213-Status of "{path}":'
+STATUS_END: Final = "213 End of status."
+FILE_WORK_BUSY: Final = "450 Server busy; try again shortly."  # file-work pool full
+
 # --- uploads
 OVER_QUOTA: Final = "452 Quota exceeded; upload not stored."
 STORAGE_FULL: Final = "452 Insufficient storage space."

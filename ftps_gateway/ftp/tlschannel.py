@@ -298,13 +298,23 @@ class TLSChannelMixin:
         the channel's own buffer, valid until the next call: no copy, and no fresh
         megabyte (and its page faults) per read.
         """
-        if self.tls_state is not TLSState.ESTABLISHED:
-            return memoryview(b""), False
         if self._recv_buffer is None or len(self._recv_buffer) < limit:
             # Reused for the channel's life: recv() would allocate ``limit`` bytes
             # for every 16 KiB record.
             self._recv_buffer = bytearray(limit)
-        view = memoryview(self._recv_buffer)
+        view = memoryview(self._recv_buffer)[:limit]
+        total, ended = self.tls_recv_into(view)
+        return view[:total], ended
+
+    def tls_recv_into(self, view: memoryview) -> tuple[int, bool]:
+        """Fill ``view`` with as many records as are there; (bytes, stream ended).
+
+        ``tls_recv_many`` into a buffer the caller owns (an upload's receive ring,
+        ``storage.hashlane``), so the bytes are written and hashed where they landed.
+        """
+        if self.tls_state is not TLSState.ESTABLISHED:
+            return 0, False
+        limit = len(view)
         total = 0
         ended = False
         while total < limit:
@@ -325,7 +335,7 @@ class TLSChannelMixin:
                 ended = True
                 break
             total += received
-        return view[:total], ended
+        return total, ended
 
     def send(self, data: bytes) -> int:
         """asyncore's send, through TLS once it is on."""

@@ -46,6 +46,7 @@ from ftps_gateway.service import lifecycle, sdnotify
 from ftps_gateway.service.admin import RELOAD_TIMEOUT_SECONDS, AdminServer
 from ftps_gateway.service.hooks import HookDispatcher, SpoolAdmin, spool_root
 from ftps_gateway.service.sharedstate import RemoteDefender, RemoteLimits, StateChannel
+from ftps_gateway.service.watchdog import LoopWatchdog
 from ftps_gateway.session.runtime import (
     PASSWORD_WORKERS,
     SHARED_PARTS,
@@ -164,6 +165,13 @@ class GatewayServer:
             config=lambda: self.config,
             not_after=lambda: self.gateway.tls.not_after,
         )
+        self.watchdog = LoopWatchdog(
+            self.waker,
+            lambda: self.config.server.loop_stall_seconds,
+            self.gateway.metrics,
+            report=worker.channel.report_loop if worker is not None else None,
+        )
+        self.readiness.add_check(self.watchdog.problem)
         self._stopped = threading.Event()
         try:
             if worker is None:
@@ -424,6 +432,7 @@ class GatewayServer:
         # partial sweep) would wait for the first connection. One wake-up at once
         # lets the scheduler set the first timeout.
         self.waker.call_soon_threadsafe(lambda: None)
+        self.watchdog.start(threading.get_ident())
         try:
             self.ioloop.loop()
         finally:
@@ -480,6 +489,7 @@ class GatewayServer:
         return self._stopped.wait(timeout)
 
     def _release(self) -> None:
+        self.watchdog.stop()  # the loop is done: what follows is not a stall
         if self.health is not None:
             self.health.stop()
             self.health = None

@@ -15,7 +15,8 @@ sessions, its logins) is released by the supervisor when its socket closes, so a
 crash never leaks a partner's session slots.
 
 Workers also push their rendered metrics here every few seconds; the supervisor sums
-them for its one ``/metrics`` (``workers.AggregatedMetrics``).
+them for its one ``/metrics`` (``workers.AggregatedMetrics``), and a worker's loop
+watchdog says when its IO loop stalls and turns again (``/readyz`` lists it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -56,6 +58,8 @@ class StateService:
         self.defender = defender
         self.limits = limits
         self.metrics: dict[int, str] = {}  # worker index -> its last metrics text
+        # worker index -> when (monotonic, here) its IO loop stopped turning
+        self.loop_stalls: dict[int, float] = {}
 
     def serve(self, conn: socket.socket, worker: int) -> threading.Thread:
         """Answer ``worker`` on ``conn`` in a thread until the worker goes away."""
@@ -73,6 +77,9 @@ class StateService:
                 if request["op"] == "metrics":  # a push: no answer
                     self.metrics[worker] = request["text"]
                     continue
+                if request["op"] == "loop":  # the watchdog's push: no answer
+                    self._loop_report(worker, float(request["stalled"]))
+                    continue
                 answer = getattr(self, f"_op_{request['op']}")
                 result = answer(request.get("arg", ""), held)
                 conn.send(json.dumps({"result": result}).encode())
@@ -81,6 +88,7 @@ class StateService:
         finally:
             conn.close()
             self.metrics.pop(worker, None)
+            self.loop_stalls.pop(worker, None)
             # Whatever the worker held dies with it.
             for ip, count in held.addresses.items():
                 for _ in range(count):
@@ -88,6 +96,12 @@ class StateService:
             for user, count in held.users.items():
                 for _ in range(count):
                     self.limits.logout(user)
+
+    def _loop_report(self, worker: int, stalled: float) -> None:
+        if stalled > 0:
+            self.loop_stalls[worker] = time.monotonic() - stalled
+        else:
+            self.loop_stalls.pop(worker, None)
 
     # One method per request; ``held`` is what the asking worker holds.
 
@@ -169,6 +183,18 @@ class StateChannel:
             except OSError:
                 logger.exception("could not push metrics to the supervisor")
                 self._break()
+
+    def report_loop(self, stalled: float) -> None:
+        """The loop watchdog's news: stalled for ``stalled`` s, or 0.0 (turns again).
+
+        From the watchdog's thread, without the lock: the loop may be the one
+        stuck, holding it in ``call``. A SOCK_SEQPACKET message goes whole, so it
+        cannot mix with a request; it has no answer to take from the caller.
+        """
+        if self.broken:
+            return
+        with contextlib.suppress(OSError):
+            self._conn.send(json.dumps({"op": "loop", "stalled": stalled}).encode())
 
     def _break(self) -> None:
         """Fail closed, then end this worker so the supervisor starts a fresh one.

@@ -138,6 +138,7 @@ class Supervisor:
             config=lambda: self.config,
             not_after=lambda: self._not_after,
         )
+        self.readiness.add_check(self._stalled_workers_problem)
         self.metrics = AggregatedMetrics(self.state.metrics)
         self._lock = threading.Lock()  # reload from the admin thread vs signals
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
@@ -283,6 +284,17 @@ class Supervisor:
     def _workers_problem(self) -> str | None:
         alive = sum(1 for p in list(self._processes.values()) if p.poll() is None)
         return None if alive == self.count else f"{alive} of {self.count} workers up"
+
+    def _stalled_workers_problem(self) -> str | None:
+        """Workers whose IO loop watchdog reports a stall (sharedstate)."""
+        now = time.monotonic()
+        stalls = sorted(dict(self.state.loop_stalls).items())
+        if not stalls:
+            return None
+        return "; ".join(
+            f"worker {index + 1}: IO loop stalled for {now - since:.0f} s"
+            for index, since in stalls
+        )
 
 
 def build_worker(args: Any, config: GatewayConfig) -> GatewayServer:

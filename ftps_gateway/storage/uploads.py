@@ -3,6 +3,13 @@
 Uploads are written under a hidden temporary name that only a completed transfer
 renames into place; an interrupted upload's temporary file can be kept for a while
 and resumed by the same user (``AtomicUpload``).
+
+Which parts may block, so the protocol layer runs them off the IO loop: opening
+(``AtomicUpload(...)``: the open, seeding a resume by copying the existing file,
+hashing the bytes already there) and ``commit`` (the rest of the sha256, fsync,
+rename). ``buffer``/``received`` and ``discard`` are what the loop itself calls: a
+write into the page cache, a rename and a close (a discarded temporary's unlink,
+which frees its blocks, is handed back as ``Discarded`` to run elsewhere).
 """
 
 from __future__ import annotations
@@ -10,17 +17,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
+import secrets
 import stat
 import time
 from typing import TYPE_CHECKING
 
 from ftps_gateway.storage import vfs
+from ftps_gateway.storage.hashlane import UploadDigest
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
     from pathlib import Path
+
+    from ftps_gateway.storage.hashlane import HashLane
 
 _COPY_CHUNK = 1 << 20
 # The sweep leaves younger unlocked temporaries alone: an upload creates its file and
@@ -35,6 +45,12 @@ class UploadBusyError(Exception):
 
 class RestartOutOfRangeError(Exception):
     """REST asked for an offset beyond the data there is to resume from."""
+
+
+def sync_file(fd: int) -> None:
+    """Make the upload's data durable (``os.fsync``); one seam, so tests can hold
+    a commit at the moment it waits for the disk."""
+    os.fsync(fd)
 
 
 class QuotaExceededError(Exception):
@@ -72,6 +88,8 @@ class AtomicUpload:
         quota_scope: str = "",
         may_replace: bool = True,
         digest: bool = True,
+        lane: HashLane | None = None,
+        wake: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
         """Open (or reopen) the temporary file and position it.
 
@@ -85,6 +103,10 @@ class AtomicUpload:
                 meanwhile (the user has no ``overwrite`` permission).
             digest: compute the sha256 of the whole file (``sha256``) for the audit
                 log; a resumed upload re-reads the part already there.
+            lane: the thread that hashes received data (``storage.hashlane``); None
+                hashes in the thread that commits.
+            wake: runs a callback on the IO loop (resumes reading once the lane
+                has freed a buffer).
 
         Raises:
             UploadBusyError, RestartOutOfRangeError, QuotaExceededError, OSError.
@@ -99,8 +121,9 @@ class AtomicUpload:
         self.quota_scope = quota_scope
         self.may_replace = may_replace
         self.over_quota = False
+        self.sha256: str | None = None  # hex sha256 of the whole file, once committed
         self._committed = False
-        self._hash = hashlib.sha256() if digest else None
+        self._digest = UploadDigest(lane, wake, digest=digest)
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         self._fd = os.open(self.temp, flags, 0o640)
         try:
@@ -109,29 +132,23 @@ class AtomicUpload:
             os.close(self._fd)
             self._fd = -1
             raise UploadBusyError(str(final)) from None
+        self._hashed = 0  # leading bytes already hashed while seeding
         try:
             self.size = self._position(restart, append)
-            if self._hash is not None and self.size:
+            if self._digest.computing and self.size > self._hashed:
                 self._hash_existing(self.size)
         except BaseException:
             self.discard(keep=True)
             raise
 
-    @property
-    def sha256(self) -> str | None:
-        """Hex sha256 of the whole file as written so far (None: not computed)."""
-        return self._hash.hexdigest() if self._hash is not None else None
-
     def _hash_existing(self, size: int) -> None:
-        """Hash the bytes a resumed upload starts from (they were written earlier)."""
-        if self._hash is None:
-            return
-        offset = 0
+        """Hash the bytes a resumed upload starts from that seeding did not hash."""
+        offset = self._hashed
         while offset < size:
             chunk = os.pread(self._fd, min(_COPY_CHUNK, size - offset), offset)
             if not chunk:
                 break
-            self._hash.update(chunk)
+            self._digest.seed(chunk)
             offset += len(chunk)
 
     @property
@@ -146,7 +163,7 @@ class AtomicUpload:
             return 0
         base = partial
         if base is None:
-            base = self._seed_from_final()
+            base = self._seed_from_final(restart)
         offset = base if restart is None else restart
         if offset > base:
             raise RestartOutOfRangeError(f"{offset} > {base}")
@@ -164,9 +181,15 @@ class AtomicUpload:
             return None  # expired: start over
         return info.st_size
 
-    def _seed_from_final(self) -> int:
+    def _seed_from_final(self, restart: int | None) -> int:
         """Copy the existing final file into the temporary one (resume without a
-        partial: standard REST/APPE semantics, made atomic)."""
+        partial: standard REST/APPE semantics, made atomic).
+
+        The bytes the upload continues from (all of them for APPE, the first
+        ``restart`` for REST) are hashed on the way, so a resumed upload reads the
+        existing file once, not twice.
+        """
+        keep = restart if restart is not None else -1
         os.ftruncate(self._fd, 0)
         os.lseek(self._fd, 0, os.SEEK_SET)
         try:
@@ -180,6 +203,10 @@ class AtomicUpload:
             while chunk := os.read(source, _COPY_CHUNK):
                 self._check_quota(copied + len(chunk))
                 self._write_all(chunk)
+                if self._digest.computing and (keep < 0 or copied < keep):
+                    take = len(chunk) if keep < 0 else min(len(chunk), keep - copied)
+                    self._digest.seed(memoryview(chunk)[:take])
+                    self._hashed += take
                 copied += len(chunk)
         finally:
             os.close(source)
@@ -196,54 +223,103 @@ class AtomicUpload:
             written = os.write(self._fd, view)
             view = view[written:]
 
-    def write(self, data: bytes | memoryview) -> int:
-        """Append ``data`` (short writes are retried).
+    # --- receiving (on the IO loop: page-cache writes only)
+
+    def buffer(self, waiter: Callable[[], None]) -> memoryview | None:
+        """Where to receive the next bytes (``received`` says how many came), or
+        None while every receive buffer is still being hashed: stop reading until
+        ``waiter`` runs (on the loop, through ``wake``)."""
+        return self._digest.buffer(waiter)
+
+    def received(self, count: int) -> None:
+        """Store the ``count`` bytes received into the last ``buffer()``.
+
+        Raises:
+            QuotaExceededError: before writing anything past the quota.
+        """
+        self._check_quota(self.size + count)
+        self._write_all(self._digest.received(count))
+        self.size += count
+        self._digest.hand_off_if_full()
+
+    def write(self, data: bytes) -> int:
+        """Store ``data`` (at most the room ``buffer()`` offers; TYPE A uploads,
+        whose bytes are converted before they are stored).
 
         Raises:
             QuotaExceededError: before writing anything past the quota.
         """
         self._check_quota(self.size + len(data))
-        self._write_all(data)
-        if self._hash is not None:
-            self._hash.update(data)
+        self._write_all(self._digest.copy_in(data))
         self.size += len(data)
+        self._digest.hand_off_if_full()
         return len(data)
 
-    def commit(self) -> None:
-        """fsync and rename over the final name; raises OSError on failure.
+    # --- the end (commit off the loop; discard on it)
 
-        Without permission to replace, the final name is created with ``link``,
-        which fails if it exists: no race between the permission check and now can
+    def commit(self) -> None:
+        """Finish the sha256, fsync and rename over the final name; raises OSError.
+
+        Blocks on the disk (and on the hash lane): never on the IO loop. Without
+        permission to replace, the final name is created with ``link``, which
+        fails if it exists: no race between the permission check and now can
         overwrite someone's file.
         """
         try:
-            os.fsync(self._fd)
+            sync_file(self._fd)
             if self.may_replace:
                 os.replace(self.temp, self.final)
             else:
                 os.link(self.temp, self.final, follow_symlinks=False)
                 self._unlink_temp()
         except OSError:
-            self.discard(keep=False)
+            self._digest.cancel()
+            self.discard(keep=False, defer_unlink=False)
             raise
         self._committed = True
         self._close_fd()
+        # Last: the lane hashed along during the fsync; the rest is in memory.
+        self.sha256 = self._digest.finish()
 
-    def discard(self, *, keep: bool | None = None) -> None:
+    def discard(
+        self, *, keep: bool | None = None, defer_unlink: bool = False
+    ) -> Discarded | None:
         """Drop the data, or keep it as a resumable partial.
 
         ``keep`` defaults to: partials are kept (retention > 0), the upload wrote
         something and did not hit a quota (quota refusals leave nothing behind).
+
+        With ``defer_unlink`` a temporary to remove is renamed to a unique hidden
+        name and returned (``Discarded``): unlinking a large file frees its blocks,
+        which may take a while; the caller runs it off the loop. The rename keeps
+        the flock until the name is free, so the same user's next upload to this
+        name (a resume) can never meet the old temporary.
         """
         if self._fd < 0:
-            return
+            return None
+        self._digest.cancel()
         if keep is None:
             keep = self.retention_seconds > 0 and not self.over_quota
+        leftover = None
         if self._committed:
             keep = True
         elif not keep or os.fstat(self._fd).st_size == 0:
-            self._unlink_temp()
+            leftover = self._set_aside() if defer_unlink else None
+            if leftover is None:
+                self._unlink_temp()
         self._close_fd()
+        return leftover
+
+    def _set_aside(self) -> Discarded | None:
+        """Rename the temporary to a name of its own; None if that failed."""
+        aside = self.temp.parent / vfs.upload_temp_name(
+            "discarded", secrets.token_hex(12)
+        )
+        try:
+            os.rename(self.temp, aside)
+        except OSError:
+            return None
+        return Discarded(aside)
 
     def close(self) -> None:
         """pyftpdlib closes file objects on every exit path: discard by default."""
@@ -257,6 +333,20 @@ class AtomicUpload:
     def _unlink_temp(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.temp.unlink()
+
+
+class Discarded:
+    """A discarded upload's temporary, renamed aside, waiting to be unlinked."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def remove(self) -> None:
+        """Unlink it (off the loop: freeing a large file's blocks takes time)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
 
 
 def partial_size(final: Path, owner: str, retention_seconds: int) -> int | None:

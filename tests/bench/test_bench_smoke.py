@@ -41,6 +41,8 @@ def test_smoke_run_prints_every_row_with_a_ratio() -> None:
         "| p99 session latency, 16 clients, ms |",
         "| KiB per idle TLS session (RSS) |",
         "| 4 KiB uploads/s, one session |",
+        "| NOOP p99 ms, same worker, during APPE onto the big file |",
+        "| NOOP p99 ms, same worker, during a big upload and its commit |",
     ]
     table = [line for line in output.splitlines() if line.startswith("| ")]
     for label in labels:

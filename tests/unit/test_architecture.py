@@ -674,6 +674,10 @@ PYFTPDLIB_PRIVATE_NAMES: dict[str, tuple[str, str]] = {
         "pyftpdlib.handlers.FTPHandler",
         "control/hashverbs: FEAT lists AUTH TLS, PBSZ, PROT, HASH and the X* digests",
     ),
+    "_current_facts": (
+        "pyftpdlib.handlers.FTPHandler",
+        "listings: the MLST facts the client chose (OPTS MLST), for MLSD off the loop",
+    ),
     # the data connection (pyftpdlib's DTPHandler)
     "_idler": (
         "pyftpdlib.handlers.DTPHandler",

@@ -1058,7 +1058,7 @@ def test_summary(config_dir: Path) -> None:
             "login timeout 30 s, idle timeout 300 s, shutdown grace 30 s, "
             "verified logins remembered 300 s"
         ),
-        "Worker processes: auto (one per CPU core)",
+        "Worker processes: auto (one per CPU core); IO loop watchdog: stuck after 5 s",
         "Active mode (PORT/EPRT): refused",
         (
             "Access: WARNING: every client address may connect "
@@ -1169,6 +1169,7 @@ def test_example_file_documents_every_key() -> None:
         "proxy_protocol_from",
         "workers",
         "login_cache_seconds",
+        "loop_stall_seconds",
         "per_user_labels",
         "allow_public",
         "name",

@@ -30,7 +30,7 @@ _SECTIONS: dict[str, dict[str, object]] = {
         "max_sessions_per_user": 8, "allow_active_mode": False,
         "shutdown_grace_seconds": 30, "node_name": "ftps-1",
         "proxy_protocol_from": ["10.0.0.5/32"], "workers": "auto",
-        "login_cache_seconds": 300,
+        "login_cache_seconds": 300, "loop_stall_seconds": 5,
     },
     "tls": {"min_version": "1.2", "max_version": "1.3", "reuse": "required"},
     "passive": {"ports": "50000-50099", "address": "203.0.113.7",
