@@ -81,6 +81,8 @@ SESSION_REFUSALS: Final = (
     "limit-per-user",
     "draining",  # SIGTERM received: no new sessions
     "proxy-header",  # a balancer's connection without a valid PROXY header
+    "login-queue-full",  # PASS while the login queue was full (421)
+    "login-queue-address",  # PASS beyond the address's share of the login queue (421)
 )
 
 # Login outcomes (``login``). The client hears one generic 530 for all failures;
@@ -91,6 +93,7 @@ LOGIN_RESULTS: Final = (
     "not-allowed-from-network",  # the user may not log in from this client IP
     "banned",
     "limit",  # a session limit refused the login
+    "queue-full",  # the login queue refused it unverified (see sessions_refused_total)
 )
 
 # ``ssl.SSLSocket.version()`` spelling, so the handler passes it through as is.
@@ -509,6 +512,10 @@ class GatewayMetrics:
         """Report the number of active bans at each scrape from ``source()``."""
         self._scrape_time.bans = source
 
+    def track_login_queue(self, source: Callable[[], int]) -> None:
+        """Report the logins waiting for a password verification from ``source()``."""
+        self._scrape_time.login_queue = source
+
     def track_certificate_expiry(
         self, source: Timestamp | Callable[[], Timestamp]
     ) -> None:
@@ -581,6 +588,7 @@ class _ScrapeTimeGauges(Collector):
     def __init__(self) -> None:
         self.passive_ports: PassivePortsSource | None = None
         self.bans: Callable[[], int] | None = None
+        self.login_queue: Callable[[], int] | None = None
         self.certificate_expiry: Callable[[], Timestamp] | None = None
         self._failed: set[str] = set()
 
@@ -605,6 +613,14 @@ class _ScrapeTimeGauges(Collector):
             if bans is not None:
                 yield GaugeMetricFamily(
                     f"{PREFIX}bans_active", "Bans in force now.", value=bans
+                )
+        if self.login_queue is not None:
+            waiting = self._read("login queue", self.login_queue)
+            if waiting is not None:
+                yield GaugeMetricFamily(
+                    f"{PREFIX}login_queue_waiting",
+                    "Logins waiting for a password verification now.",
+                    value=waiting,
                 )
         if self.certificate_expiry is not None:
             expiry = self._read("certificate expiry", self.certificate_expiry)

@@ -22,7 +22,7 @@ import logging
 import socket
 import threading
 import time
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,7 @@ from ftps_gateway.policy.passwords import PasswordVerifier, RecentLogins
 from ftps_gateway.service import lifecycle, sdnotify
 from ftps_gateway.service.admin import RELOAD_TIMEOUT_SECONDS, AdminServer
 from ftps_gateway.service.sharedstate import RemoteDefender, RemoteLimits, StateChannel
+from ftps_gateway.session.loginqueue import DefenderScore, LoginQueue
 from ftps_gateway.session.runtime import (
     PASSWORD_WORKERS,
     SHARED_PARTS,
@@ -94,7 +95,7 @@ def build_gateway(config: GatewayConfig, own: Mapping[str, Any]) -> Gateway:
 
     Args:
         own: one value per name in ``SHARED_PARTS``: what the server keeps across
-            reloads (bans, session counts, metrics, the password pool...).
+            reloads (bans, session counts, metrics, the login queue...).
 
     Raises:
         ConfigError: the certificate or key is unusable.
@@ -193,11 +194,13 @@ class GatewayServer:
             limits = RemoteLimits(self.worker.channel)
         else:
             defender, limits = lifecycle.new_kept_state(config)
-        executor = ThreadPoolExecutor(PASSWORD_WORKERS, thread_name_prefix="argon2")
+        login_queue = LoginQueue(
+            self.waker, DefenderScore(defender), threads=PASSWORD_WORKERS
+        )
         file_work = FileWork(self.waker)
         own = {
             "verifier": verifier or PasswordVerifier(),
-            "executor": executor,
+            "login_queue": login_queue,
             "waker": self.waker,
             "audit": audit or AuditLog(),
             "defender": defender,
@@ -213,7 +216,7 @@ class GatewayServer:
         try:
             return build_gateway(config, own)
         except GatewayError:
-            executor.shutdown(wait=False)
+            login_queue.shutdown()
             file_work.shutdown()
             self.ioloop.close()
             raise
@@ -235,6 +238,7 @@ class GatewayServer:
         metrics = self.gateway.metrics
         metrics.track_passive_ports(self._passive_ports)
         metrics.track_bans(self.gateway.defender.active_count)
+        metrics.track_login_queue(lambda: self.gateway.login_queue.waiting)
         metrics.track_certificate_expiry(self._certificate_expiry)
         if self.worker is not None:
             # The supervisor serves one /metrics that adds up the workers' pushes.
@@ -332,8 +336,8 @@ class GatewayServer:
         """Remove expired partial uploads (and crash leftovers) now and periodically.
 
         The walk runs on the file-work pool, off the IO loop (it touches every folder
-        a user can upload into), never on the password pool, where it would delay
-        logins.
+        a user can upload into), never on the login queue's threads, where it would
+        delay logins.
         """
         roots = sweep_roots(self.config)
         retention = self.config.storage.partial_retention_seconds
@@ -465,7 +469,7 @@ class GatewayServer:
             self.admin.close()
             self.admin = None
         gateway = self.holder.current
-        gateway.executor.shutdown(wait=False, cancel_futures=True)
+        gateway.login_queue.shutdown()
         gateway.file_work.shutdown()
         gateway.tls.close()
         if self.ioloop.socket_map:
