@@ -12,6 +12,7 @@ makes ``.venv``)::
     .venv/bin/python bench/bench.py                  # the issue's sizes: 1 GiB, 1,000 idle
     .venv/bin/python bench/bench.py --rows sessions,idle --rounds 5
     .venv/bin/python bench/bench.py --smoke          # seconds; what the smoke test runs
+    .venv/bin/python bench/bench.py --rows flood --flood-long   # issue 14's login flood
 
 What it starts, both bound to 127.0.0.1 on ports the OS chooses:
 
@@ -31,6 +32,14 @@ sessions/s with 16 concurrent client *processes* each doing TLS login, PASV, 4 K
 RETR and QUIT in a loop (``ReusingFTP_TLS``), p99 session latency of that run, KiB of
 server memory per idle logged-in TLS session (RSS and PSS delta of the server's
 process tree over N sessions, divided by N), and 4 KiB uploads/s in one session.
+
+The ``flood`` row (issue 14, gateway only: the reference hashes no passwords) times a
+partner's uncached login (production argon2id, an account of its own for each timed
+login) without load, then during a login flood: 64 addresses with 4 connections each
+sending wrong passwords, the partner logging in 2 s into it from an address it logged
+in from before (``127.0.0.1``) and from one it never used. The flood stops once the
+partners are in; ``--flood-long`` floods from 250 addresses with 8 connections each
+and lasts until every one of them is banned.
 
 Comparing another FTPS server (vsftpd, ProFTPD, Pure-FTPd; explicit TLS, AUTH TLS)::
 
@@ -83,7 +92,11 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # ftps_gateway.client, when run without installing
 
-from ftps_gateway.selftest.client import ReusingFTP_TLS  # noqa: E402 - after the path fix
+sys.path.insert(0, str(REPO / "tests"))  # support.loginflood, the flood row's client
+
+from ftps_gateway.policy.passwords import hash_password  # noqa: E402 - after the path fix
+from ftps_gateway.selftest.client import ReusingFTP_TLS  # noqa: E402
+from support import loginflood  # noqa: E402
 
 BIG_NAME = "bench-big.bin"
 SMALL_NAME = "bench-4k.bin"
@@ -92,9 +105,11 @@ USER = "bench"
 MB = 1_000_000
 ROW_NAMES = (
     "download", "upload", "sessions", "idle", "uploads", "noop-appe", "noop-commit",
+    "flood",
 )  # fmt: skip
 APPE_NAME = "bench-appe.bin"  # the big file the noop-appe row appends to
 COMMIT_NAME = "bench-commit.bin"  # the big file the noop-commit row uploads
+FLOOD_LOGINS = 3  # timed logins per flood measurement, each with its own account
 
 
 @dataclass(frozen=True)
@@ -107,15 +122,39 @@ class Profile:
     idle_sessions: int
     upload_seconds: float
     rounds: int
+    flood: Flood
     appe_bytes: int = 1 << 20  # the file APPE appends to (noop-appe)
     commit_bytes: int = 1 << 20  # the upload whose commit is watched (noop-commit)
 
 
+@dataclass(frozen=True)
+class Flood:
+    """The login flood of the ``flood`` row."""
+
+    addresses: int  # attacking source addresses (127.1.<round>.<n>)
+    connections: int  # each keeps this many connections guessing
+    partner_after: float  # seconds into the flood the partners log in
+    until_banned: bool  # flood until every attacker is banned (else: stop after)
+
+
+SHORT_FLOOD = Flood(64, 4, 2.0, until_banned=False)
+LONG_FLOOD = Flood(250, 8, 5.0, until_banned=True)  # --flood-long
+
 PROFILES = {
     # Issue 14's sizes: APPE onto 2 GiB, the commit of a 1 GiB upload.
-    "long": Profile(1 << 30, 20.0, 16, 1000, 10.0, 5, 2 << 30, 1 << 30),
-    "quick": Profile(64 << 20, 5.0, 16, 100, 3.0, 3, 200 << 20, 200 << 20),
-    "smoke": Profile(1 << 20, 1.0, 2, 8, 1.0, 1, 4 << 20, 4 << 20),
+    "long": Profile(1 << 30, 20.0, 16, 1000, 10.0, 5, SHORT_FLOOD, 2 << 30, 1 << 30),
+    "quick": Profile(64 << 20, 5.0, 16, 100, 3.0, 3, SHORT_FLOOD, 200 << 20, 200 << 20),
+    "smoke": Profile(
+        1 << 20,
+        1.0,
+        2,
+        8,
+        1.0,
+        1,
+        Flood(8, 2, 0.5, until_banned=False),
+        4 << 20,
+        4 << 20,
+    ),
 }
 
 
@@ -155,6 +194,7 @@ class Sample:
     note: str = ""
     work: float = 0.0  # bytes, sessions or uploads done, for CPU per unit
     cleanup: list[str] = field(default_factory=list)  # files to delete, untimed
+    extras: dict[str, float] = field(default_factory=dict)  # more figures of the row
 
 
 class BenchError(Exception):
@@ -311,10 +351,15 @@ class Workspace:
     password_hash: str
     big: Path
     small: Path
+    flood_users: tuple[tuple[str, str], ...] = ()  # (name, hash): one login each
 
 
-def prepare_workspace(root: Path, big_bytes: int) -> Workspace:
-    """Certificate via ``gen-cert``, a production argon2id hash, random data files."""
+def prepare_workspace(root: Path, big_bytes: int, flood_users: int = 0) -> Workspace:
+    """Certificate via ``gen-cert``, a production argon2id hash, random data files.
+
+    ``flood_users`` accounts share the password, each with a hash of its own (the
+    recent-login cache is keyed by the hash), for the flood row's uncached logins.
+    """
     run = [sys.executable, "-m", "ftps_gateway"]
     subprocess.run(
         [*run, "gen-cert", "--hostname", "localhost", "--out", str(root / "certs")],
@@ -337,8 +382,18 @@ def prepare_workspace(root: Path, big_bytes: int) -> Workspace:
     _write_random(big, big_bytes)
     small.write_bytes(os.urandom(SMALL_BYTES))
     certs = root / "certs"
+    accounts = tuple(
+        (f"flood-{index}", hash_password(password)) for index in range(flood_users)
+    )
     return Workspace(
-        root, certs / "server.crt", certs / "server.key", password, hashed, big, small
+        root,
+        certs / "server.crt",
+        certs / "server.key",
+        password,
+        hashed,
+        big,
+        small,
+        accounts,
     )
 
 
@@ -411,7 +466,11 @@ listen = "127.0.0.1:0"
 [[users]]
 name = "{USER}"
 password = "{space.password_hash}"
-""",
+"""
+        + "".join(
+            f'[[users]]\nname = "{name}"\npassword = "{hashed}"\n'
+            for name, hashed in space.flood_users
+        ),
         encoding="utf-8",
     )
     command = [sys.executable, "-m", "ftps_gateway", "serve", "--config", str(config)]
@@ -1013,6 +1072,73 @@ class _Reader:
         return data
 
 
+FLOOD_ROUNDS = iter(range(1, 255))  # the second octet's round: fresh addresses each
+FLOOD_ACCOUNTS: list[str] = []  # flood-N accounts not logged into yet (uncached)
+KNOWN_PARTNER = "127.0.0.1"  # where every other row logs in from
+REGULAR_LOGINS = 8  # the partner's logins before a flood (on every worker, surely)
+
+
+def measure_login_flood(server: Server, profile: Profile, _pool: object) -> Sample:
+    """ms of a partner's uncached login during a login flood (gateway only).
+
+    The partner logs in from ``KNOWN_PARTNER`` a few times first (cached logins, as a
+    partner's automation does all day), so every worker has seen that address log in.
+    The sample's value is that partner's uncached login during the flood; ``note``
+    is the same login without a flood, measured just before; ``extras["new"]`` is
+    the login of an address the server never saw, during the flood.
+    """
+    if len(FLOOD_ACCOUNTS) < FLOOD_LOGINS:
+        raise BenchError("no uncached flood-N account left (more rounds than made)")
+    endpoint, flood = server.endpoint, profile.flood
+    for _ in range(REGULAR_LOGINS):
+        login(endpoint, client_context(endpoint.cafile)).quit()
+    warm_up, partner, fresh = (FLOOD_ACCOUNTS.pop() for _ in range(FLOOD_LOGINS))
+    round_number = next(FLOOD_ROUNDS)
+    report = loginflood.flood(
+        loginflood.Plan(
+            host=endpoint.host,
+            port=endpoint.port,
+            sources=[
+                f"127.1.{round_number}.{n}" for n in range(1, flood.addresses + 1)
+            ],
+            per_source=flood.connections,
+            user=endpoint.user,
+            wrong_password="not-" + endpoint.password,
+            password=endpoint.password,
+            partner_source=KNOWN_PARTNER,
+            fresh_source=f"127.2.{round_number}.1",
+            seconds=900.0,
+            partner_after=flood.partner_after,
+            until_banned=flood.until_banned,
+            warm_up_user=warm_up,
+            partner_user=partner,
+            fresh_user=fresh,
+        )
+    )
+    baseline = _login_ms(report.baseline, "no flood")
+    during = _login_ms(report.partner, "flood")
+    extras: dict[str, float] = {}
+    if report.fresh is not None and report.fresh.seconds is not None:
+        extras["new"] = report.fresh.seconds * 1000
+    heard = ", ".join(f"{count} x {reply}" for reply, count in report.replies.items())
+    print(
+        f"    flood: {flood.addresses} addresses x {flood.connections}: {heard}; "
+        f"{len(report.banned)} banned in {report.flood_seconds:.1f} s; new address: "
+        f"{report.fresh.reply if report.fresh else '-'}",
+        flush=True,
+    )
+    return Sample(
+        during, wall_seconds=report.flood_seconds, note=f"{baseline:.1f}", extras=extras
+    )
+
+
+def _login_ms(timed: loginflood.Login | None, what: str) -> float:
+    """A timed partner login in ms; a failed one fails the measurement."""
+    if timed is None or timed.seconds is None:
+        raise BenchError(f"the partner's login ({what}) failed: {timed}")
+    return timed.seconds * 1000
+
+
 BENCH_STATE: dict[str, Path] = {}  # "big_file", "data" (the workspace's data folder)
 LOGIN_CPU: dict[str, float | None] = {}  # server name -> CPU seconds per login
 
@@ -1031,6 +1157,7 @@ class Row:
     target: str
     higher_is_better: bool = True
     target_value: float = 0.0
+    gateway_only: bool = False  # the reference (and a --target) are not measured
 
 
 ROWS = {
@@ -1092,6 +1219,16 @@ ROWS = {
         "< 50 (issue 14)",
         higher_is_better=False,
         target_value=50,
+    ),
+    "flood": Row(
+        "flood",
+        "uncached login during a login flood, ms",
+        "ms",
+        measure_login_flood,
+        "< 2,000 (issue 14)",
+        higher_is_better=False,
+        target_value=2000,
+        gateway_only=True,
     ),
 }
 
@@ -1168,6 +1305,20 @@ def report(results: dict[str, dict[str, list[Sample]]], names: list[str]) -> Non
             _line("KiB per idle TLS session (PSS)", notes, names, "≤ 64", limit)
         if key in {"noop-appe", "noop-commit"}:
             _line(f"{key}: slowest NOOP, ms", notes, names, "-", "-")
+        if key == "flood":
+            _line("uncached login, no flood, ms", notes, names, "-", "-")
+            new = {
+                n: [s.extras["new"] for s in per_server.get(n, []) if "new" in s.extras]
+                for n in names
+            }
+            limit = _verdict(_median(new[subject]), 2000, higher_is_better=False)
+            _line(
+                "uncached login during a login flood, new address, ms",
+                new,
+                names,
+                "< 2,000 (issue 14)",
+                limit,
+            )
     print(
         "\nDetails (medians): server CPU = the server process tree, client CPU = "
         "curl or the client processes"
@@ -1270,6 +1421,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(ROW_NAMES)}",
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds per row")
+    parser.add_argument(
+        "--flood-long",
+        action="store_true",
+        help="flood row: 250 addresses x 8 connections, until all are banned",
+    )
     parser.add_argument("--idle-sessions", type=int, help="sessions for the idle row")
     parser.add_argument(
         "--appe-mib", type=int, help="size of the file noop-appe appends to (MiB)"
@@ -1309,6 +1465,7 @@ def _profile(args: argparse.Namespace) -> Profile:
         args.idle_sessions or base.idle_sessions,
         base.upload_seconds,
         args.rounds or base.rounds,
+        LONG_FLOOD if args.flood_long else base.flood,
         (args.appe_mib << 20) if args.appe_mib else base.appe_bytes,
         (args.commit_mib << 20) if args.commit_mib else base.commit_bytes,
     )
@@ -1337,7 +1494,9 @@ def run(args: argparse.Namespace) -> int:
     servers: list[Server] = []
     failures = 0
     try:
-        space = prepare_workspace(root, profile.big_bytes)
+        floods = FLOOD_LOGINS * profile.rounds if "flood" in args.rows else 0
+        space = prepare_workspace(root, profile.big_bytes, floods)
+        FLOOD_ACCOUNTS.extend(name for name, _ in space.flood_users)
         BENCH_STATE["big_file"] = space.big
         BENCH_STATE["data"] = space.big.parent
         servers.append(
@@ -1403,6 +1562,8 @@ def measure_all(
             for round_number in range(profile.rounds):
                 for server in servers:
                     name = server.endpoint.name
+                    if row.gateway_only and name != "gateway":
+                        continue
                     try:
                         measure = functools.partial(row.measure, server, profile, pool)
                         sample = _with_server_cpu(server, measure)

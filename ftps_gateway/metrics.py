@@ -81,6 +81,8 @@ SESSION_REFUSALS: Final = (
     "limit-per-user",
     "draining",  # SIGTERM received: no new sessions
     "proxy-header",  # a balancer's connection without a valid PROXY header
+    "login-queue-full",  # PASS while the login queue was full (421)
+    "login-queue-address",  # PASS beyond the address's share of the login queue (421)
 )
 
 # Login outcomes (``login``). The client hears one generic 530 for all failures;
@@ -91,6 +93,7 @@ LOGIN_RESULTS: Final = (
     "not-allowed-from-network",  # the user may not log in from this client IP
     "banned",
     "limit",  # a session limit refused the login
+    "queue-full",  # the login queue refused it unverified (see sessions_refused_total)
 )
 
 # ``ssl.SSLSocket.version()`` spelling, so the handler passes it through as is.
@@ -557,6 +560,10 @@ class GatewayMetrics:
         """Report the number of active bans at each scrape from ``source()``."""
         self._scrape_time.bans = source
 
+    def track_login_queue(self, source: Callable[[], int]) -> None:
+        """Report the logins waiting for a password verification from ``source()``."""
+        self._scrape_time.login_queue = source
+
     def track_certificate_expiry(
         self, source: Timestamp | Callable[[], Timestamp]
     ) -> None:
@@ -629,56 +636,77 @@ class _ScrapeTimeGauges(Collector):
     def __init__(self) -> None:
         self.passive_ports: PassivePortsSource | None = None
         self.bans: Callable[[], int] | None = None
+        self.login_queue: Callable[[], int] | None = None
         self.certificate_expiry: Callable[[], Timestamp] | None = None
         self.hooks: HooksSource | None = None
         self._failed: set[str] = set()
 
     def collect(self) -> Iterable[Metric]:
         """Yield the gauges whose sources are set and answered."""
-        if self.passive_ports is not None:
-            ports = self._read("passive ports", self.passive_ports)
-            if ports is not None:
-                in_use, total = ports
-                yield GaugeMetricFamily(
-                    f"{PREFIX}passive_ports_in_use",
-                    "Passive data ports listening or connected now.",
-                    value=in_use,
-                )
-                yield GaugeMetricFamily(
-                    f"{PREFIX}passive_ports_free",
-                    "Passive data ports free for the next PASV/EPSV.",
-                    value=max(total - in_use, 0),
-                )
-        if self.bans is not None:
-            bans = self._read("bans", self.bans)
-            if bans is not None:
-                yield GaugeMetricFamily(
-                    f"{PREFIX}bans_active", "Bans in force now.", value=bans
-                )
-        if self.certificate_expiry is not None:
-            expiry = self._read("certificate expiry", self.certificate_expiry)
-            if expiry is not None:
-                seconds = expiry.timestamp() if isinstance(expiry, datetime) else expiry
-                yield GaugeMetricFamily(
-                    f"{PREFIX}tls_certificate_expiry_timestamp_seconds",
-                    "When the served certificate expires (Unix time).",
-                    value=seconds,
-                )
+        yield from self._passive_ports()
+        yield from self._single("bans", self.bans, "bans_active", "Bans in force now.")
+        yield from self._single(
+            "login queue", self.login_queue, "login_queue_waiting",
+            "Logins waiting for a password verification now.",
+        )  # fmt: skip
+        yield from self._certificate_expiry()
+        yield from self._hooks()
 
-        if self.hooks is not None:
-            queue = self._read("hook queue", self.hooks)
-            if queue is not None:
-                depth, age = queue
-                yield GaugeMetricFamily(
-                    f"{PREFIX}hook_events_queued",
-                    "Hook events waiting for delivery (spooled or being spooled).",
-                    value=depth,
-                )
-                yield GaugeMetricFamily(
-                    f"{PREFIX}hook_oldest_queued_age_seconds",
-                    "Age of the oldest hook event waiting for delivery (0: none).",
-                    value=age,
-                )
+    def _single(
+        self, what: str, source: Callable[[], int] | None, name: str, text: str
+    ) -> Iterable[Metric]:
+        value = self._read(what, source) if source is not None else None
+        if value is not None:
+            yield GaugeMetricFamily(f"{PREFIX}{name}", text, value=value)
+
+    def _passive_ports(self) -> Iterable[Metric]:
+        if self.passive_ports is None:
+            return
+        ports = self._read("passive ports", self.passive_ports)
+        if ports is None:
+            return
+        in_use, total = ports
+        yield GaugeMetricFamily(
+            f"{PREFIX}passive_ports_in_use",
+            "Passive data ports listening or connected now.",
+            value=in_use,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}passive_ports_free",
+            "Passive data ports free for the next PASV/EPSV.",
+            value=max(total - in_use, 0),
+        )
+
+    def _certificate_expiry(self) -> Iterable[Metric]:
+        if self.certificate_expiry is None:
+            return
+        expiry = self._read("certificate expiry", self.certificate_expiry)
+        if expiry is None:
+            return
+        seconds = expiry.timestamp() if isinstance(expiry, datetime) else expiry
+        yield GaugeMetricFamily(
+            f"{PREFIX}tls_certificate_expiry_timestamp_seconds",
+            "When the served certificate expires (Unix time).",
+            value=seconds,
+        )
+
+    def _hooks(self) -> Iterable[Metric]:
+        if self.hooks is None:
+            return
+        queue = self._read("hook queue", self.hooks)
+        if queue is None:
+            return
+        depth, age = queue
+        yield GaugeMetricFamily(
+            f"{PREFIX}hook_events_queued",
+            "Hook events waiting for delivery (spooled or being spooled).",
+            value=depth,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}hook_oldest_queued_age_seconds",
+            "Age of the oldest hook event waiting for delivery (0: none).",
+            value=age,
+        )
 
     def _read(self, what: str, source: Callable[[], _T]) -> _T | None:
         try:

@@ -272,6 +272,7 @@ class ControlHandler(
         if self._closed:
             return
         self.cancel_login_timer()
+        self.login_gate.withdraw()
         self.end_proxy_wait()
         self._close_pending_data()
         result = self.close_result or ("ok" if self.authenticated else "no-login")

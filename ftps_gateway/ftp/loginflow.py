@@ -107,6 +107,9 @@ class LoginFlowMixin:
         self, gateway: Gateway, username: str, outcome: LoginOutcome
     ) -> None:
         if not outcome.accepted:
+            if outcome.reason in replies.LOGIN_QUEUE_REPLIES:
+                self._login_queue_refused(gateway, outcome.reason)
+                return
             self._login_failed(gateway, outcome.reason or "bad-password")
             return
         refusal = self.admission.login(username)
@@ -142,6 +145,17 @@ class LoginFlowMixin:
         self.username = ""
         self.attempted_logins += 1
         self.call_later(self.auth_failed_timeout, self._reply_login_failed)
+
+    def _login_queue_refused(self, gateway: Gateway, reason: str) -> None:
+        """421 from the login queue: unverified, so unscored; still after the
+        failure delay, so a refused address cannot cycle connections at TLS speed."""
+        self.login_gate.refuse(gateway, reason, self.client_ip)
+        self.close_result = "refused"
+        self.username = ""
+        reply = replies.LOGIN_QUEUE_REPLIES[reason]
+        self.call_later(
+            self.auth_failed_timeout, lambda: self._respond_and_close(reply)
+        )
 
     def _reply_login_failed(self) -> None:
         if (

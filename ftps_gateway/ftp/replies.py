@@ -59,6 +59,11 @@ ALREADY_AUTHENTICATED: Final = "503 User already authenticated."
 LOGIN_FAILED: Final = "530 Authentication failed."
 LOGIN_FAILED_CLOSING: Final = "530 Authentication failed. Disconnecting."
 LOGIN_OK_TEXT: Final = "Login successful."  # pyftpdlib prefixes 230
+# The login queue refused the attempt unverified (session.loginqueue); 421 closes.
+LOGIN_QUEUE_REPLIES: Final = {
+    "login-queue-full": "421 Too many logins in progress; try again later.",
+    "login-queue-address": "421 Too many logins from your address; try again later.",
+}
 QUIT_TEXT: Final = "Goodbye."  # pyftpdlib prefixes 221
 
 # --- data connections

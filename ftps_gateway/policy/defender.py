@@ -7,9 +7,11 @@ loop asks on every connection, the admin socket's thread lists and lifts bans.
 
 Why scoring per source address, and why bans grow: password guessing comes from few
 addresses and many attempts; a fixed short ban only slows it down, a doubling ban
-makes a persistent guesser's rate fall off geometrically. An address in
-``access.safe`` (monitoring, the operator's own offices) is never banned, so a
-misconfigured health check cannot lock the operator out.
+makes a persistent guesser's rate fall off geometrically. Bans are kept per
+``netpolicy.address_key``: an IPv6 client counts as its /64, the block one
+subscriber controls, or one attacker would have 2**64 fresh addresses to guess from.
+An address in ``access.safe`` (monitoring, the operator's own offices) is never
+banned, so a misconfigured health check cannot lock the operator out.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from ftps_gateway.policy.netpolicy import AccessList, parse_ip
+from ftps_gateway.policy.netpolicy import AccessList, address_key, parse_ip
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -108,7 +110,7 @@ class Defender:
 
     def is_banned(self, ip: str) -> bool:
         """True if connections from ``ip`` must be dropped now."""
-        key = _key(ip)
+        key = address_key(ip)
         with self._lock:
             offender = self._offenders.get(key)
             return offender is not None and offender.banned_until > self._clock()
@@ -118,7 +120,7 @@ class Defender:
         settings = self._settings
         if not settings.enabled or self.is_safe(ip):
             return None
-        key = _key(ip)
+        key = address_key(ip)
         now = self._clock()
         with self._lock:
             offender = self._offenders.get(key)
@@ -162,7 +164,7 @@ class Defender:
 
     def remove(self, ip: str) -> bool:
         """Lift the ban on ``ip`` and forget its record; False if it was not banned."""
-        key = _key(ip)
+        key = address_key(ip)
         with self._lock:
             offender = self._offenders.pop(key, None)
         return offender is not None and offender.banned_until > self._clock()

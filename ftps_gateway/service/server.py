@@ -22,7 +22,7 @@ import logging
 import socket
 import threading
 import time
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,7 @@ from ftps_gateway.service.admin import RELOAD_TIMEOUT_SECONDS, AdminServer
 from ftps_gateway.service.hooks import HookDispatcher, SpoolAdmin, spool_root
 from ftps_gateway.service.sharedstate import RemoteDefender, RemoteLimits, StateChannel
 from ftps_gateway.service.watchdog import LoopWatchdog
+from ftps_gateway.session.loginqueue import DefenderScore, LoginQueue
 from ftps_gateway.session.runtime import (
     PASSWORD_WORKERS,
     SHARED_PARTS,
@@ -96,7 +97,7 @@ def build_gateway(config: GatewayConfig, own: Mapping[str, Any]) -> Gateway:
 
     Args:
         own: one value per name in ``SHARED_PARTS``: what the server keeps across
-            reloads (bans, session counts, metrics, the password pool...).
+            reloads (bans, session counts, metrics, the login queue...).
 
     Raises:
         ConfigError: the certificate or key is unusable.
@@ -202,7 +203,9 @@ class GatewayServer:
             limits = RemoteLimits(self.worker.channel)
         else:
             defender, limits = lifecycle.new_kept_state(config)
-        executor = ThreadPoolExecutor(PASSWORD_WORKERS, thread_name_prefix="argon2")
+        login_queue = LoginQueue(
+            self.waker, DefenderScore(defender), threads=PASSWORD_WORKERS
+        )
         file_work = FileWork(self.waker)
         audit = audit or AuditLog()
         metrics = GatewayMetrics(
@@ -211,7 +214,7 @@ class GatewayServer:
         )
         own = {
             "verifier": verifier or PasswordVerifier(),
-            "executor": executor,
+            "login_queue": login_queue,
             "waker": self.waker,
             "audit": audit,
             "defender": defender,
@@ -230,7 +233,7 @@ class GatewayServer:
             )  # fmt: skip
             return build_gateway(config, own | {"hooks": self.hooks})
         except GatewayError:
-            executor.shutdown(wait=False)
+            login_queue.shutdown()
             file_work.shutdown()
             if self.hooks is not None:
                 self.hooks.close()
@@ -254,6 +257,7 @@ class GatewayServer:
         metrics = self.gateway.metrics
         metrics.track_passive_ports(self._passive_ports)
         metrics.track_bans(self.gateway.defender.active_count)
+        metrics.track_login_queue(lambda: self.gateway.login_queue.waiting)
         metrics.track_certificate_expiry(self._certificate_expiry)
         if self.hooks is not None:
             metrics.track_hooks(self.hooks.snapshot)
@@ -360,8 +364,8 @@ class GatewayServer:
         """Remove expired partial uploads (and crash leftovers) now and periodically.
 
         The walk runs on the file-work pool, off the IO loop (it touches every folder
-        a user can upload into), never on the password pool, where it would delay
-        logins.
+        a user can upload into), never on the login queue's threads, where it would
+        delay logins.
         """
         roots = sweep_roots(self.config)
         retention = self.config.storage.partial_retention_seconds
@@ -497,7 +501,7 @@ class GatewayServer:
             self.admin.close()
             self.admin = None
         gateway = self.holder.current
-        gateway.executor.shutdown(wait=False, cancel_futures=True)
+        gateway.login_queue.shutdown()
         gateway.file_work.shutdown()
         if self.hooks is not None:
             self.hooks.close()  # unsent events stay spooled for the next start

@@ -36,9 +36,13 @@ LOGIN_RESULTS: Final = {
     "limit-total": "limit",
     "limit-per-ip": "limit",
     "limit-per-user": "limit",
+    "login-queue-full": "queue-full",
+    "login-queue-address": "queue-full",
 }
 # Session-limit reasons, also counted as refused sessions when a login hits them.
 LIMIT_REASONS: Final = frozenset({"limit-total", "limit-per-ip", "limit-per-user"})
+# The login queue's refusals (421, the session closes): counted the same way.
+QUEUE_REASONS: Final = frozenset({"login-queue-full", "login-queue-address"})
 
 # Audit reasons of a refused data connection -> the data-refusal metric's label.
 DATA_REFUSAL_LABELS: Final = {
@@ -150,7 +154,7 @@ class SessionEvents:
         """A login was refused; the client hears one generic reply for every reason."""
         self.note("login_failed", reason=reason)
         self._metrics.login(LOGIN_RESULTS[reason])
-        if reason in LIMIT_REASONS:
+        if reason in LIMIT_REASONS or reason in QUEUE_REASONS:
             self._metrics.session_refused(reason)
         self._hook("login-failed")
 

@@ -4,30 +4,43 @@ In order: a ban earned meanwhile (by another session) refuses at once; a user's 
 network allowlist refuses without looking at the password, but still pays for one
 verification so that its reply comes no sooner than a wrong password's (timing would
 otherwise tell which users have an allowlist); a password verified a moment ago is
-taken from the recent-login cache; anything else is an argon2id verification on the
-password pool, whose result comes back through the loop waker. Every refusal is one
-event (audit + metric) and scores a failure for the defender.
+taken from the recent-login cache; anything else is an argon2id verification through
+the login queue (``session.loginqueue``: bounded, fair across addresses, failures
+charged when submitted), whose verdict comes back through the loop waker.
 
-The client always hears the same reply (RFC 2577); the delay and the replies belong
-to the protocol layer, which also pauses the session's input meanwhile.
+A verified failure is scored by the queue as it ends and written here (audit +
+metric) at once, even if the session has gone meanwhile; every other refusal (a ban,
+a full queue, a session limit) is written by ``refuse`` when the protocol layer acts
+on it. The client always hears the same reply for a wrong password (RFC 2577); the
+delay and the replies belong to the protocol layer, which also pauses the session's
+input meanwhile.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ftps_gateway.policy.netpolicy import AccessList
+from ftps_gateway.policy.netpolicy import AccessList, address_key
+from ftps_gateway.session.loginqueue import (
+    ADDRESS_FULL,
+    QUEUE_FULL,
+    FailureBudget,
+    LoginQueue,
+    Ticket,
+    Verdict,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from concurrent.futures import Future
 
     from ftps_gateway.session.events import SessionEvents
     from ftps_gateway.session.runtime import Gateway
 
-logger = logging.getLogger("ftps_gateway")
+# Refusals that say nothing about the client's password: never scored.
+UNSCORED = frozenset(
+    {"limit-total", "limit-per-ip", "limit-per-user", QUEUE_FULL, ADDRESS_FULL}
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,8 @@ class LoginOutcome:
     accepted: bool
     reason: str | None = None
     cached: bool = False
+    recorded: bool = False  # audited and scored already (a verified failure)
+    banned: bool = False  # and that failure earned the address a ban
 
 
 class LoginGate:
@@ -44,6 +59,9 @@ class LoginGate:
 
     def __init__(self, events: SessionEvents) -> None:
         self._events = events
+        self._queue: LoginQueue | None = None
+        self._ticket: Ticket | None = None
+        self._delivered: LoginOutcome | None = None  # the last outcome handed out
 
     def attempt(
         self,
@@ -54,9 +72,12 @@ class LoginGate:
         done: Callable[[LoginOutcome], None],
     ) -> None:
         """Decide ``username``/``password``; ``done`` runs on the IO loop with the
-        outcome (at once for a ban or a cached login, else after verification)."""
-        if gateway.defender.is_banned(client_ip):
-            done(LoginOutcome(accepted=False, reason="banned"))
+        outcome (at once for a ban, a cached login or a full queue, else after
+        verification)."""
+        queue = gateway.login_queue
+        key = address_key(client_ip)
+        if queue.is_banned(key):
+            self._deliver(done, LoginOutcome(accepted=False, reason="banned"))
             return
         user = gateway.config.user(username)
         network_refused = user is not None and not AccessList(user.allow).is_allowed(
@@ -65,42 +86,96 @@ class LoginGate:
         stored_hash = (
             user.password_hash if user is not None and not network_refused else None
         )
+        recent, verifier = gateway.recent_logins, gateway.verifier
         token = None
         if stored_hash is not None:
-            token = gateway.recent_logins.token(stored_hash, password)
-            if gateway.recent_logins.hit(token):
-                done(LoginOutcome(accepted=True, cached=True))
+            token = recent.token(stored_hash, password)
+            if recent.hit(token):
+                queue.succeeded(key)
+                self._deliver(done, LoginOutcome(accepted=True, cached=True))
                 return
         if network_refused:
             refused = "network-not-allowed"
         else:
             refused = "bad-password" if user is not None else "unknown-user"
-        future = gateway.executor.submit(gateway.verifier.verify, stored_hash, password)
 
-        def verified(result: Future[bool]) -> None:
-            accepted = _accepted(result) and not network_refused
+        def verify() -> bool:  # on a queue thread
+            accepted = verifier.verify(stored_hash, password)
             if accepted and token is not None:
-                gateway.recent_logins.remember(token)
-            outcome = LoginOutcome(accepted, None if accepted else refused)
-            gateway.waker.call_soon_threadsafe(lambda: done(outcome))
+                recent.remember(token)
+            return accepted and not network_refused
 
-        future.add_done_callback(verified)
+        def cached() -> bool:  # on the loop, when the attempt's turn comes
+            return token is not None and recent.hit(token)
+
+        def decided(verdict: Verdict) -> None:
+            self._ticket = None
+            self._deliver(done, self._outcome(verdict, refused))
+
+        self._queue = queue
+        self._ticket = queue.submit(
+            key,
+            _budget(gateway, client_ip),
+            verify=verify,
+            cached=cached,
+            done=decided,
+        )
+
+    def _outcome(self, verdict: Verdict, refused: str) -> LoginOutcome:
+        """The session's outcome; a verified failure is audited here, at once."""
+        if verdict.accepted:
+            return LoginOutcome(accepted=True, cached=verdict.cached)
+        if not verdict.verified:
+            return LoginOutcome(accepted=False, reason=verdict.reason)
+        self._events.login_failed(refused)
+        if verdict.ban is not None:
+            self._events.banned(verdict.ban)
+        return LoginOutcome(
+            accepted=False,
+            reason=refused,
+            recorded=True,
+            banned=verdict.ban is not None,
+        )
+
+    def _deliver(
+        self, done: Callable[[LoginOutcome], None], outcome: LoginOutcome
+    ) -> None:
+        self._delivered = outcome
+        done(outcome)
+
+    def withdraw(self) -> None:
+        """The session is closing: an attempt still waiting in the queue is dropped
+        (no verification, no score: its client will never hear the answer)."""
+        if self._queue is not None and self._ticket is not None:
+            self._queue.withdraw(self._ticket)
+        self._ticket = None
 
     def refuse(self, gateway: Gateway, reason: str, client_ip: str) -> bool:
-        """Record a refused login and score it; True if the address is now banned."""
+        """Record a refused login and score it; True if the address is now banned.
+
+        A verified failure was recorded when its verdict came (``attempt``); for it
+        only its ban is reported back here.
+        """
+        delivered, self._delivered = self._delivered, None
+        if delivered is not None and delivered.recorded and delivered.reason == reason:
+            return delivered.banned
         self._events.login_failed(reason)
-        if reason in {"limit-total", "limit-per-ip", "limit-per-user"}:
-            return False  # a full server is not the client's fault
+        if reason in UNSCORED:
+            return False  # a full server or queue is not the client's fault
         ban = gateway.defender.record_failure(client_ip)
         if ban is not None:
             self._events.banned(ban)
         return reason == "banned" or ban is not None
 
 
-def _accepted(result: Future[bool]) -> bool:
-    """The verification's answer; an unexpected error counts as a wrong password."""
-    try:
-        return bool(result.result())
-    except Exception:
-        logger.exception("password verification failed unexpectedly")
-        return False
+def _budget(gateway: Gateway, client_ip: str) -> FailureBudget:
+    """The failures ``client_ip`` may make before a ban, as ``[defender]`` counts."""
+    settings = gateway.config.defender
+    safe = gateway.config.access.safe
+    never = not settings.enabled or bool(
+        safe and AccessList(safe).is_allowed(client_ip)
+    )
+    return FailureBudget(
+        max_failures=None if never else settings.max_failures,
+        window_seconds=settings.window_seconds,
+    )

@@ -17,7 +17,6 @@ from ftps_gateway.session.events import NO_HOOKS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from concurrent.futures import ThreadPoolExecutor
 
     from ftps_gateway.audit import AuditLog
     from ftps_gateway.config import GatewayConfig
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
     )
     from ftps_gateway.policy.passwords import PasswordVerifier, RecentLogins
     from ftps_gateway.session.events import HookSink
+    from ftps_gateway.session.loginqueue import LoginQueue
     from ftps_gateway.session.work import FileWork
     from ftps_gateway.tls.contexts import TicketRefresher, TLSContextFactory
 
@@ -79,7 +79,7 @@ class Gateway:
     recent_logins: RecentLogins  # per config: a reload forgets them
 
     verifier: PasswordVerifier
-    executor: ThreadPoolExecutor
+    login_queue: LoginQueue  # password verifications: bounded, fair (loginqueue)
     waker: Waker
     audit: AuditLog
     defender: BanKeeper
@@ -98,7 +98,7 @@ class Gateway:
 
 # The server's own parts of a Gateway, carried over by a reload.
 SHARED_PARTS = (
-    "verifier", "executor", "waker", "audit", "defender", "limits", "metrics",
+    "verifier", "login_queue", "waker", "audit", "defender", "limits", "metrics",
     "passive_ports", "tickets", "file_work", "hooks",
 )  # fmt: skip
 

@@ -12,6 +12,7 @@ that run outside pytest (``integration/selftest_netns.py``) put it there themsel
     control       raw control connections: plain, AUTH TLS only, TCP, read-until-quiet
     metrics       scraping ``/metrics`` into a dict
     goclient      building and running the Go client of ``tests/clients/goftps``
+    loginflood    a login flood from many addresses, a partner's login timed in it
 
 Nothing here imports ``conftest`` or a test module: fixtures build on these helpers,
 never the other way round.

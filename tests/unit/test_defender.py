@@ -125,6 +125,21 @@ def test_mapped_addresses_are_the_same_offender() -> None:
     assert defender.is_banned("198.51.100.7")
 
 
+def test_ipv6_addresses_of_one_subscriber_share_a_ban() -> None:
+    """Failures from three addresses of one /64 earn that /64 one ban (issue 14)."""
+    clock = Clock()
+    defender = _defender(clock)
+    assert defender.record_failure("2001:db8:1:2::a") is None
+    assert defender.record_failure("2001:db8:1:2::b") is None
+    ban = defender.record_failure("2001:db8:1:2:ffff::c")
+    assert ban is not None
+    assert ban.ip == "2001:db8:1:2::/64"
+    assert defender.is_banned("2001:db8:1:2::1234")
+    assert defender.is_banned("2001:db8:1:2::/64")  # as the login queue asks
+    assert not defender.is_banned("2001:db8:1:3::a")
+    assert defender.remove("2001:db8:1:2::a")  # any address of it lifts the ban
+
+
 def test_list_and_remove() -> None:
     clock = Clock()
     defender = _defender(clock)

@@ -331,16 +331,19 @@ def test_other_user_cannot_be_a_user_name() -> None:
 
 
 def test_scrape_time_gauges(m: GatewayMetrics) -> None:
-    """Passive ports, bans and certificate expiry are read from their sources."""
+    """Passive ports, bans, the login queue and certificate expiry are read from
+    their sources."""
     assert value(m, f"{P}passive_ports_in_use") is None  # absent until a source is set
-    state = {"in_use": 3, "bans": 0}
+    state = {"in_use": 3, "bans": 0, "waiting": 7}
     m.track_passive_ports(lambda: (state["in_use"], 100))
     m.track_bans(lambda: state["bans"])
+    m.track_login_queue(lambda: state["waiting"])
     expiry = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
     m.track_certificate_expiry(expiry)
     assert value(m, f"{P}passive_ports_in_use") == 3
     assert value(m, f"{P}passive_ports_free") == 97
     assert value(m, f"{P}bans_active") == 0
+    assert value(m, f"{P}login_queue_waiting") == 7
     expiry_name = f"{P}tls_certificate_expiry_timestamp_seconds"
     assert value(m, expiry_name) == expiry.timestamp()
     state.update(in_use=100, bans=4)
