@@ -53,6 +53,21 @@ def sync_file(fd: int) -> None:
     os.fsync(fd)
 
 
+def sync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable: fsync(2) of a file does not cover the
+    directory entry that names it, so after a power loss a file already answered
+    226 could be missing. Filesystems that cannot fsync a directory (EINVAL) are
+    skipped: the rename is still atomic there."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
 class QuotaExceededError(Exception):
     """Writing more would exceed a quota; ``scope`` says which one."""
 
@@ -272,6 +287,7 @@ class AtomicUpload:
             else:
                 os.link(self.temp, self.final, follow_symlinks=False)
                 self._unlink_temp()
+            sync_directory(self.final.parent)
         except OSError:
             self._digest.cancel()
             self.discard(keep=False, defer_unlink=False)
