@@ -81,6 +81,8 @@ SESSION_REFUSALS: Final = (
     "limit-per-user",
     "draining",  # SIGTERM received: no new sessions
     "proxy-header",  # a balancer's connection without a valid PROXY header
+    # Closed before login to make room in a full server.max_unauthenticated pool.
+    "unauthenticated-evicted",
 )
 
 # Login outcomes (``login``). The client hears one generic 530 for all failures;

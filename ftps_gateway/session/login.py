@@ -6,7 +6,8 @@ verification so that its reply comes no sooner than a wrong password's (timing w
 otherwise tell which users have an allowlist); a password verified a moment ago is
 taken from the recent-login cache; anything else is an argon2id verification on the
 password pool, whose result comes back through the loop waker. Every refusal is one
-event (audit + metric) and scores a failure for the defender.
+event (audit + metric) and scores a failure in the shared state (``session.state``),
+whose answer (a ban, perhaps) comes back on the IO loop.
 
 The client always hears the same reply (RFC 2577); the delay and the replies belong
 to the protocol layer, which also pauses the session's input meanwhile.
@@ -19,11 +20,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ftps_gateway.policy.netpolicy import AccessList
+from ftps_gateway.session.state import LIMIT_REASONS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from concurrent.futures import Future
 
+    from ftps_gateway.policy.defender import Ban
     from ftps_gateway.session.events import SessionEvents
     from ftps_gateway.session.runtime import Gateway
 
@@ -55,7 +58,7 @@ class LoginGate:
     ) -> None:
         """Decide ``username``/``password``; ``done`` runs on the IO loop with the
         outcome (at once for a ban or a cached login, else after verification)."""
-        if gateway.defender.is_banned(client_ip):
+        if gateway.state.is_banned(client_ip):
             done(LoginOutcome(accepted=False, reason="banned"))
             return
         user = gateway.config.user(username)
@@ -86,15 +89,31 @@ class LoginGate:
 
         future.add_done_callback(verified)
 
-    def refuse(self, gateway: Gateway, reason: str, client_ip: str) -> bool:
-        """Record a refused login and score it; True if the address is now banned."""
+    def refuse(
+        self,
+        gateway: Gateway,
+        reason: str,
+        client_ip: str,
+        on_ban: Callable[[], None] | None = None,
+    ) -> bool:
+        """Record a refused login and score it; True if the address was banned.
+
+        Scoring is a request to the shared state: when it earns the address a ban,
+        the ban is audited and ``on_ban`` runs, on the IO loop, possibly after this
+        returns (the reply to a failed login waits ``auth_failed_timeout`` anyway).
+        """
         self._events.login_failed(reason)
-        if reason in {"limit-total", "limit-per-ip", "limit-per-user"}:
+        if reason in LIMIT_REASONS:
             return False  # a full server is not the client's fault
-        ban = gateway.defender.record_failure(client_ip)
-        if ban is not None:
-            self._events.banned(ban)
-        return reason == "banned" or ban is not None
+
+        def scored(ban: Ban | None) -> None:
+            if ban is not None:
+                self._events.banned(ban)
+                if on_ban is not None:
+                    on_ban()
+
+        gateway.state.record_failure(client_ip, scored)
+        return reason == "banned"
 
 
 def _accepted(result: Future[bool]) -> bool:

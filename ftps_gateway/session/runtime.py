@@ -13,6 +13,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from ftps_gateway.session.admission import UnauthenticatedPool
+
 if TYPE_CHECKING:
     from collections.abc import Callable
     from concurrent.futures import ThreadPoolExecutor
@@ -20,13 +22,13 @@ if TYPE_CHECKING:
     from ftps_gateway.audit import AuditLog
     from ftps_gateway.config import GatewayConfig
     from ftps_gateway.metrics import GatewayMetrics
-    from ftps_gateway.policy.defender import BanKeeper, LimitKeeper
     from ftps_gateway.policy.netpolicy import (
         AccessList,
         PassiveAddressPolicy,
         TLSPolicyTable,
     )
     from ftps_gateway.policy.passwords import PasswordVerifier, RecentLogins
+    from ftps_gateway.session.state import SharedState
     from ftps_gateway.session.work import FileWork
     from ftps_gateway.tls.contexts import TicketRefresher, TLSContextFactory
 
@@ -38,10 +40,13 @@ class Waker(Protocol):
 
 
 class SessionHandle(Protocol):
-    """What the service floor asks of a running control session (the drain)."""
+    """What the service floor (the drain) and admission ask of a control session."""
 
     def transfer_in_progress(self) -> bool: ...
     def close_for_shutdown(self) -> None: ...
+    def evict(self) -> None:
+        """Close a connection that has not logged in, to make room (421)."""
+        ...
 
 
 class PortsInUse:
@@ -79,8 +84,9 @@ class Gateway:
     executor: ThreadPoolExecutor
     waker: Waker
     audit: AuditLog
-    defender: BanKeeper
-    limits: LimitKeeper
+    # Bans, login slots, quota reservations: in this process, or the supervisor's
+    # (session.state). Uploads reserve quota through ``gateway.state.reserve``.
+    state: SharedState
     metrics: GatewayMetrics
     passive_ports: PortsInUse
     tickets: TicketRefresher
@@ -94,7 +100,7 @@ class Gateway:
 
 # The server's own parts of a Gateway, carried over by a reload.
 SHARED_PARTS = (
-    "verifier", "executor", "waker", "audit", "defender", "limits", "metrics",
+    "verifier", "executor", "waker", "audit", "state", "metrics",
     "passive_ports", "tickets", "file_work",
 )  # fmt: skip
 
@@ -108,4 +114,6 @@ class GatewayHolder:
     # never kept alive by this set.
     sessions: weakref.WeakSet[SessionHandle] = field(default_factory=weakref.WeakSet)
     draining: bool = False
+    # Connections of this process that have not logged in yet (server.max_unauth...).
+    unauthenticated: UnauthenticatedPool = field(default_factory=UnauthenticatedPool)
     worker: tuple[int, int] = (0, 1)  # (index, count): this process's passive share
