@@ -24,7 +24,7 @@ What a worker held (its sessions' login slots, its uploads' reservations) is rel
 when its channel closes: the supervisor tracks holdings per channel, so a worker
 killed with SIGKILL never leaks a partner's slots. Without the supervisor a worker
 fails closed (every address banned, every login over the limit) and, through
-``PR_SET_PDEATHSIG`` or ``_lost``, stops so a fresh one can take its place.
+``PR_SET_PDEATHSIG`` or ``ChannelState.lost``, stops so a fresh one can take its place.
 
 Workers also push their rendered metrics here every few seconds; the supervisor sums
 them for its one ``/metrics`` (``supervisor.AggregatedMetrics``).
