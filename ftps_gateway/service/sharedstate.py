@@ -131,6 +131,14 @@ class StateService:
         self.metrics: dict[int, str] = {}  # worker index -> its last metrics text
         self._lock = threading.Lock()
         self._peers: set[_Peer] = set()
+        self._handlers: dict[str, Callable[[list[Any], _Peer, _Batch], None]] = {
+            OP_LOGIN: self._login,
+            OP_LOGOUT: self._logout,
+            OP_FAILURE: self._failure,
+            OP_MARKS: self._marks,
+            OP_RESERVE: self._reserve,
+            OP_RELEASE: self._release_one,
+        }
         store.watch_bans(self._ban_changed)
 
     def serve(self, conn: socket.socket, worker: int) -> threading.Thread:
@@ -199,15 +207,7 @@ class StateService:
 
     def _apply(self, op: list[Any], peer: _Peer, batch: _Batch) -> None:
         """One request: ``[name, id, arguments...]`` (id 0: no answer wanted)."""
-        handlers: dict[str, Callable[[list[Any], _Peer, _Batch], None]] = {
-            OP_LOGIN: self._login,
-            OP_LOGOUT: self._logout,
-            OP_FAILURE: self._failure,
-            OP_MARKS: self._marks,
-            OP_RESERVE: self._reserve,
-            OP_RELEASE: self._release_one,
-        }
-        handlers[op[0]](op, peer, batch)
+        self._handlers[op[0]](op, peer, batch)
 
     def _login(self, op: list[Any], peer: _Peer, batch: _Batch) -> None:
         request_id, slot = int(op[1]), LoginSlot(str(op[2]), str(op[3]))

@@ -12,6 +12,7 @@ import ftplib
 import hashlib
 import io
 import os
+import random
 import select
 import signal
 import ssl
@@ -160,9 +161,7 @@ def test_per_address_limit_holds_across_workers(cluster: Cluster) -> None:
             break
     assert refused_on <= set(cluster.workers())
     held.pop().quit()
-    again = cluster.client()
-    again.login("acme", PASSWORD)
-    again.quit()
+    _log_in_within(cluster, None, "127.0.0.1", "acme").quit()
     for ftp in held:
         ftp.quit()
 
@@ -288,18 +287,45 @@ def limited(tmp_path: Path, cert_files: tuple[Path, Path, Path]) -> Iterator[Clu
 
 
 def _one_on(cluster: Cluster, worker: int | None, source_ip: str) -> ReusingFTP_TLS:
-    """A new connection (not logged in) that ``worker`` serves (any if None)."""
-    for _ in range(60):
+    """A new connection (not logged in) that ``worker`` serves (any if None).
+
+    Both workers accept on the same socket and the first one awake wins, which
+    may be the same one many times in a row: pauses of random length between the
+    attempts shuffle who is awake first.
+    """
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         ftp = cluster.client(source_ip=source_ip)
         if worker is None or cluster.owner(ftp) == worker:
             return ftp
         ftp.close()
+        time.sleep(random.uniform(0, 0.05))
     raise AssertionError(f"the kernel never gave worker {worker} a connection")
+
+
+def _log_in_within(
+    cluster: Cluster, worker: int | None, source_ip: str, user: str
+) -> ReusingFTP_TLS:
+    """Log in on ``worker`` once a slot was given back (issue 15: within 1 s of a
+    QUIT; a logout and the next login reach the supervisor on two channels)."""
+    deadline = time.monotonic() + 5
+    while True:
+        ftp = (
+            _one_on(cluster, worker, source_ip) if worker else cluster.client(source_ip)
+        )
+        try:
+            ftp.login(user, PASSWORD)
+        except ftplib.error_temp:
+            ftp.close()
+            assert time.monotonic() < deadline, "the slot was never given back"
+            time.sleep(0.1)
+        else:
+            return ftp
 
 
 def test_per_user_limit_is_exact_across_workers(limited: Cluster) -> None:
     """max_sessions_per_user = 2 holds on both workers together: the third login
-    gets 421 on either worker; a QUIT frees the slot for the next login at once."""
+    gets 421 on either worker; a QUIT frees the slot for the next login."""
     first, second = limited.workers()
     held = [_one_on(limited, first, "127.0.2.1"), _one_on(limited, second, "127.0.2.2")]
     for ftp in held:
@@ -311,38 +337,45 @@ def test_per_user_limit_is_exact_across_workers(limited: Cluster) -> None:
         ftp.close()
     other = _one_on(limited, None, "127.0.2.5")
     other.login("globex", PASSWORD)  # another user's slots are its own
-    held.pop(0).quit()  # the logout is on its way before the 221
-    again = _one_on(limited, second, "127.0.2.6")
-    again.login("acme", PASSWORD)
-    for ftp in (*held, again, other):
-        ftp.quit()
     refused = [e for e in limited.events("login_failed") if e["user"] == "acme"]
     assert [e["reason"] for e in refused] == ["limit-per-user", "limit-per-user"]
+    held.pop(0).quit()  # the logout leaves right after the 221
+    again = _log_in_within(limited, second, "127.0.2.6", "acme")
+    for ftp in (*held, again, other):
+        ftp.quit()
 
 
 def test_a_stopped_supervisor_never_stalls_a_worker_loop(limited: Cluster) -> None:
     """While the supervisor is stopped (SIGSTOP), a login on a worker waits for its
     slot, and meanwhile another session on the same worker answers NOOP and new
     connections are greeted: nothing on the IO loop waits for the supervisor."""
-    busy = _one_on(limited, None, "127.0.3.1")
-    busy.login("globex", PASSWORD)
-    worker = limited.owner(busy)
-    waiting = _one_on(limited, worker, "127.0.3.2")
-    waiting.auth()
-    waiting.sendcmd("USER acme")
-    os.kill(limited.process.pid, signal.SIGSTOP)
-    try:
-        waiting.putcmd(f"PASS {PASSWORD}")  # verified, then its slot is asked for
-        time.sleep(2)  # the verification is done; the slot request waits
-        assert busy.sendcmd("NOOP").startswith("200")
-        greeted = [limited.client(source_ip=f"127.0.3.{3 + n}") for n in range(4)]
-        assert all(ftp.welcome.startswith("220") for ftp in greeted)
-        for ftp in greeted:
-            ftp.close()
-        # Logging in needs the supervisor: no reply while it is stopped.
-        assert not select.select([waiting.sock], [], [], 1.0)[0]
-    finally:
-        os.kill(limited.process.pid, signal.SIGCONT)
-    assert waiting.getresp().startswith("230")
-    for ftp in (busy, waiting):
-        ftp.quit()
+    with contextlib.ExitStack() as opened:  # closed even when a check fails
+        busy = _one_on(limited, None, "127.0.3.1")
+        opened.callback(busy.close)
+        busy.login("globex", PASSWORD)
+        worker = limited.owner(busy)
+        waiting = _one_on(limited, worker, "127.0.3.2")
+        opened.callback(waiting.close)
+        waiting.auth()
+        waiting.sendcmd("USER acme")
+        os.kill(limited.process.pid, signal.SIGSTOP)
+        try:
+            waiting.putcmd(f"PASS {PASSWORD}")  # verified, then its slot is asked
+            time.sleep(2)  # the verification is done; the slot request waits
+            assert busy.sendcmd("NOOP").startswith("200")
+            for n in range(4):
+                greeted = limited.client(source_ip=f"127.0.3.{3 + n}")
+                opened.callback(greeted.close)
+                assert greeted.welcome.startswith("220")
+            # Logging in needs the supervisor: no reply while it is stopped.
+            if select.select([waiting.sock], [], [], 1.0)[0]:
+                arrived = waiting.sock.recv(4096)
+                raise AssertionError(
+                    f"a reply without the supervisor: {arrived!r}; audit: "
+                    f"{limited.records[-20:]}; stderr: {''.join(limited.stderr)}"
+                )
+        finally:
+            os.kill(limited.process.pid, signal.SIGCONT)
+        assert waiting.getresp() == f"230 {replies.LOGIN_OK_TEXT}"
+        for ftp in (busy, waiting):
+            ftp.quit()
