@@ -441,6 +441,9 @@ listen = ["127.0.0.1:0"]
 max_sessions = 20000
 max_sessions_per_ip = 20000
 max_sessions_per_user = 20000
+# Raised from 256/32 per worker: every client connects from 127.0.0.1, 64 at once.
+max_unauthenticated = 20000
+max_unauthenticated_per_ip = 20000
 idle_timeout_seconds = 900
 login_timeout_seconds = 120
 [tls]

@@ -83,6 +83,8 @@ SESSION_REFUSALS: Final = (
     "proxy-header",  # a balancer's connection without a valid PROXY header
     "login-queue-full",  # PASS while the login queue was full (421)
     "login-queue-address",  # PASS beyond the address's share of the login queue (421)
+    # Closed before login to make room in a full server.max_unauthenticated pool.
+    "unauthenticated-evicted",
 )
 
 # Login outcomes (``login``). The client hears one generic 530 for all failures;

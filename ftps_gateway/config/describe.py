@@ -44,9 +44,24 @@ def summary(cfg: GatewayConfig) -> str:
             + (_networks(server.proxy_protocol_from) or "nobody (off)")
         ),
         (
-            f"Sessions: at most {server.max_sessions}, "
+            f"Logged-in sessions: at most {server.max_sessions}, "
             f"{server.max_sessions_per_ip} per client address, "
-            f"{server.max_sessions_per_user} per user; "
+            f"{server.max_sessions_per_user} per user (all workers together, "
+            "counted at login)"
+        ),
+        (
+            "Connections not logged in yet: at most "
+            f"{server.max_unauthenticated}, "
+            f"{server.max_unauthenticated_per_ip} per client address, per worker "
+            "process; when full, the longest-idle connection of the busiest address "
+            "is closed to make room"
+        ),
+        (
+            f"Client addresses: IPv6 counted per /{cfg.access.ipv6_prefix_length} "
+            "(bans and limits), IPv4 per address"
+        ),
+        (
+            "Timers: "
             f"login timeout {server.login_timeout_seconds} s, "
             f"idle timeout {server.idle_timeout_seconds} s, "
             f"shutdown grace {server.shutdown_grace_seconds} s, "

@@ -24,6 +24,7 @@ from ftps_gateway.config.model import (
     MAX_RETENTION_SECONDS,
     MAX_SOCKET_PATH_BYTES,
     MAX_WORKERS,
+    MIN_IPV6_PREFIX,
     REUSE_POLICIES,
     STATE_DIRECTORY,
     TLS_VERSIONS,
@@ -188,6 +189,15 @@ def _server(table: Table) -> ServerSettings:
         max_sessions_per_user=table.integer(
             "max_sessions_per_user", 1, 100_000, ServerSettings.max_sessions_per_user
         ),
+        max_unauthenticated=table.integer(
+            "max_unauthenticated", 1, 100_000, ServerSettings.max_unauthenticated
+        ),
+        max_unauthenticated_per_ip=table.integer(
+            "max_unauthenticated_per_ip",
+            1,
+            100_000,
+            ServerSettings.max_unauthenticated_per_ip,
+        ),
         allow_active_mode=table.flag(
             "allow_active_mode", ServerSettings.allow_active_mode
         ),
@@ -341,8 +351,11 @@ def _storage(table: Table, base: Path) -> StorageSettings:
 def _access(table: Table) -> AccessSettings:
     allow = unique_networks(table, "allow", {}, required=False)
     safe = unique_networks(table, "safe", {}, required=False)
+    prefix = table.integer(
+        "ipv6_prefix_length", MIN_IPV6_PREFIX, 128, AccessSettings.ipv6_prefix_length
+    )
     table.close()
-    return AccessSettings(allow, safe)
+    return AccessSettings(allow, safe, prefix)
 
 
 def _defender(table: Table) -> DefenderSettings:

@@ -47,9 +47,17 @@ class ServerSettings:
     banner: str = "Partner file exchange"  # 220 text; never the software version
     idle_timeout_seconds: int = 300  # logged-in session with no command
     login_timeout_seconds: int = 30  # unauthenticated session closed after this
-    max_sessions: int = 512  # control connections in total
-    max_sessions_per_ip: int = 16  # from one client address
-    max_sessions_per_user: int = 8  # logged in as one user
+    # Logged-in sessions (the gateway's whole node, all workers together), taken at
+    # login: in total, from one address key (access.ipv6_prefix_length), as one user.
+    max_sessions: int = 512
+    max_sessions_per_ip: int = 16
+    max_sessions_per_user: int = 8
+    # Connections that have not logged in yet, per worker process (each worker's own
+    # pool; session.admission): in total, and from one address key. A full pool
+    # makes room by closing (421) the longest-idle connection of the address that
+    # holds the most, so idle strangers cannot lock partners out.
+    max_unauthenticated: int = 256
+    max_unauthenticated_per_ip: int = 32
     allow_active_mode: bool = False  # PORT/EPRT; off: cannot work behind NAT
     shutdown_grace_seconds: int = 30  # SIGTERM: running transfers may finish
     node_name: str = ""  # shown in SITE DIAG and the audit log; "": the host name
@@ -142,6 +150,10 @@ class AccessSettings:
 
     allow: tuple[IPNetwork, ...] = ()  # empty: every address (check-config says so)
     safe: tuple[IPNetwork, ...] = ()  # never banned by the defender
+    # IPv6 clients are counted (bans, session limits, the unauthenticated pool) per
+    # network of this prefix length: one subscriber holds a whole /64 (RFC 6177).
+    # 32-128 bits; default 64; 128 counts each address apart. IPv4: per address.
+    ipv6_prefix_length: int = 64
 
 
 @dataclass(frozen=True)
@@ -284,6 +296,9 @@ MAX_WORKERS: Final = 64  # [server] workers
 # The gateway's own state under storage.root: the default admin socket, the hook
 # spool. Never mountable (config.tree refuses it as a source).
 STATE_DIRECTORY: Final = ".ftps-gateway"
+# [access] ipv6_prefix_length: shorter than a /32 (a whole ISP's allocation, RFC 6177)
+# would make one ban or limit cover unrelated subscribers.
+MIN_IPV6_PREFIX: Final = 32
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH_BYTES: Final = 107
 

@@ -4,7 +4,9 @@ What a partner's session gets here that stock pyftpdlib does not give (the measu
 gaps are listed in ARCHITECTURE.md):
 
 - Admission before the banner and before any TLS work (``session.admission``):
-  refused addresses are dropped silently, session limits answer 421.
+  refused addresses are dropped silently; a full pool of connections that have not
+  logged in closes its stalest member (421) to make room; the session limits are
+  checked at login (421).
 - Nothing but AUTH, FEAT, SYST, NOOP and QUIT before TLS; no clear-text login; before
   login nothing that describes the server (no STAT, HELP or SITE).
 - PROT P before any data connection; PROT C and CCC refused, so the downgrade
@@ -233,6 +235,20 @@ class ControlHandler(
         self.respond(replies.LIMIT_REPLIES[self.admission.refusal or "limit-total"])
         self.close_when_done()
 
+    def evict(self) -> None:
+        """Closed before login to make room for a newcomer (``session.admission``)."""
+        self.close_result = "refused"
+        if self._auth_pending:
+            self._respond_and_close(replies.EVICTED)
+        elif self._closed or self.tls_state not in (
+            TLSState.PLAIN,
+            TLSState.ESTABLISHED,
+        ):
+            self.close()  # no reply is possible in the middle of a handshake
+        else:
+            self.respond(replies.EVICTED)
+            self.close_when_done()
+
     def close_for_shutdown(self) -> None:
         """Tell the client the server is going away, then close (the drain)."""
         self.close_result = "shutdown"
@@ -334,6 +350,7 @@ class ControlHandler(
             "control", self.socket.version(), cipher=self.socket.cipher()[0]
         )
         self._set_io_events(READ | (WRITE if self.producer_fifo else 0))
+        self.admission.progress()
         if self.implicit_tls:
             # Implicit FTPS protects data connections from the start (what clients
             # that skip PBSZ/PROT on port 990 assume); PROT C stays refused.

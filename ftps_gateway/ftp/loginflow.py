@@ -2,10 +2,12 @@
 
 A mixin for ``control.ControlHandler``. The decision is ``session.login.LoginGate``'s
 (bans, allowlists, the recent-login cache, argon2id off the IO loop); here the
-protocol side: reading stops while a password is being verified and commands
-pipelined behind PASS wait, so replies never get out of order; a failure is answered
-after a delay (RFC 2577) with one generic text whatever the reason; a success takes
-the user's login slot, pins the configuration and builds the user's tree.
+protocol side: reading stops while a password is being verified (and while the
+login slot is asked for) and commands pipelined behind PASS wait, so replies never
+get out of order; a failure is answered after a delay (RFC 2577) with one generic
+text whatever the reason; a success takes the user's login slot (one request to the
+shared state, answered on the IO loop), pins the configuration and builds the
+user's tree.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class LoginFlowMixin:
         if self.authenticated:
             self.respond(replies.ALREADY_LOGGED_IN)
             return
+        self.admission.progress()
         super().ftp_USER(line)  # type: ignore[misc]
 
     def ftp_PASS(self, line: str) -> None:
@@ -90,6 +93,7 @@ class LoginFlowMixin:
             self.respond(replies.USER_FIRST)
             return
         username, gateway = self.username, self.gateway
+        self.admission.progress()
         self._pause_input()
 
         def decided(outcome: LoginOutcome) -> None:
@@ -112,7 +116,27 @@ class LoginFlowMixin:
                 return
             self._login_failed(gateway, outcome.reason or "bad-password")
             return
-        refusal = self.admission.login(username)
+
+        def slot_decided(refusal: str | None) -> None:
+            # Arrives on the IO loop, perhaps from the supervisor's channel: as
+            # above, a bug must close this session, not leave it paused.
+            try:
+                if not self._closed:
+                    self._slot_decided(gateway, username, outcome, refusal)
+            except Exception:  # noqa: BLE001 - handed to the session's error handler
+                self.handle_error()
+
+        # One request for the login slot; the session stays paused until it is
+        # answered (server.max_sessions, _per_ip, _per_user count logged-in sessions).
+        self.admission.login(username, slot_decided)
+
+    def _slot_decided(
+        self,
+        gateway: Gateway,
+        username: str,
+        outcome: LoginOutcome,
+        refusal: str | None,
+    ) -> None:
         if refusal is not None:
             self.login_gate.refuse(gateway, refusal, self.client_ip)
             self.close_result = "refused"
@@ -137,10 +161,20 @@ class LoginFlowMixin:
         self._resume_input()
 
     def _login_failed(self, gateway: Gateway, reason: str) -> None:
-        """Refuse, then answer after a delay (RFC 2577); the session stays paused."""
-        banned = self.login_gate.refuse(gateway, reason, self.client_ip)
-        self._disconnect_after_failure = banned
-        if banned or self.attempted_logins + 1 >= self.max_login_attempts:
+        """Refuse, then answer after a delay (RFC 2577); the session stays paused.
+
+        A ban this failure earns (known now, or when the shared state answers,
+        before the delayed reply) ends the session with the reply.
+        """
+
+        def banned() -> None:
+            self._disconnect_after_failure = True
+            self.close_result = "login-failed"
+
+        self._disconnect_after_failure = False
+        if self.login_gate.refuse(gateway, reason, self.client_ip, banned):
+            banned()
+        if self.attempted_logins + 1 >= self.max_login_attempts:
             self.close_result = "login-failed"
         self.username = ""
         self.attempted_logins += 1

@@ -1,9 +1,11 @@
-"""Run callbacks on a pyftpdlib IO loop from other threads.
+"""What the IO loop needs beyond pyftpdlib: a waker, a message port, a timer heap.
 
 pyftpdlib's IOLoop is single-threaded and has no thread-safe ``call_soon``. Password
 verification (argon2id, tens of milliseconds by design) must run off the loop so a
-burst of logins never stalls transfers; its result comes back through this waker: a
-socketpair whose read end sits in the loop, and a queue of callbacks.
+burst of logins never stalls transfers; its result comes back through ``LoopWaker``:
+a socketpair whose read end sits in the loop, and a queue of callbacks. A worker's
+channel to its supervisor (``service.sharedstate``) sits in the loop as a
+``MessagePort``: whole messages in and out, never a blocking call.
 """
 
 from __future__ import annotations
@@ -81,6 +83,96 @@ class LoopWaker(AsyncChat):
         """Close both ends."""
         super().close()
         self._writer.close()
+
+
+class MessagePort(AsyncChat):
+    """A ``SOCK_SEQPACKET`` socket in the IO loop: whole messages, never blocking.
+
+    Each message that arrives goes to ``on_message``; ``send_message`` sends at once
+    when the socket has room and otherwise queues (in order) until it has. When the
+    other end goes away, ``on_closed`` runs once. Closing the loop closes the port
+    without calling ``on_closed`` (a normal stop).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        ioloop: object,
+        on_message: Callable[[bytes], None],
+        on_closed: Callable[[], None],
+        *,
+        max_message_bytes: int,
+    ) -> None:
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._on_message = on_message
+        self._on_closed = on_closed
+        self._max = max_message_bytes
+        super().__init__(sock, ioloop=ioloop)
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for room in the socket."""
+        return len(self._outbox)
+
+    def send_message(self, data: bytes) -> None:
+        """Send ``data`` as one message (queued behind earlier ones if any wait)."""
+        if self._closed:
+            return
+        if not self._outbox:
+            try:
+                self.socket.send(data)
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.handle_close()
+                return
+            else:
+                return
+        self._outbox.append(data)
+        self.modify_ioloop_events(self.ioloop.READ | self.ioloop.WRITE)
+
+    def handle_read(self) -> None:
+        """Every message waiting, one by one."""
+        while not self._closed:
+            try:
+                data = self.socket.recv(self._max)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.handle_close()
+                return
+            if not data:
+                self.handle_close()
+                return
+            self._on_message(data)
+
+    def writable(self) -> bool:
+        """Only while messages wait."""
+        return bool(self._outbox)
+
+    def handle_write(self) -> None:
+        """Send what waits, until the socket is full again."""
+        while self._outbox:
+            try:
+                self.socket.send(self._outbox[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self.handle_close()
+                return
+            self._outbox.popleft()
+        self.modify_ioloop_events(self.ioloop.READ)
+
+    def handle_close(self) -> None:
+        """The other end went away."""
+        if self._closed:
+            return
+        self.close()
+        self._on_closed()
+
+    def handle_error(self) -> None:
+        """A bug in a message's handler: log it; the port stays open."""
+        logger.exception("message port: handling a message failed")
 
 
 class TimerScheduler(_Scheduler):

@@ -48,6 +48,9 @@ LIMIT_REPLIES: Final = {
     "limit-per-user": "421 Too many sessions for this user; try again later.",
     "draining": "421 Service restarting; try again shortly.",
 }
+# Closed before login to make room (server.max_unauthenticated); a fresh connection
+# that logs in promptly gets in.
+EVICTED: Final = "421 Too many connections waiting to log in; try again."
 SHUTDOWN: Final = "421 Service restarting; please reconnect."
 LOGIN_TIMEOUT: Final = "421 Login timed out; closing control connection."
 

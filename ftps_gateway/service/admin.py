@@ -19,14 +19,15 @@ import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ftps_gateway.errors import GatewayError, StartupError
-from ftps_gateway.policy.netpolicy import parse_ip
+from ftps_gateway.session.state import ban_key
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from ftps_gateway.audit import AuditLog
-    from ftps_gateway.policy.defender import BanKeeper, LimitKeeper
+    from ftps_gateway.config import GatewayConfig
     from ftps_gateway.service.hooks import SpoolAdmin
+    from ftps_gateway.session.state import StateAdmin
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -80,29 +81,30 @@ class AdminServer:
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911 - one return per command
         """Carry out one request; errors come back as ``{"error": ...}``."""
         command = request.get("command")
-        defender = self._server.defender
+        state = self._server.state_admin
         if command == "bans":
-            return {"bans": [_ban_fields(ban) for ban in defender.bans()]}
+            return {"bans": [_ban_fields(ban) for ban in state.bans()]}
         if command == "unban":
             ip = request.get("ip")
-            address = parse_ip(ip) if isinstance(ip, str) else None
-            if address is None:
+            prefix = self._server.config.access.ipv6_prefix_length
+            key = ban_key(ip, prefix) if isinstance(ip, str) else None
+            if key is None:
                 return {"error": f"not an IP address: {ip!r}"}
-            removed = defender.remove(str(address))
+            removed = state.remove_ban(key)
             if removed:
-                self._server.audit.event("unban", banned_ip=str(address))
-            return {"removed": removed, "ip": str(address)}
+                self._server.audit.event("unban", banned_ip=key)
+            return {"removed": removed, "ip": key}
         if command == "reload":
             return {"problems": self._server.reload_from_thread()}
         if command in ("hooks", "hooks-retry"):
             return self._hooks(command, request.get("ids"))
         if command == "status":
-            total, per_ip, per_user = self._server.limits.snapshot()
+            sessions, per_address, per_user = state.snapshot()
             return {
-                "sessions": total,
-                "addresses": len(per_ip),
+                "sessions": sessions,
+                "addresses": len(per_address),
                 "users_logged_in": sum(per_user.values()),
-                "bans": defender.active_count(),
+                "bans": len(state.bans()),
             }
         return {"error": f"unknown command: {command!r}"}
 
@@ -125,9 +127,9 @@ class AdminTarget(Protocol):
     """What the admin socket works on: a single server or the worker supervisor."""
 
     @property
-    def defender(self) -> BanKeeper: ...
+    def state_admin(self) -> StateAdmin: ...
     @property
-    def limits(self) -> LimitKeeper: ...
+    def config(self) -> GatewayConfig: ...
     @property
     def audit(self) -> AuditLog: ...
     @property

@@ -1,12 +1,12 @@
 """What a serving process does the same way alone or as the supervisor of workers.
 
 ``GatewayServer`` (one process, or one worker) and ``Supervisor`` (several workers)
-are two shapes of one service: both bind the configured listeners, keep the bans and
-session limits that outlive a configuration, reload on SIGHUP or the admin socket,
-tell systemd and ``/readyz`` how they are doing, and map the same three signals. Each
-of those jobs is written once, here, so the two shapes cannot drift apart (issue 13:
-they had: the supervisor's reload told systemd only on SIGHUP, and its bind errors
-came out as tracebacks).
+are two shapes of one service: both bind the configured listeners, keep the shared
+state (bans, login slots, quota reservations) that outlives a configuration, reload
+on SIGHUP or the admin socket, tell systemd and ``/readyz`` how they are doing, and
+map the same three signals. Each of those jobs is written once, here, so the two
+shapes cannot drift apart (issue 13: they had: the supervisor's reload told systemd
+only on SIGHUP, and its bind errors came out as tracebacks).
 
 This module owns no process and no IO loop: it must not import pyftpdlib, ``ftp/``,
 ``server`` or ``supervisor`` (both import it).
@@ -25,9 +25,9 @@ from ftps_gateway import config as config_module
 from ftps_gateway.config import endpoint
 from ftps_gateway.config.tree import home_source
 from ftps_gateway.errors import ConfigError, GatewayError, StartupError
-from ftps_gateway.policy.defender import Defender, SessionLimits
 from ftps_gateway.service import sdnotify
 from ftps_gateway.service.health import HealthServer, MetricsSource, ReadinessState
+from ftps_gateway.session.state import LocalState, StateSettings
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from ftps_gateway.audit import AuditLog
     from ftps_gateway.config import GatewayConfig, ListenAddress
     from ftps_gateway.metrics import GatewayMetrics
-    from ftps_gateway.policy.defender import BanKeeper, LimitKeeper
+    from ftps_gateway.session.state import SharedState
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -107,32 +107,18 @@ def prepare_homes(config: GatewayConfig) -> None:
 # --- the state that outlives a configuration
 
 
-def new_kept_state(config: GatewayConfig) -> tuple[Defender, SessionLimits]:
-    """The bans and the session counts of a new server, set up from ``config``.
+def new_kept_state(config: GatewayConfig) -> LocalState:
+    """The bans, login slots and quota reservations of a new server (or supervisor).
 
     They belong to the server, not to a config: a reload updates their settings
     (``update_kept_state``) and keeps what they hold.
     """
-    server = config.server
-    return (
-        Defender(config.defender, config.access.safe),
-        SessionLimits(
-            server.max_sessions,
-            server.max_sessions_per_ip,
-            server.max_sessions_per_user,
-        ),
-    )
+    return LocalState(StateSettings.from_config(config))
 
 
-def update_kept_state(
-    config: GatewayConfig, defender: BanKeeper, limits: LimitKeeper
-) -> None:
-    """Apply a reloaded ``config``'s defender and limit settings; bans stay."""
-    server = config.server
-    defender.update(config.defender, config.access.safe)
-    limits.update(
-        server.max_sessions, server.max_sessions_per_ip, server.max_sessions_per_user
-    )
+def update_kept_state(config: GatewayConfig, state: SharedState) -> None:
+    """Apply a reloaded ``config``'s defender, key and limit settings; bans stay."""
+    state.update(StateSettings.from_config(config))
 
 
 # --- reload

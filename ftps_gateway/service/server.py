@@ -8,8 +8,8 @@ never see each other's settings.
 Reload (SIGHUP, ``ftps-gateway reload``) builds a complete new ``Gateway`` from the
 config file first and swaps it in only if that worked: an invalid config changes
 nothing. Sessions that have logged in keep the ``Gateway`` they logged in under; the
-defender's bans and the session counts belong to the server, not to a config, and
-carry over.
+shared state (bans, login slots, quota reservations) belongs to the server, not to a
+config, and carries over.
 
 What a supervisor of workers does the same way (binding, the kept state, the reload
 flow, readiness, signals) is in ``lifecycle``; this module adds what needs the IO
@@ -31,9 +31,9 @@ from pyftpdlib.servers import FTPServer
 
 from ftps_gateway.audit import AuditLog
 from ftps_gateway.config.tree import sweep_roots
-from ftps_gateway.errors import GatewayError
+from ftps_gateway.errors import GatewayError, StartupError
 from ftps_gateway.ftp.control import ControlHandler
-from ftps_gateway.ftp.loop import LoopWaker, TimerScheduler
+from ftps_gateway.ftp.loop import LoopWaker, MessagePort, TimerScheduler
 from ftps_gateway.ftp.passive import worker_ports
 from ftps_gateway.metrics import GatewayMetrics
 from ftps_gateway.policy.netpolicy import (
@@ -45,9 +45,9 @@ from ftps_gateway.policy.passwords import PasswordVerifier, RecentLogins
 from ftps_gateway.service import lifecycle, sdnotify
 from ftps_gateway.service.admin import RELOAD_TIMEOUT_SECONDS, AdminServer
 from ftps_gateway.service.hooks import HookDispatcher, SpoolAdmin, spool_root
-from ftps_gateway.service.sharedstate import RemoteDefender, RemoteLimits, StateChannel
+from ftps_gateway.service.sharedstate import MAX_MESSAGE_BYTES, ChannelState
 from ftps_gateway.service.watchdog import LoopWatchdog
-from ftps_gateway.session.loginqueue import DefenderScore, LoginQueue
+from ftps_gateway.session.loginqueue import LoginQueue
 from ftps_gateway.session.runtime import (
     PASSWORD_WORKERS,
     SHARED_PARTS,
@@ -55,6 +55,7 @@ from ftps_gateway.session.runtime import (
     GatewayHolder,
     PortsInUse,
 )
+from ftps_gateway.session.state import LocalState, StateSettings
 from ftps_gateway.session.work import FileWork, Outcome
 from ftps_gateway.storage.uploads import sweep_partials
 from ftps_gateway.tls.contexts import (
@@ -67,8 +68,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
     from ftps_gateway.config import GatewayConfig, ListenAddress
-    from ftps_gateway.policy.defender import BanKeeper, LimitKeeper
     from ftps_gateway.service.health import HealthServer
+    from ftps_gateway.session.state import SharedState, StateAdmin
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -89,7 +90,7 @@ class WorkerRole:
     count: int
     explicit: list[socket.socket]  # listening sockets, bound by the supervisor
     implicit: list[socket.socket]
-    channel: StateChannel
+    channel: socket.socket  # the shared-state channel to the supervisor
 
 
 def build_gateway(config: GatewayConfig, own: Mapping[str, Any]) -> Gateway:
@@ -144,13 +145,15 @@ class GatewayServer:
 
         Args:
             worker: set when this is one of several worker processes: listeners
-                come bound from the supervisor, bans and limits are the
-                supervisor's (over ``worker.channel``), and the admin socket, the
+                come bound from the supervisor, bans, login slots and quota are
+                the supervisor's (over ``worker.channel``), and the admin socket, the
                 HTTP endpoint and the word to systemd are the supervisor's too.
         """
         lifecycle.prepare_homes(config)
         self.worker = worker
         self._speaks_for_service = worker is None
+        self._local: LocalState | None = None  # the state, when this process keeps it
+        self._channel: ChannelState | None = None  # or the supervisor's, if a worker
         self.ioloop = IOLoop()
         self.ioloop.sched = TimerScheduler()  # no traceback for a cancelled timer
         self.waker = LoopWaker(self.ioloop)
@@ -170,7 +173,7 @@ class GatewayServer:
             self.waker,
             lambda: self.config.server.loop_stall_seconds,
             self.gateway.metrics,
-            report=worker.channel.report_loop if worker is not None else None,
+            report=self._report_loop if worker is not None else None,
         )
         self.readiness.add_check(self.watchdog.problem)
         self._stopped = threading.Event()
@@ -189,6 +192,12 @@ class GatewayServer:
         if worker is None or worker.index == 0:
             self._start_sweeper()
 
+    def _report_loop(self, stalled: float) -> None:
+        """The watchdog's news, on to the supervisor (from the watchdog's thread)."""
+        channel = self._channel
+        if channel is not None:
+            channel.report_loop(stalled)
+
     def _first_gateway(
         self,
         config: GatewayConfig,
@@ -196,16 +205,25 @@ class GatewayServer:
         audit: AuditLog | None,
     ) -> Gateway:
         """The first ``Gateway``, with the parts this server keeps from then on."""
-        defender: BanKeeper
-        limits: LimitKeeper
-        if self.worker is not None:  # the supervisor's, asked over the channel
-            defender = RemoteDefender(self.worker.channel)
-            limits = RemoteLimits(self.worker.channel)
+        state: SharedState
+        if self.worker is not None:  # the supervisor's, over the channel
+            channel = ChannelState(
+                self.worker.channel, StateSettings.from_config(config)
+            )
+            try:
+                channel.sync()
+            except (OSError, ValueError) as err:
+                self.ioloop.close()
+                raise StartupError(f"no ban list from the supervisor: {err}") from err
+            port = MessagePort(
+                self.worker.channel, self.ioloop, channel.handle_message, channel.lost,
+                max_message_bytes=MAX_MESSAGE_BYTES,
+            )  # fmt: skip
+            channel.attach(port, lambda flush: self.ioloop.call_later(0, flush))
+            state = self._channel = channel
         else:
-            defender, limits = lifecycle.new_kept_state(config)
-        login_queue = LoginQueue(
-            self.waker, DefenderScore(defender), threads=PASSWORD_WORKERS
-        )
+            state = self._local = lifecycle.new_kept_state(config)
+        login_queue = LoginQueue(self.waker, state, threads=PASSWORD_WORKERS)
         file_work = FileWork(self.waker)
         audit = audit or AuditLog()
         metrics = GatewayMetrics(
@@ -217,8 +235,7 @@ class GatewayServer:
             "login_queue": login_queue,
             "waker": self.waker,
             "audit": audit,
-            "defender": defender,
-            "limits": limits,
+            "state": state,
             "metrics": metrics,
             "passive_ports": PortsInUse(),
             "tickets": TicketRefresher(),
@@ -249,21 +266,23 @@ class GatewayServer:
         handler_class = build_handler_class(self.holder, implicit=implicit)
         for sock in sockets:
             listener = FTPServer(sock, handler_class, ioloop=self.ioloop)
-            listener.max_cons = 0  # SessionLimits counts sessions, not sockets
+            listener.max_cons = 0  # session.admission counts sessions, not sockets
             (self.implicit_listeners if implicit else self.listeners).append(listener)
 
     def _start_monitoring(self) -> None:
         """Metrics gauges read at scrape time, and the HTTP endpoint (or the push)."""
         metrics = self.gateway.metrics
         metrics.track_passive_ports(self._passive_ports)
-        metrics.track_bans(self.gateway.defender.active_count)
+        metrics.track_bans(self.gateway.state.active_bans)
         metrics.track_login_queue(lambda: self.gateway.login_queue.waiting)
         metrics.track_certificate_expiry(self._certificate_expiry)
         if self.hooks is not None:
             metrics.track_hooks(self.hooks.snapshot)
         if self.worker is not None:
             # The supervisor serves one /metrics that adds up the workers' pushes.
-            channel = self.worker.channel
+            channel = self._channel
+            if channel is None:
+                raise AssertionError("a worker without its channel")
 
             def push() -> None:
                 channel.push_metrics(metrics.render()[0].decode())
@@ -300,14 +319,11 @@ class GatewayServer:
     # --- what the admin socket works on (admin.AdminTarget)
 
     @property
-    def defender(self) -> BanKeeper:
-        """The bans (kept across reloads)."""
-        return self.gateway.defender
-
-    @property
-    def limits(self) -> LimitKeeper:
-        """The session counts (kept across reloads)."""
-        return self.gateway.limits
+    def state_admin(self) -> StateAdmin:
+        """Bans and counts for the admin socket (a single server's own state)."""
+        if self._local is None:
+            raise AssertionError("a worker has no admin socket")
+        return self._local
 
     @property
     def audit(self) -> AuditLog:
@@ -357,7 +373,7 @@ class GatewayServer:
         gateway = build_gateway(config, own)
         if self.hooks is not None:
             self.hooks.configure(config)  # new hooks apply to events from now on
-        lifecycle.update_kept_state(config, current.defender, current.limits)
+        lifecycle.update_kept_state(config, current.state)
         self.holder.current = gateway
 
     def _start_sweeper(self) -> None:

@@ -9,13 +9,15 @@ IO loop on the inherited sockets; the kernel hands each new connection to one of
 them. What must be shared is shared explicitly:
 
 - passive ports: disjoint shares by port number (``ftp.passive.worker_ports``);
-- bans and session limits: kept here, asked over a socket pair (``sharedstate``);
+- bans, login slots and quota reservations: kept here, served over a socket pair
+  per worker (``sharedstate``): bans replicated to every worker, the rest answered
+  asynchronously, nothing ever waited for on a worker's IO loop;
 - metrics: workers push theirs, ``/metrics`` here adds them up;
 - signals: SIGTERM drains every worker, SIGHUP reloads (validated here first);
 - the admin socket and the HTTP endpoint live here;
 - hook events: each worker spools and delivers its own (``hooks``); ``hooks
   list|retry`` here work on the spool files.
-A worker that dies is restarted; what it held (session slots) is released.
+A worker that dies is restarted; what it held (login slots, reservations) is released.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     from ftps_gateway.config import GatewayConfig
-    from ftps_gateway.policy.defender import BanKeeper, LimitKeeper
+    from ftps_gateway.session.state import StateAdmin
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -121,7 +123,7 @@ class AggregatedMetrics(Collector):
 
 
 class Supervisor:
-    """Binds, starts and watches the workers; owns bans, limits, admin, /metrics."""
+    """Binds, starts and watches the workers; owns the shared state, admin, /metrics."""
 
     def __init__(self, config: GatewayConfig, count: int) -> None:
         if config.source is None:
@@ -130,8 +132,8 @@ class Supervisor:
         self.config = config
         self.count = count
         self.audit = AuditLog()
-        self._defender, self._limits = lifecycle.new_kept_state(config)
-        self.state = sharedstate.StateService(self._defender, self._limits)
+        self._state = lifecycle.new_kept_state(config)
+        self.state = sharedstate.StateService(self._state)
         self._not_after = certificate_not_after(config.tls.certificate)
         self.readiness = lifecycle.readiness(
             self._workers_problem,
@@ -162,14 +164,9 @@ class Supervisor:
     # --- admin.AdminTarget
 
     @property
-    def defender(self) -> BanKeeper:
-        """The one Defender all workers ask."""
-        return self._defender
-
-    @property
-    def limits(self) -> LimitKeeper:
-        """The one SessionLimits all workers ask."""
-        return self._limits
+    def state_admin(self) -> StateAdmin:
+        """The one state all workers are served from."""
+        return self._state
 
     @property
     def hook_spool(self) -> SpoolAdmin:
@@ -263,7 +260,7 @@ class Supervisor:
         """Apply what is shared here, then have each worker reload on its own."""
         not_after = certificate_not_after(new.tls.certificate)
         self.config = new
-        lifecycle.update_kept_state(new, self._defender, self._limits)
+        lifecycle.update_kept_state(new, self._state)
         self._not_after = not_after
         for process in list(self._processes.values()):
             if process.poll() is None:
@@ -314,7 +311,7 @@ def build_worker(args: Any, config: GatewayConfig) -> GatewayServer:
         count=args.count,
         explicit=sockets(args.explicit_fds),
         implicit=sockets(args.implicit_fds),
-        channel=sharedstate.StateChannel(socket.socket(fileno=args.state_fd)),
+        channel=socket.socket(fileno=args.state_fd),
     )
     return GatewayServer(config, worker=role)
 

@@ -6,7 +6,9 @@ verification so that its reply comes no sooner than a wrong password's (timing w
 otherwise tell which users have an allowlist); a password verified a moment ago is
 taken from the recent-login cache; anything else is an argon2id verification through
 the login queue (``session.loginqueue``: bounded, fair across addresses, failures
-charged when submitted), whose verdict comes back through the loop waker.
+charged when submitted), whose verdict comes back through the loop waker. Every
+refusal is one event (audit + metric) and scores a failure in the shared state
+(``session.state``), whose answer (a ban, perhaps) comes back on the IO loop.
 
 A verified failure is scored by the queue as it ends and written here (audit +
 metric) at once, even if the session has gone meanwhile; every other refusal (a ban,
@@ -34,6 +36,7 @@ from ftps_gateway.session.loginqueue import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from ftps_gateway.policy.defender import Ban
     from ftps_gateway.session.events import SessionEvents
     from ftps_gateway.session.runtime import Gateway
 
@@ -75,7 +78,7 @@ class LoginGate:
         outcome (at once for a ban, a cached login or a full queue, else after
         verification)."""
         queue = gateway.login_queue
-        key = address_key(client_ip)
+        key = address_key(client_ip, gateway.config.access.ipv6_prefix_length)
         if queue.is_banned(key):
             self._deliver(done, LoginOutcome(accepted=False, reason="banned"))
             return
@@ -150,11 +153,21 @@ class LoginGate:
             self._queue.withdraw(self._ticket)
         self._ticket = None
 
-    def refuse(self, gateway: Gateway, reason: str, client_ip: str) -> bool:
-        """Record a refused login and score it; True if the address is now banned.
+    def refuse(
+        self,
+        gateway: Gateway,
+        reason: str,
+        client_ip: str,
+        on_ban: Callable[[], None] | None = None,
+    ) -> bool:
+        """Record a refused login and score it; True if the address is banned.
 
-        A verified failure was recorded when its verdict came (``attempt``); for it
-        only its ban is reported back here.
+        A verified failure was recorded and scored when its verdict came
+        (``attempt``, through the login queue); for it only its ban is reported
+        back here. Any other refusal is scored now, as a request to the shared
+        state: when it earns the address a ban, the ban is audited and ``on_ban``
+        runs, on the IO loop, possibly after this returns (the reply to a failed
+        login waits ``auth_failed_timeout`` anyway).
         """
         delivered, self._delivered = self._delivered, None
         if delivered is not None and delivered.recorded and delivered.reason == reason:
@@ -162,10 +175,15 @@ class LoginGate:
         self._events.login_failed(reason)
         if reason in UNSCORED:
             return False  # a full server or queue is not the client's fault
-        ban = gateway.defender.record_failure(client_ip)
-        if ban is not None:
-            self._events.banned(ban)
-        return reason == "banned" or ban is not None
+
+        def scored(ban: Ban | None) -> None:
+            if ban is not None:
+                self._events.banned(ban)
+                if on_ban is not None:
+                    on_ban()
+
+        gateway.state.record_failure(client_ip, scored)
+        return reason == "banned"
 
 
 def _budget(gateway: Gateway, client_ip: str) -> FailureBudget:

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from concurrent.futures import Future
 
-    from ftps_gateway.policy.defender import Ban, BanKeeper
+    from ftps_gateway.policy.defender import Ban
     from ftps_gateway.session.runtime import Waker
 
 logger = logging.getLogger("ftps_gateway")
@@ -83,8 +83,9 @@ class BanScore(Protocol):
     """What the queue needs of the bans: ask locally, report failures.
 
     ``session.state.SharedState`` has this shape (its ``is_banned`` and
-    ``record_failure``); ``DefenderScore`` adapts today's ``BanKeeper``. Both methods
-    are called on the IO loop; ``done`` may run before ``record_failure`` returns.
+    ``record_failure``; they key the address themselves, and a key passed in keys as
+    itself). Both are called on the IO loop; ``done`` may run before
+    ``record_failure`` returns.
     """
 
     def is_banned(self, address: str) -> bool:
@@ -94,21 +95,6 @@ class BanScore(Protocol):
     def record_failure(self, address: str, done: Callable[[Ban | None], None]) -> None:
         """Score one failed login of ``address``; ``done`` gets the ban it earned."""
         ...
-
-
-class DefenderScore:
-    """A ``BanKeeper`` (``gateway.defender``) as a ``BanScore``."""
-
-    def __init__(self, defender: BanKeeper) -> None:
-        self._defender = defender
-
-    def is_banned(self, address: str) -> bool:
-        """Ask the defender."""
-        return self._defender.is_banned(address)
-
-    def record_failure(self, address: str, done: Callable[[Ban | None], None]) -> None:
-        """Score with the defender (synchronous, so ``done`` runs at once)."""
-        done(self._defender.record_failure(address))
 
 
 @dataclass(frozen=True)

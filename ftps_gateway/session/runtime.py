@@ -13,6 +13,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from ftps_gateway.session.admission import UnauthenticatedPool
 from ftps_gateway.session.events import NO_HOOKS
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from ftps_gateway.audit import AuditLog
     from ftps_gateway.config import GatewayConfig
     from ftps_gateway.metrics import GatewayMetrics
-    from ftps_gateway.policy.defender import BanKeeper, LimitKeeper
     from ftps_gateway.policy.netpolicy import (
         AccessList,
         PassiveAddressPolicy,
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ftps_gateway.policy.passwords import PasswordVerifier, RecentLogins
     from ftps_gateway.session.events import HookSink
     from ftps_gateway.session.loginqueue import LoginQueue
+    from ftps_gateway.session.state import SharedState
     from ftps_gateway.session.work import FileWork
     from ftps_gateway.tls.contexts import TicketRefresher, TLSContextFactory
 
@@ -41,10 +42,13 @@ class Waker(Protocol):
 
 
 class SessionHandle(Protocol):
-    """What the service floor asks of a running control session (the drain)."""
+    """What the service floor (the drain) and admission ask of a control session."""
 
     def transfer_in_progress(self) -> bool: ...
     def close_for_shutdown(self) -> None: ...
+    def evict(self) -> None:
+        """Close a connection that has not logged in, to make room (421)."""
+        ...
 
 
 class PortsInUse:
@@ -82,8 +86,9 @@ class Gateway:
     login_queue: LoginQueue  # password verifications: bounded, fair (loginqueue)
     waker: Waker
     audit: AuditLog
-    defender: BanKeeper
-    limits: LimitKeeper
+    # Bans, login slots, quota reservations: in this process, or the supervisor's
+    # (session.state). Uploads reserve quota through ``gateway.state.reserve``.
+    state: SharedState
     metrics: GatewayMetrics
     passive_ports: PortsInUse
     tickets: TicketRefresher
@@ -98,7 +103,7 @@ class Gateway:
 
 # The server's own parts of a Gateway, carried over by a reload.
 SHARED_PARTS = (
-    "verifier", "login_queue", "waker", "audit", "defender", "limits", "metrics",
+    "verifier", "login_queue", "waker", "audit", "state", "metrics",
     "passive_ports", "tickets", "file_work", "hooks",
 )  # fmt: skip
 
@@ -112,4 +117,6 @@ class GatewayHolder:
     # never kept alive by this set.
     sessions: weakref.WeakSet[SessionHandle] = field(default_factory=weakref.WeakSet)
     draining: bool = False
+    # Connections of this process that have not logged in yet (server.max_unauth...).
+    unauthenticated: UnauthenticatedPool = field(default_factory=UnauthenticatedPool)
     worker: tuple[int, int] = (0, 1)  # (index, count): this process's passive share

@@ -21,9 +21,11 @@ import pytest
 from ftps_gateway import cli
 from ftps_gateway.ftp import replies
 from ftps_gateway.selftest.client import ImplicitFTP_TLS
+from ftps_gateway.session.admission import EVICTED
 from support.control import exactly, raw_connect, read_until_quiet
 from support.credentials import PASSWORD, PASSWORD_HASH
 from support.gateway import RunningGateway
+from support.metrics import scrape
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -213,37 +215,132 @@ def test_ban_cli_without_a_running_server(
 # --- limits
 
 
-def test_session_limits_each_with_their_own_reply(
+def _users(*names: str) -> str:
+    return "".join(
+        f'[[users]]\nname = "{name}"\npassword = "{PASSWORD_HASH}"\n' for name in names
+    )
+
+
+def _refused_login(ftp: ftplib.FTP_TLS, user: str, match: str) -> None:
+    with pytest.raises(ftplib.error_temp, match=match):
+        ftp.login(user, PASSWORD)
+    ftp.close()
+
+
+def test_session_limits_count_logins_each_with_their_own_reply(
     start_gateway: StartGateway, audit_records: Records
 ) -> None:
+    """max_sessions, _per_ip and _per_user count logged-in sessions, checked at
+    login with their own 421; connecting is never refused by them."""
     gw = start_gateway(
+        users=_users("acme", "globex", "initech"),
         server_extra=(
-            "login_timeout_seconds = 20\nmax_sessions = 3\n"
-            "max_sessions_per_ip = 2\nmax_sessions_per_user = 1"
-        )
+            "login_timeout_seconds = 20\nmax_sessions = 2\n"
+            "max_sessions_per_ip = 1\nmax_sessions_per_user = 1"
+        ),
     )
     first = gw.client()  # acme logged in from 127.0.0.1
-    second = gw.client(login=False)
     limit = replies.LIMIT_REPLIES
-    assert _greeting(gw, "127.0.0.1").startswith(limit["limit-per-ip"].encode())
-    third = gw.client(login=False, source_ip="127.0.0.2")
-    assert _greeting(gw, "127.0.0.3").startswith(limit["limit-total"].encode())
-    with pytest.raises(ftplib.error_temp, match=exactly(limit["limit-per-user"])):
-        third.login("acme", PASSWORD)
-    for ftp in (first, second):
+    # Not logged in: any number of connections are greeted.
+    waiting = [gw.client(login=False) for _ in range(3)]
+    _refused_login(waiting[0], "globex", exactly(limit["limit-per-ip"]))
+    _refused_login(
+        gw.client(login=False, source_ip="127.0.0.2"),
+        "acme",
+        exactly(limit["limit-per-user"]),
+    )
+    second = gw.client(source_ip="127.0.0.2", user="globex")
+    _refused_login(
+        gw.client(login=False, source_ip="127.0.0.3"),
+        "initech",
+        exactly(limit["limit-total"]),
+    )
+    first.quit()
+    # The freed slot is usable again, at once (QUIT releases before its reply).
+    third = gw.client(source_ip="127.0.0.3", user="initech")
+    third.storbinary("STOR ok.bin", io.BytesIO(b"ok"))
+    for ftp in (second, third):
         ftp.quit()
-    third.close()
-    time.sleep(0.3)  # the server sees the closes
-    # Freed slots are usable again.
-    fourth = gw.client(source_ip="127.0.0.3")
-    fourth.storbinary("STOR ok.bin", io.BytesIO(b"ok"))
-    fourth.quit()
-    reasons = [r["reason"] for r in _events(audit_records, "connection_refused")]
-    assert reasons == ["limit-per-ip", "limit-total"]
+    for ftp in waiting[1:]:
+        ftp.close()
+    assert _events(audit_records, "connection_refused") == []
     failed = [r["reason"] for r in _events(audit_records, "login_failed")]
-    assert failed == ["limit-per-user"]
-    time.sleep(0.3)
-    assert gw.server.gateway.limits.snapshot() == (0, {}, {})
+    assert failed == ["limit-per-ip", "limit-per-user", "limit-total"]
+    deadline = time.monotonic() + 10
+    while gw.server.state_admin.snapshot() != (0, {}, {}):
+        assert time.monotonic() < deadline, gw.server.state_admin.snapshot()
+        time.sleep(0.1)
+
+
+def test_idle_unauthenticated_connections_do_not_lock_a_partner_out(
+    start_gateway: StartGateway, audit_records: Records
+) -> None:
+    """1,000 idle connections from five addresses fill the pre-login pool; a
+    partner still connects and logs in: the stalest idler of the busiest address
+    makes room (421, audited, counted)."""
+    gw = start_gateway(
+        server_extra=(
+            "login_timeout_seconds = 120\nmax_unauthenticated = 100\n"
+            "max_unauthenticated_per_ip = 1000"
+        ),
+        sections='[metrics]\nlisten = "127.0.0.1:0"',
+    )
+    idle = [
+        raw_connect((gw.host, gw.port), f"127.0.0.{2 + index % 5}")
+        for index in range(1000)
+    ]
+    try:
+        partner = gw.client(source_ip="127.0.0.9")
+        partner.storbinary("STOR in.bin", io.BytesIO(b"partner"))
+        partner.quit()
+        # Evicted idlers heard why, in clear text, before the close.
+        heard = read_until_quiet(idle[0], 3.0)
+        assert heard.startswith(b"220 ")
+        assert replies.EVICTED.encode() in heard
+    finally:
+        for sock in idle:
+            sock.close()
+    assert (gw.home() / "in.bin").read_bytes() == b"partner"
+    evicted = [
+        r for r in _events(audit_records, "connection_refused")
+        if r["reason"] == "unauthenticated-evicted"
+    ]  # fmt: skip
+    assert len(evicted) >= 900
+    assert {r["client_ip"] for r in evicted} <= {f"127.0.0.{n}" for n in range(2, 7)}
+    assert {r["pool"] for r in evicted} == {"total"}
+    assert gw.server.health is not None
+    samples = scrape(gw.server.health.address[1])
+    key = ("ftps_gateway_sessions_refused_total", (("reason", EVICTED),))
+    assert samples[key] == len(evicted)
+
+
+def test_one_address_competes_only_with_itself(
+    start_gateway: StartGateway, audit_records: Records
+) -> None:
+    """Past max_unauthenticated_per_ip an address's own stalest connection goes;
+    other addresses keep theirs."""
+    gw = start_gateway(
+        server_extra=(
+            "login_timeout_seconds = 60\nmax_unauthenticated = 50\n"
+            "max_unauthenticated_per_ip = 3"
+        )
+    )
+    other = gw.client(login=False, source_ip="127.0.0.5")
+    socks = [raw_connect((gw.host, gw.port), "127.0.0.4") for _ in range(4)]
+    try:
+        # The first of the four (the stalest) made room for the fourth.
+        assert replies.EVICTED.encode() in read_until_quiet(socks[0], 3.0)
+        assert replies.EVICTED.encode() not in read_until_quiet(socks[3], 0.5)
+        other.login("acme", PASSWORD)  # the other address kept its connection
+        other.quit()
+    finally:
+        for sock in socks:
+            sock.close()
+    evicted = [
+        (r["client_ip"], r["pool"])
+        for r in _events(audit_records, "connection_refused")
+    ]
+    assert evicted == [("127.0.0.4", "per-ip")]
 
 
 def test_unauthenticated_session_is_closed_by_the_login_timer(

@@ -203,5 +203,5 @@ def test_user_after_login_is_refused(gateway: RunningGateway) -> None:
     with pytest.raises(ftplib.error_perm, match=exactly(replies.ALREADY_AUTHENTICATED)):
         ftp.sendcmd("PASS x")
     assert ftp.pwd() == "/"  # still logged in, and counted once by the session limits
-    assert gateway.server.gateway.limits.snapshot()[2] == {"acme": 1}
+    assert gateway.server.state_admin.snapshot().per_user == {"acme": 1}
     ftp.quit()

@@ -48,7 +48,11 @@ def _production_config(directory: Path, cert_files: tuple[Path, Path, Path]) -> 
         users=users,
         server_extra=(
             "workers = 1\nlogin_timeout_seconds = 30\nlogin_cache_seconds = 0\n"
-            "max_sessions = 4096"
+            "max_sessions = 4096\n"
+            # Room for every flood connection before login too: this test counts the
+            # login queue's refusals, which an eviction from a full pre-login pool
+            # (test_admission covers it) would replace by its own 421.
+            "max_unauthenticated = 4096\nmax_unauthenticated_per_ip = 4096"
         ),
         sections=(
             f"[defender]\nmax_failures = {MAX_FAILURES}\nwindow_seconds = 600\n"

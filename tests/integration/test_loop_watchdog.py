@@ -98,13 +98,13 @@ def test_a_workers_stall_reaches_the_supervisors_readiness(
     its stall and its recovery; the supervisor's readiness check names it."""
     path = write_config(tmp_path, cert_files, server_extra=STALL)
     config = config_module.load(path)
-    service = sharedstate.StateService(*lifecycle.new_kept_state(config))
+    service = sharedstate.StateService(lifecycle.new_kept_state(config))
     supervisor_end, worker_end = sharedstate.channel_pair()
     service.serve(supervisor_end, 0)
     role = WorkerRole(
         index=0, count=1,
         explicit=lifecycle.bind_listeners(config.server.listen, "server.listen"),
-        implicit=[], channel=sharedstate.StateChannel(worker_end),
+        implicit=[], channel=worker_end,
     )  # fmt: skip
     server = GatewayServer(
         config, verifier=PasswordVerifier(parameters=FAST_PARAMETERS), worker=role

@@ -31,7 +31,7 @@ def test_refusals_and_logins_are_counted_by_reason(
             '[metrics]\nlisten = "127.0.0.1:0"\n'
             '[access]\nallow = ["127.0.0.1/32", "127.0.0.2/32"]'
         ),
-        server_extra="login_timeout_seconds = 20\nmax_sessions_per_ip = 2",
+        server_extra="login_timeout_seconds = 20\nmax_sessions_per_ip = 1",
     )
     for listener in gw.server.listeners:
         listener.handler.auth_failed_timeout = 0.1
@@ -55,12 +55,14 @@ def test_refusals_and_logins_are_counted_by_reason(
         ftp.nlst()
     good = gw.client(source_ip="127.0.0.2")
     good.storbinary("STOR a.bin", io.BytesIO(b"x" * 1000))
-    # A third session from 127.0.0.1 is over the per-address limit.
+    # A second logged-in session from 127.0.0.1 is over the per-address limit
+    # (logged-in sessions count, at login).
     second = gw.client(login=False)
-    sock = raw_connect((gw.host, gw.port))
-    assert read_until_quiet(sock, 2.0).startswith(b"421")
-    sock.close()
-    second.quit()
+    with pytest.raises(
+        ftplib.error_temp, match=exactly(replies.LIMIT_REPLIES["limit-per-ip"])
+    ):
+        second.login("acme", PASSWORD)
+    second.close()
     ftp.quit()
     good.quit()
 

@@ -106,6 +106,7 @@ workers = 2
 login_timeout_seconds = 10
 max_sessions_per_ip = 200
 max_sessions_per_user = 200
+max_unauthenticated_per_ip = 200
 {server_extra}
 [tls]
 certificate = "{chain}"

@@ -52,6 +52,8 @@ workers = 1
 login_timeout_seconds = 30
 login_cache_seconds = 0
 max_sessions = 4096
+max_unauthenticated = 4096
+max_unauthenticated_per_ip = 4096
 [tls]
 certificate = "{chain}"
 private_key = "{key}"

@@ -160,6 +160,7 @@ def test_soak_mixed_clients(
         tmp_path, cert_files, passive_ports="42000-42999",
         server_extra=(f"max_sessions_per_ip = {SESSIONS * 2}\n"
                       f"max_sessions_per_user = {SESSIONS * 2}\n"
+                      f"max_unauthenticated_per_ip = {SESSIONS * 2}\n"
                       "login_timeout_seconds = 60"),
         sections='[metrics]\nlisten = "127.0.0.1:0"\n',
     )  # fmt: skip

@@ -11,6 +11,7 @@ that run outside pytest (``integration/selftest_netns.py``) put it there themsel
     process       ``python -m ftps_gateway serve`` as a real process tree
     control       raw control connections: plain, AUTH TLS only, TCP, read-until-quiet
     metrics       scraping ``/metrics`` into a dict
+    state         driving ``session.state`` by hand: fake clock, settings, claims
     goclient      building and running the Go client of ``tests/clients/goftps``
     loginflood    a login flood from many addresses, a partner's login timed in it
 

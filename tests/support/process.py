@@ -197,3 +197,31 @@ class GatewayProcess:
     def tracebacks(self) -> list[str]:
         """stderr lines that show a traceback (there should be none)."""
         return [line for line in self.stderr if "Traceback" in line]
+
+
+def connection_owner(pids: list[int], client: tuple[str, int], server_port: int) -> int:
+    """Which of ``pids`` holds the server end of the IPv4 TCP connection from
+    ``client`` (address, port) to ``server_port`` (/proc/net/tcp, then the fds)."""
+    address, port = client
+    remote = f"{_hex_ipv4(address)}:{port:04X}"
+    inode = ""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].rsplit(":", 1)[1], 16)
+        if local_port == server_port and fields[2] == remote:
+            inode = fields[9]
+            break
+    assert inode, f"no connection from {client} to port {server_port}"
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return pid
+    raise AssertionError(f"no process of {pids} holds {target}")
+
+
+def _hex_ipv4(address: str) -> str:
+    """``127.0.0.1`` as /proc/net/tcp writes it (host byte order, little endian)."""
+    return "".join(f"{int(part):02X}" for part in reversed(address.split(".")))

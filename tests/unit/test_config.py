@@ -235,6 +235,16 @@ REJECTED = [
         id="max-sessions-zero",
     ),
     pytest.param(
+        _add("server", "max_unauthenticated = 0"),
+        ["server.max_unauthenticated: must be 1 to 100000 (got 0)"],
+        id="max-unauthenticated-zero",
+    ),
+    pytest.param(
+        _add("server", "max_unauthenticated_per_ip = 100001"),
+        ["server.max_unauthenticated_per_ip: must be 1 to 100000 (got 100001)"],
+        id="max-unauthenticated-per-ip-too-big",
+    ),
+    pytest.param(
         _add("server", 'allow_active_mode = "yes"'),
         ["server.allow_active_mode: must be true or false (got 'yes')"],
         id="active-mode-string",
@@ -615,6 +625,11 @@ REJECTED = [
         _before_storage('[access]\nallow = "10.0.0.0/8"\n\n'),
         ["access.allow: must be an array (got '10.0.0.0/8')"],
         id="access-allow-not-array",
+    ),
+    pytest.param(
+        _before_storage("[access]\nipv6_prefix_length = 16\n\n"),
+        ["access.ipv6_prefix_length: must be 32 to 128 (got 16)"],
+        id="ipv6-prefix-too-short",
     ),
     pytest.param(
         _before_storage("[defender]\nban_seconds = 600\nmax_ban_seconds = 60\n\n"),
@@ -1054,8 +1069,17 @@ def test_summary(config_dir: Path) -> None:
         "Node name: the host name",
         "PROXY protocol from: nobody (off)",
         (
-            "Sessions: at most 512, 16 per client address, 8 per user; "
-            "login timeout 30 s, idle timeout 300 s, shutdown grace 30 s, "
+            "Logged-in sessions: at most 512, 16 per client address, 8 per user "
+            "(all workers together, counted at login)"
+        ),
+        (
+            "Connections not logged in yet: at most 256, 32 per client address, "
+            "per worker process; when full, the longest-idle connection of the "
+            "busiest address is closed to make room"
+        ),
+        "Client addresses: IPv6 counted per /64 (bans and limits), IPv4 per address",
+        (
+            "Timers: login timeout 30 s, idle timeout 300 s, shutdown grace 30 s, "
             "verified logins remembered 300 s"
         ),
         "Worker processes: auto (one per CPU core); IO loop watchdog: stuck after 5 s",
@@ -1140,6 +1164,8 @@ def test_example_file_documents_every_key() -> None:
         "max_sessions",
         "max_sessions_per_ip",
         "max_sessions_per_user",
+        "max_unauthenticated",
+        "max_unauthenticated_per_ip",
         "implicit_listen",
         "allow_active_mode",
         "certificate",
@@ -1148,6 +1174,7 @@ def test_example_file_documents_every_key() -> None:
         "max_version",
         "reuse",
         "allow",
+        "ipv6_prefix_length",
         "safe",
         "enabled",
         "max_failures",

@@ -1,4 +1,4 @@
-"""Bans and session limits, on a fake clock."""
+"""Bans, on a fake clock (login slots and quota: test_state.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,7 @@ import ipaddress
 import pytest
 
 from ftps_gateway.config import DefenderSettings
-from ftps_gateway.policy.defender import (
-    LIMIT_PER_IP,
-    LIMIT_PER_USER,
-    LIMIT_TOTAL,
-    Defender,
-    SessionLimits,
-)
+from ftps_gateway.policy.defender import Defender
 
 
 class Clock:
@@ -34,10 +28,12 @@ SETTINGS = DefenderSettings(
 )
 
 
-def _defender(clock: Clock, **changes: object) -> Defender:
+def _defender(clock: Clock, prefix: int = 64, **changes: object) -> Defender:
     settings = DefenderSettings(**{**SETTINGS.__dict__, **changes})  # type: ignore[arg-type]
-    safe = (ipaddress.ip_network("10.9.0.0/16"),)
-    return Defender(settings, safe, clock=clock, wall_clock=clock.wall)
+    safe = (ipaddress.ip_network("10.9.0.0/16"), ipaddress.ip_network("2001:db8::7"))
+    return Defender(
+        settings, safe, ipv6_prefix=prefix, clock=clock, wall_clock=clock.wall
+    )
 
 
 def test_ban_after_max_failures_within_window() -> None:
@@ -174,33 +170,35 @@ def test_unparsable_addresses_do_not_crash(ip: str) -> None:
     assert not defender.is_banned("198.51.100.1")
 
 
-def test_session_limits_total_per_ip_per_user() -> None:
-    limits = SessionLimits(total=3, per_ip=2, per_user=1)
-    assert limits.open("198.51.100.1") is None
-    assert limits.open("::ffff:198.51.100.1") is None
-    assert limits.open("198.51.100.1") == LIMIT_PER_IP
-    assert limits.open("198.51.100.2") is None
-    assert limits.open("198.51.100.3") == LIMIT_TOTAL
-    limits.close("198.51.100.1")
-    assert limits.open("198.51.100.3") is None
-    assert limits.login("acme") is None
-    assert limits.login("acme") == LIMIT_PER_USER
-    assert limits.login("globex") is None
-    limits.logout("acme")
-    assert limits.login("acme") is None
-    total, per_ip, per_user = limits.snapshot()
-    assert total == 3
-    assert per_ip == {"198.51.100.1": 1, "198.51.100.2": 1, "198.51.100.3": 1}
-    assert per_user == {"acme": 1, "globex": 1}
+def test_ipv6_failures_count_per_prefix() -> None:
+    """Failures from three addresses of one /64 earn one ban on the whole /64."""
+    clock = Clock()
+    defender = _defender(clock)
+    assert defender.record_failure("2001:db8::1") is None
+    assert defender.record_failure("2001:db8::2") is None
+    ban = defender.record_failure("2001:db8::ffff:1")
+    assert ban is not None
+    assert ban.ip == "2001:db8::/64"
+    assert defender.is_banned("2001:db8::abcd")
+    assert not defender.is_banned("2001:db8:0:1::1")  # the next /64
+    assert defender.remove("2001:db8::/64")
+    assert not defender.is_banned("2001:db8::abcd")
 
 
-def test_lower_limits_never_cut_open_sessions() -> None:
-    limits = SessionLimits(total=5, per_ip=5, per_user=5)
+def test_a_safe_address_is_not_banned_by_its_prefix_ban() -> None:
+    """access.safe wins over a ban of the /64 the safe address sits in."""
+    clock = Clock()
+    defender = _defender(clock)
     for _ in range(3):
-        assert limits.open("198.51.100.1") is None
-    limits.update(total=1, per_ip=1, per_user=1)
-    assert limits.snapshot()[0] == 3
-    assert limits.open("198.51.100.2") == LIMIT_TOTAL
-    for _ in range(3):
-        limits.close("198.51.100.1")
-    assert limits.open("198.51.100.2") is None
+        defender.record_failure("2001:db8::1")
+    assert defender.is_banned("2001:db8::1")
+    assert not defender.is_banned("2001:db8::7")
+
+
+def test_prefix_128_counts_each_ipv6_address_apart() -> None:
+    """With ipv6_prefix_length = 128 an address is its own key, as before."""
+    clock = Clock()
+    defender = _defender(clock, prefix=128)
+    for index in range(1, 10):
+        assert defender.record_failure(f"2001:db8::{index}") is None
+    assert not defender.is_banned("2001:db8::1")

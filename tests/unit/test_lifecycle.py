@@ -18,6 +18,7 @@ from ftps_gateway.config import GatewayConfig, ListenAddress
 from ftps_gateway.errors import ConfigError, StartupError
 from ftps_gateway.metrics import GatewayMetrics
 from ftps_gateway.service import lifecycle
+from ftps_gateway.session.state import LIMIT_PER_IP, LoginSlot
 from support.configs import write_config
 
 if TYPE_CHECKING:
@@ -170,18 +171,18 @@ def test_kept_state_keeps_its_counts_under_new_limits(
     """A reload's limits apply to the next session; sessions counted before stay."""
     first = tmp_path / "first"
     first.mkdir()
-    defender, limits = lifecycle.new_kept_state(
+    state = lifecycle.new_kept_state(
         _config(first, cert_files, server_extra="max_sessions_per_ip = 5")
     )
-    assert limits.open("192.0.2.1") is None
-    assert limits.open("192.0.2.1") is None
+    answers: list[str | None] = []
+    for user in ("acme", "globex"):
+        state.login(LoginSlot("192.0.2.1", user), answers.append)
     lifecycle.update_kept_state(
-        _config(tmp_path, cert_files, server_extra="max_sessions_per_ip = 2"),
-        defender,
-        limits,
+        _config(tmp_path, cert_files, server_extra="max_sessions_per_ip = 2"), state
     )
-    assert limits.snapshot()[1] == {"192.0.2.1": 2}
-    assert limits.open("192.0.2.1") is not None
+    assert state.snapshot().per_address == {"192.0.2.1": 2}
+    state.login(LoginSlot("192.0.2.1", "initech"), answers.append)
+    assert answers == [None, None, LIMIT_PER_IP]
 
 
 def test_bind_listeners_names_the_key_and_closes_what_it_bound() -> None:

@@ -15,16 +15,15 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from ftps_gateway.config import DefenderSettings
-from ftps_gateway.policy.defender import Defender
 from ftps_gateway.session.loginqueue import (
     ADDRESS_FULL,
     BANNED,
     QUEUE_FULL,
-    DefenderScore,
     FailureBudget,
     LoginQueue,
     Verdict,
 )
+from ftps_gateway.session.state import LocalState, StateSettings
 
 BUDGET = FailureBudget(max_failures=3, window_seconds=60)
 UNLIMITED = FailureBudget(max_failures=None, window_seconds=60)
@@ -99,22 +98,27 @@ class Passwords:
 
 
 class Bans:
-    """A real Defender behind the queue's interface, counting what it is told."""
+    """The real in-process state behind the queue's interface, counting what it is
+    told (``LocalState`` answers ``record_failure`` before it returns)."""
 
     def __init__(self, max_failures: int = 3) -> None:
         settings = DefenderSettings(
             max_failures=max_failures, window_seconds=60, ban_seconds=100
         )
-        self.defender = Defender(settings)
-        self.score = DefenderScore(self.defender)
+        self.state = LocalState(
+            StateSettings(
+                defender=settings, safe=(), ipv6_prefix=64, max_sessions=10,
+                max_sessions_per_ip=10, max_sessions_per_user=10,
+            )
+        )  # fmt: skip
         self.reported: list[str] = []
 
     def is_banned(self, address: str) -> bool:
-        return self.score.is_banned(address)
+        return self.state.is_banned(address)
 
     def record_failure(self, address: str, done: Callable[[object], None]) -> None:
         self.reported.append(address)
-        self.score.record_failure(address, done)
+        self.state.record_failure(address, done)
 
 
 @pytest.fixture
@@ -223,7 +227,7 @@ def test_an_address_banned_while_it_waits_is_not_verified(
     passwords.submit(login_queue, "x.1")
     passwords.submit(login_queue, "a.1")
     for _ in range(3):
-        bans.defender.record_failure("a")
+        bans.state.record_failure("a", lambda _ban: None)
     passwords.release(loop, "x.1")
     assert passwords.verdicts["a.1"] == Verdict(False, False, reason=BANNED)
     assert passwords.started == ["x.1"]
