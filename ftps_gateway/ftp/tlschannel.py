@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import socket
 import ssl
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -318,6 +319,10 @@ class TLSChannelMixin:
         total = 0
         ended = False
         while total < limit:
+            if _fin_is_next(self.socket):
+                self.tls_truncated = True
+                ended = True
+                break
             try:
                 received = int(self.socket.recv_into(view[total:limit]))
             except ssl.SSLWantReadError:
@@ -369,6 +374,33 @@ class TLSChannelMixin:
             # WantWrite or a dead peer: nothing more to do.
             with contextlib.suppress(OSError, ValueError):
                 self.socket.unwrap()
+
+
+def _fin_is_next(connection: ssl.SSLSocket) -> bool:
+    """True if the peer's TCP FIN (or a reset) is all that is left to read.
+
+    Read through OpenSSL, a FIN without close_notify is a fatal "unexpected EOF":
+    OpenSSL 3 then removes the connection's session from its context's cache and
+    marks it unresumable (``ssl3_send_alert``, ``remove_session_lock``). On a data
+    connection that session *is* its control session's: with TLS 1.2 session-id
+    resumption (curl turns session tickets off) every later data connection of the
+    partner's session was refused, 425, after one upload cut short (curl 7.88 cuts
+    some: its issue 11383). A raw ``MSG_PEEK`` tells the end apart first, so the
+    upload ends as truncated without OpenSSL ever seeing it, and the close sends our
+    close_notify as usual. One system call per record, only when OpenSSL holds no
+    decrypted bytes.
+    """
+    if connection.pending():
+        return False
+    try:
+        peeked = socket.socket.recv(
+            connection, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT
+        )
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # a reset: nothing more will come
+    return not peeked
 
 
 def _join_leading_bytes(fifo: Any) -> None:

@@ -8,16 +8,22 @@ read many records at a time into the channel's reused buffer.
 
 from __future__ import annotations
 
+import ftplib
 import hashlib
 import io
 import os
 import socket
+import ssl
 import time
 from typing import Any
 
 import pytest
 
+from ftps_gateway.ftp import replies
 from ftps_gateway.ftp.data import DataHandler
+from ftps_gateway.selftest.client import ReusingFTP_TLS
+from support.control import exactly
+from support.credentials import PASSWORD
 from support.gateway import RunningGateway
 
 pytestmark = pytest.mark.integration
@@ -90,3 +96,30 @@ def test_upload_through_tiny_receive_buffers_is_intact(gateway: RunningGateway) 
     ftp.quit()
     stored = (gateway.home() / "up.bin").read_bytes()
     assert hashlib.sha256(stored).digest() == hashlib.sha256(payload).digest()
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_an_upload_cut_short_does_not_spoil_the_sessions_next_transfer(
+    gateway: RunningGateway, version: ssl.TLSVersion
+) -> None:
+    """After an upload ends with a TCP FIN but no close_notify (426, nothing kept),
+    the next data connection still resumes the control session, also for a TLS 1.2
+    client without session tickets (curl), which resumes by session id."""
+    context = ssl.create_default_context(cafile=str(gateway.ca_file))
+    context.maximum_version = version
+    context.options |= ssl.OP_NO_TICKET  # as curl does
+    ftp = ReusingFTP_TLS(context=context, timeout=10)
+    ftp.connect(gateway.host, gateway.port)
+    ftp.login("acme", PASSWORD)
+    ftp.prot_p()
+    ftp.voidcmd("TYPE I")
+    data, _ = ftp.ntransfercmd("STOR cut.bin")
+    data.sendall(b"x" * 100_000)
+    data.shutdown(socket.SHUT_RDWR)  # FIN under TLS, no close_notify
+    data.close()
+    with pytest.raises(ftplib.error_temp, match=exactly(replies.UPLOAD_CUT)):
+        ftp.voidresp()
+    ftp.storbinary("STOR whole.bin", io.BytesIO(b"y" * 1000))
+    assert (gateway.home() / "whole.bin").read_bytes() == b"y" * 1000
+    assert not (gateway.home() / "cut.bin").exists()
+    ftp.quit()
