@@ -10,6 +10,7 @@ import pytest
 from ftps_gateway import config
 from ftps_gateway.config import ClusterSettings
 from ftps_gateway.errors import ConfigError
+from ftps_gateway.service.lifecycle import unreloadable_changes
 
 HASH = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash("x")
 BASE = f"""\
@@ -185,3 +186,22 @@ def test_without_a_cluster_section_nothing_changes(config_dir: Path) -> None:
     cfg = config.load(path)
     assert cfg.cluster is None
     assert cfg.admin.socket == config_dir / "data" / ".ftps-gateway" / "admin.sock"
+
+
+def test_cluster_settings_change_only_on_restart(config_dir: Path) -> None:
+    """A reload cannot move a node to another Redis or rename it: refused, named."""
+    old = _load(config_dir, 'redis_url = "redis://redis"')
+    new = _load(config_dir, 'redis_url = "redis://other"')
+    renamed = _load(
+        config_dir,
+        'redis_url = "redis://redis"',
+        BASE.replace('node_name = "ftps-1"', 'node_name = "ftps-2"'),
+    )
+    assert unreloadable_changes(old, new) == [
+        "cluster: changed; this takes effect only on restart"
+    ]
+    assert unreloadable_changes(old, renamed) == [
+        "admin.socket: changed; this takes effect only on restart",
+        "server.node_name: changed; this takes effect only on restart",
+    ]
+    assert unreloadable_changes(old, old) == []
