@@ -442,14 +442,16 @@ class RedisState:
             banned is not None and banned.deadline > time.monotonic()
         )
         try:
-            # The lift comes back on the channel, to this node's replica too.
-            return bool(self._script("unban", key)) or lifted_here
+            was_banned, version = self._script("unban", key)
         except RedisError as err:
             logger.warning(
                 "ban on %s lifted on this node only: Redis: %s", key, _describe(err)
             )
             self._change_ban(key, None, None)
             return lifted_here
+        # Here at once (the channel brings it to the other nodes, and here again).
+        self._change_ban(key, None, int(version), bump=False)
+        return bool(int(was_banned)) or lifted_here
 
     def snapshot(self) -> StateSnapshot:
         """Logged-in sessions of the cluster (this node's if Redis is unreachable)."""
@@ -1022,10 +1024,12 @@ class RedisState:
         """Apply one change to the replica and tell the listeners, in order.
 
         ``version`` is Redis' number for the change (None: decided here alone). A
-        change not newer than the replica is old news (the channel and a failure's
-        own answer both bring a ban; a resync may have read it already). ``bump``:
-        the replica is now at ``version`` (False for a failure's answer: its message
-        on the channel still comes, and the gap check counts on it).
+        change not newer than the replica is old news (the channel and this node's
+        own request both bring a ban or a lift; a resync may have read it already).
+        ``bump``: the replica is now at ``version`` (False when this node's own
+        request answered it: its message on the channel still comes, in order, and
+        the gap check counts on it; an older message arriving meanwhile may briefly
+        undo it until then).
         """
         with self._ban_lock:
             if version is not None:

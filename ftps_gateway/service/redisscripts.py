@@ -279,7 +279,8 @@ return 1
 """
 )
 
-# ARGV[4] address key: lift its ban and forget its record. 1 if it was banned.
+# ARGV[4] address key: lift its ban and forget its record.
+# {1 if it was banned else 0, version}.
 UNBAN: Final = (
     _COMMON
     + """
@@ -290,8 +291,8 @@ redis.call('DEL', P .. 'offence:' .. addr, P .. 'fail:' .. addr)
 redis.call('ZREM', P .. 'bans', addr)
 local version = redis.call('INCR', P .. 'bans:version')
 redis.call('PUBLISH', P .. 'bans', cjson.encode({op = 'unban', ip = addr, v = version}))
-if score > now then return 1 end
-return 0
+if score > now then return {1, version} end
+return {0, version}
 """
 )
 
