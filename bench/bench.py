@@ -181,6 +181,8 @@ class Server:
     metrics_url: str | None = None
     audit_file: Path | None = None
     home: Path | None = None  # the bench user's folder, for local servers
+    rows: frozenset[str] | None = None  # measured only in these rows (None: all)
+    helper: subprocess.Popen[bytes] | None = None  # redis-server, stopped with it
 
 
 @dataclass
@@ -418,6 +420,7 @@ def start_gateway(
     *,
     wrapper: tuple[str, ...] = (),
     workers: int | None = None,
+    redis_url: str | None = None,
 ) -> Server:
     """The gateway as operators run it, every security feature on.
 
@@ -425,9 +428,18 @@ def start_gateway(
     worker threads and shows there as waiting), written when it stops. ``wrapper``
     goes in front of the command (``session_cost.py`` runs it under callgrind);
     ``workers`` sets ``server.workers`` (default: "auto").
+    With ``redis_url`` it is one node of a cluster (``[cluster]``): bans, login
+    slots and quota decided in that Redis (the ``gateway+redis`` column of
+    ``--cluster``).
     """
-    directory = space.root / "gateway"
+    name = "gateway+redis" if redis_url else "gateway"
+    directory = space.root / name
     storage = directory / "storage"
+    cluster = (
+        f'[cluster]\nredis_url = "{redis_url}"\non_unavailable = "refuse"\n'
+        if redis_url
+        else ""
+    )
     _link_data(space, storage / "home" / USER)
     low, high = _free_port_block(400)
     audit = directory / "audit.jsonl"
@@ -437,6 +449,7 @@ def start_gateway(
 [server]
 listen = ["127.0.0.1:0"]
 {f"workers = {workers}" if workers else ""}
+node_name = "bench-1"
 # Raised from 512/16/8: the idle row holds rounds x 1,000 sessions of one user.
 max_sessions = 20000
 max_sessions_per_ip = 20000
@@ -466,6 +479,7 @@ audit_file = "{audit}"
 upload_sha256 = true
 [metrics]
 listen = "127.0.0.1:0"
+{cluster}
 [[users]]
 name = "{USER}"
 password = "{space.password_hash}"
@@ -489,7 +503,7 @@ password = "{space.password_hash}"
     host, port = _port_of(next(line for line in ready if "explicit FTPS" in line))
     m_host, m_port = _port_of(next(line for line in ready if "/metrics" in line))
     server = Server(
-        Endpoint("gateway", host, port, USER, space.password, str(space.cert)),
+        Endpoint(name, host, port, USER, space.password, str(space.cert)),
         process.pid,
         process,
         tail,
@@ -498,6 +512,43 @@ password = "{space.password_hash}"
         storage / "home" / USER,
     )
     _wait_ready(f"{server.metrics_url}/readyz")
+    return server
+
+
+# Rows the gateway+redis column measures: what a shared state costs is the login
+# and the session end; transfers never ask Redis.
+CLUSTER_ROWS = frozenset({"sessions"})
+
+
+def start_cluster_node(space: Workspace) -> Server:
+    """A redis-server on a Unix socket, and a gateway node using it (``--cluster``).
+
+    Redis runs as a cluster's would (no persistence needed for the figure); its
+    process is stopped with the node.
+    """
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        raise BenchError("--cluster needs redis-server (apt-get install redis-server)")
+    directory = space.root / "redis"
+    directory.mkdir()
+    sock = directory / "redis.sock"
+    redis = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+         "--save", "", "--appendonly", "no", "--dir", str(directory),
+         "--logfile", str(directory / "redis.log")],
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        if redis.poll() is not None or time.monotonic() > deadline:
+            raise BenchError("redis-server did not start")
+        time.sleep(0.05)
+    try:
+        server = start_gateway(space, redis_url=f"unix://{sock}")
+    except BenchError:
+        redis.kill()
+        raise
+    server.rows = CLUSTER_ROWS
+    server.helper = redis
     return server
 
 
@@ -585,6 +636,9 @@ def stop_server(server: Server) -> None:
     except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait()
+    if server.helper is not None:
+        server.helper.kill()
+        server.helper.wait()
 
 
 # ---------------------------------------------------------------- clients
@@ -1333,6 +1387,51 @@ def report(results: dict[str, dict[str, list[Sample]]], names: list[str]) -> Non
                 print(f"  {key:9} {name:10} {_details(key, name, samples)}")
 
 
+def report_cluster(
+    results: dict[str, dict[str, list[Sample]]], plain: str, node: Server
+) -> None:
+    """The same node without and with ``[cluster]`` (one Redis), same run."""
+    clustered = node.endpoint.name
+    per_server = results.get("sessions", {})
+    if not per_server.get(clustered):
+        return
+    print(
+        f"\n| one node, same run | {plain} median (min-max) | {clustered} median "
+        f"(min-max) | ratio {clustered}/{plain} |"
+    )
+    print("|---|---|---|---|")
+    for label, read in (
+        ("sessions/s, 16 clients", lambda s: s.value),
+        ("p99 session latency, 16 clients, ms", lambda s: float(s.note)),
+    ):
+        plain_values = [read(s) for s in per_server.get(plain, [])]
+        node_values = [read(s) for s in per_server.get(clustered, [])]
+        ratio = _ratio(_median(node_values), _median(plain_values))
+        print(f"| {label} | {_stats(plain_values)} | {_stats(node_values)} | {ratio} |")
+    if node.metrics_url:
+        with urllib.request.urlopen(f"{node.metrics_url}/metrics", timeout=5) as got:
+            text = got.read().decode()
+        trips = re.search(
+            r"^ftps_gateway_redis_round_trip_seconds_count (\S+)", text, re.MULTILINE
+        )
+        sums = re.search(
+            r"^ftps_gateway_redis_round_trip_seconds_sum (\S+)", text, re.MULTILINE
+        )
+        logins = re.findall(
+            r'^ftps_gateway_logins_total\{[^}]*result="ok"[^}]*\} (\S+)',
+            text,
+            re.MULTILINE,
+        )
+        ok = sum(float(x) for x in logins)
+        if trips and sums and ok:
+            count, total = float(trips[1]), float(sums[1])
+            print(
+                f"{clustered}: {count:.0f} Redis round trips for {ok:.0f} sessions "
+                f"({count / ok:.2f} per session: its login, its end (batched), "
+                f"heartbeats), {1e6 * total / max(count, 1):.0f} µs each on average"
+            )
+
+
 def _details(key: str, name: str, samples: list[Sample]) -> str:
     wall = statistics.median(s.wall_seconds for s in samples)
     parts = [f"wall {wall:.2f} s"]
@@ -1447,6 +1546,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile-gateway", type=Path, help="write a cProfile of the gateway here"
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also measure sessions/s and p99 of a gateway node with [cluster] "
+        "(a local redis-server), interleaved with the plain one",
+    )
     parser.add_argument("--reference-server", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -1507,6 +1612,8 @@ def run(args: argparse.Namespace) -> int:
             if args.target
             else start_gateway(space, args.profile_gateway)
         )
+        if args.cluster and not args.target:
+            servers.append(start_cluster_node(space))
         servers.append(start_reference(space))
         for server in servers:
             print(
@@ -1514,7 +1621,10 @@ def run(args: argparse.Namespace) -> int:
                 f" pid {server.pid}"
             )
         results, failures = measure_all(args.rows, servers, profile)
-        report(results, [s.endpoint.name for s in servers])
+        names = [s.endpoint.name for s in servers]
+        report(results, [names[0], names[-1]])
+        if len(servers) > 2:  # gateway, gateway+redis, reference
+            report_cluster(results, names[0], servers[1])
         _report_features(servers[0])
     except BenchError as err:
         print(f"benchmark failed: {err}", file=sys.stderr)
@@ -1565,7 +1675,9 @@ def measure_all(
             for round_number in range(profile.rounds):
                 for server in servers:
                     name = server.endpoint.name
-                    if row.gateway_only and name != "gateway":
+                    if (row.gateway_only and name != "gateway") or (
+                        server.rows is not None and key not in server.rows
+                    ):
                         continue
                     try:
                         measure = functools.partial(row.measure, server, profile, pool)

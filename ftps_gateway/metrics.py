@@ -80,6 +80,7 @@ SESSION_REFUSALS: Final = (
     "limit-per-ip",
     "limit-per-user",
     "draining",  # SIGTERM received: no new sessions
+    "cluster-unavailable",  # Redis unreachable, cluster.on_unavailable = "refuse"
     "proxy-header",  # a balancer's connection without a valid PROXY header
     "login-queue-full",  # PASS while the login queue was full (421)
     "login-queue-address",  # PASS beyond the address's share of the login queue (421)
@@ -148,6 +149,27 @@ HOOK_RESULTS: Final = (
     "dropped",  # never spooled: the in-memory queue or the spool was full, or a
     # write failed (the audit log has each one)
 )
+# Where a cluster node's shared state is decided (``cluster_mode``; issue 15).
+CLUSTER_MODES: Final = (
+    "shared",  # in Redis, for every node
+    "local",  # Redis unreachable: this node's own state (on_unavailable = "local")
+    "refusing",  # Redis unreachable: new logins refused (on_unavailable = "refuse")
+)
+# Why a Redis call failed (``redis_error``).
+REDIS_ERRORS: Final = (
+    "timeout",  # no answer within cluster.timeout_seconds
+    "connection",  # refused, reset, closed
+    "auth",  # wrong or missing password
+    "tls",  # handshake or certificate failure
+    "response",  # Redis answered an error (a script failed)
+    "backlog",  # too many requests waiting: answered without Redis
+    "other",
+)
+# A Redis round trip: a few hundred microseconds on a LAN, up to the timeout.
+REDIS_SECONDS_BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5,
+)  # fmt: skip
 
 # --- limits ---------------------------------------------------------------------------
 
@@ -186,6 +208,7 @@ _TRANSFER_DIRECTIONS = _as_frozen(TRANSFER_DIRECTIONS)
 _TRANSFER_RESULTS = _as_frozen(TRANSFER_RESULTS)
 _RELOAD_RESULTS = _as_frozen(RELOAD_RESULTS)
 _HOOK_RESULTS = _as_frozen(HOOK_RESULTS)
+_REDIS_ERRORS = _as_frozen(REDIS_ERRORS)
 
 # OpenSSL reason fragments (lower case, "_" as "-", as describe_tls_error writes them)
 # and the cause each one points to. First match wins.
@@ -233,6 +256,49 @@ def build_version() -> str:
         return metadata.version("ftps-gateway")
     except metadata.PackageNotFoundError:
         return ftps_gateway.__version__
+
+
+class ClusterSeries:
+    """A cluster node's Redis series (issue 15): where its state is decided, round
+    trips, errors. In a single server's registry (``GatewayMetrics``), or in the
+    supervisor's own, next to the workers' sums: with workers the supervisor holds
+    the node's one Redis client."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._mode = Gauge(
+            f"{PREFIX}cluster_mode",
+            "1 for where this node's shared state is decided now: shared "
+            "(Redis), local (its own), refusing (new logins refused).",
+            ["mode"],
+            registry=registry,
+        )
+        self._seconds = Histogram(
+            f"{PREFIX}redis_round_trip_seconds",
+            "Redis round trips (one pipeline of requests each).",
+            buckets=REDIS_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self._errors = Counter(
+            f"{PREFIX}redis_errors_total",
+            "Failed Redis calls, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in REDIS_ERRORS:
+            self._errors.labels(kind)
+
+    def cluster_mode(self, mode: str) -> None:
+        """The node's shared state is now decided in ``mode`` (``CLUSTER_MODES``)."""
+        for value in CLUSTER_MODES:
+            self._mode.labels(value).set(1 if value == mode else 0)
+
+    def redis_round_trip(self, seconds: float) -> None:
+        """One Redis round trip (a pipeline of requests) took ``seconds``."""
+        self._seconds.observe(seconds)
+
+    def redis_error(self, kind: str) -> None:
+        """A Redis call failed; ``kind`` is one of ``REDIS_ERRORS`` (else "other")."""
+        self._errors.labels(kind if kind in _REDIS_ERRORS else OTHER).inc()
 
 
 class GatewayMetrics:
@@ -369,6 +435,7 @@ class GatewayMetrics:
         )
         build.labels(build_version(), platform.python_version(), node).set(1)
 
+        self._cluster_series: ClusterSeries | None = None
         self._user_transfers: Counter | None = None
         self._user_bytes: Counter | None = None
         if per_user_labels:
@@ -550,6 +617,27 @@ class GatewayMetrics:
     def loop_recovered(self) -> None:
         """The stalled IO loop turned again."""
         self._loop_stalled.set(0)
+
+    # --- cluster state (Redis); the series exist on cluster nodes only ---------------
+
+    def cluster_mode(self, mode: str) -> None:
+        """The node's shared state is now decided in ``mode`` (``CLUSTER_MODES``)."""
+        self.cluster_series().cluster_mode(mode)
+
+    def redis_round_trip(self, seconds: float) -> None:
+        """One Redis round trip (a pipeline of requests) took ``seconds``."""
+        self.cluster_series().redis_round_trip(seconds)
+
+    def redis_error(self, kind: str) -> None:
+        """A Redis call failed; ``kind`` is one of ``REDIS_ERRORS``."""
+        self.cluster_series().redis_error(kind)
+
+    def cluster_series(self) -> ClusterSeries:
+        """The cluster series in this registry (made on first use)."""
+        with self._lock:
+            if self._cluster_series is None:
+                self._cluster_series = ClusterSeries(self.registry)
+            return self._cluster_series
 
     def track_passive_ports(self, source: PassivePortsSource) -> None:
         """Report passive ports at each scrape from ``source() -> (in_use, total)``.

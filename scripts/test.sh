@@ -12,6 +12,7 @@ have go || need+=(golang-go)  # builds the Go client in tests/clients/goftps
 have ip || need+=(iproute2)   # network namespaces for tests/network
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 have nft || need+=(nftables)  # self-test firewall-drop cases (as root)
+have redis-server || need+=(redis-server)  # the cluster tests (issue 15)
 if [ ${#need[@]} -gt 0 ]; then
   # As root (a container) there may be no sudo at all; otherwise apt needs it, and
   # sudo drops DEBIAN_FRONTEND from the environment, so env passes it through.

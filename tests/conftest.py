@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +24,7 @@ from ftps_gateway.service.server import GatewayServer
 from support.certificates import write_certificate
 from support.configs import write_config
 from support.gateway import RunningGateway, serve_in_thread
+from support.redis import RedisServer
 
 # Property tests: a moderate default for CI, HYPOTHESIS_PROFILE=long for a deep run.
 settings.register_profile("default", max_examples=100, deadline=None)
@@ -123,3 +126,14 @@ def audit_records(
         ]
 
     return records
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a Unix socket in a short temporary folder."""
+    # Not tmp_path: a socket path holds at most 107 bytes, and pytest's are long.
+    directory = Path(tempfile.mkdtemp(prefix="redis-"))
+    server = RedisServer(directory)
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)

@@ -13,6 +13,7 @@ The floor, lowest module first (each imports only modules above it in this list)
 - ``tree``: one user's tree planned from the config (also ``explain``);
 - ``users``: ``[[users]]``, ``[[groups]]``, mounts, permission words;
 - ``hooks``: ``[[hooks]]`` (event hooks: commands and signed URLs);
+- ``cluster``: ``[cluster]`` (the Redis URL, leases, what happens without Redis);
 - ``loader``: ``load``, ``load_text`` and the sections.
 
 The floor may import only ``ftps_gateway.errors``, ``ftps_gateway.storage.vfs`` and
@@ -24,7 +25,7 @@ This module re-exports what the rest of the package uses, so callers write
 
 from __future__ import annotations
 
-from ftps_gateway.config.describe import endpoint, summary
+from ftps_gateway.config.describe import endpoint, redacted, summary
 from ftps_gateway.config.loader import load, load_text
 from ftps_gateway.config.model import (
     HOOK_EVENTS,
@@ -44,6 +45,7 @@ from ftps_gateway.config.model import (
     TLS_VERSIONS,
     AccessSettings,
     AdminSettings,
+    ClusterSettings,
     DefenderSettings,
     GatewayConfig,
     GroupSettings,
@@ -82,6 +84,7 @@ __all__ = [
     "TLS_VERSIONS",
     "AccessSettings",
     "AdminSettings",
+    "ClusterSettings",
     "DefenderSettings",
     "GatewayConfig",
     "GroupSettings",
@@ -101,5 +104,6 @@ __all__ = [
     "expand_environment",
     "load",
     "load_text",
+    "redacted",
     "summary",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import urllib.parse
 from typing import TYPE_CHECKING
+from urllib.parse import quote, urlsplit
 
 from ftps_gateway.config.model import HOOK_EVENTS, is_internal
 
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
 
     from ftps_gateway.config.model import (
         AccessSettings,
+        ClusterSettings,
         DefenderSettings,
         GatewayConfig,
         HookSettings,
@@ -124,6 +126,7 @@ def summary(cfg: GatewayConfig) -> str:
         f"xferlog: {cfg.xferlog_file or 'off'}",
         f"Upload sha256 in the audit log: {'on' if cfg.upload_sha256 else 'off'}",
         *([describe_hook(hook) for hook in cfg.hooks] or ["Hooks: none"]),
+        f"Cluster: {_cluster_summary(cfg.cluster)}",
         f"Metrics: {_metrics_summary(cfg.metrics)}",
     ]
     return "\n".join(lines)
@@ -191,6 +194,31 @@ def _metrics_summary(metrics: MetricsSettings) -> str:
         text += ", public (metrics.allow_public)"
     labels = "on" if metrics.per_user_labels else "off"
     return f"{text}, per-user labels {labels}"
+
+
+def _cluster_summary(cluster: ClusterSettings | None) -> str:
+    if cluster is None:
+        return "off (bans, session limits and quota are this node's own)"
+    if cluster.on_unavailable == "local":
+        unavailable = "serve with this node's own state (limits per node)"
+    else:
+        unavailable = "refuse new logins (421)"
+    tls = f", TLS trusting {cluster.ca_file}" if cluster.ca_file is not None else ""
+    return (
+        f"shared through {redacted(cluster.redis_url)}{tls}, keys under "
+        f"{cluster.key_prefix!r}, timeout {cluster.timeout_seconds:g} s, "
+        f"leases {cluster.lease_seconds} s; Redis unreachable: {unavailable}"
+    )
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (logs, check-config)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = quote(parts.username or "", safe="")
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 def _advertised(address: str) -> str:

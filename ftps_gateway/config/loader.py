@@ -1,8 +1,9 @@
 """``load`` and ``load_text``: a TOML file in, a validated ``GatewayConfig`` out.
 
 Builds one section at a time (``[server]``, ``[tls]``, ``[passive]``, ``[storage]``,
-``[access]``, ``[defender]``, ``[admin]``, ``[logging]``, ``[metrics]``; accounts come
-from ``config.users``, ``[[hooks]]`` from ``config.hooks``) and the checks that span
+``[access]``, ``[defender]``, ``[admin]``, ``[logging]``, ``[metrics]``; ``[cluster]``
+from ``config.cluster``, accounts from ``config.users``, ``[[hooks]]`` from
+``config.hooks``) and the checks that span
 sections (listener and port overlaps, PROXY with "ip-match"). Every problem is
 collected, then all are raised together.
 
@@ -17,6 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ftps_gateway.config.cluster import read_cluster
 from ftps_gateway.config.describe import endpoint
 from ftps_gateway.config.hooks import read_hooks
 from ftps_gateway.config.model import (
@@ -30,6 +32,7 @@ from ftps_gateway.config.model import (
     TLS_VERSIONS,
     AccessSettings,
     AdminSettings,
+    ClusterSettings,
     DefenderSettings,
     GatewayConfig,
     MetricsSettings,
@@ -113,7 +116,9 @@ def _gateway(root: Table, source: Path) -> GatewayConfig:
     storage = _storage(root.table("storage"), base)
     access = _access(root.table("access"))
     defender = _defender(root.table("defender"))
-    admin = _admin(root.table("admin"), base, storage.root)
+    cluster = read_cluster(root.table("cluster"), base)
+    node = _cluster_node(root, server, cluster)
+    admin = _admin(root.table("admin"), base, storage.root, node)
     log_level, audit_file, xferlog_file, upload_sha256 = _logging(
         root.table("logging"), base
     )
@@ -129,7 +134,7 @@ def _gateway(root: Table, source: Path) -> GatewayConfig:
         access=access, defender=defender, admin=admin, log_level=log_level,
         audit_file=audit_file, xferlog_file=xferlog_file,
         upload_sha256=upload_sha256, metrics=metrics,
-        groups=groups, hooks=hooks,
+        groups=groups, hooks=hooks, cluster=cluster,
     )  # fmt: skip
     check_trees(root.problems, config)
     _check_proxy_and_ip_match(root.problems, config)
@@ -381,11 +386,35 @@ def _defender(table: Table) -> DefenderSettings:
     return settings
 
 
-def _admin(table: Table, base: Path, storage_root: Path) -> AdminSettings:
+def _cluster_node(
+    root: Table, server: ServerSettings, cluster: ClusterSettings | None
+) -> str:
+    """The node's name in a cluster ("" without one): ``server.node_name``.
+
+    Required there: the host name is no stable identity in a container, and the
+    node's leases in Redis and its per-node files are keyed by it.
+    """
+    if cluster is None:
+        return ""
+    if not server.node_name:
+        problem = (
+            "required with [cluster]: a name unique among the nodes (their leases "
+            "in Redis and the admin socket under storage.root are keyed by it)"
+        )
+        root.problems.add("server.node_name", problem)
+    return server.node_name
+
+
+def _admin(table: Table, base: Path, storage_root: Path, node: str) -> AdminSettings:
+    """``[admin]``; the default socket is under storage.root, per node in a cluster
+    (nodes may share storage.root, and a socket of one node must never be taken for
+    a stale one by another)."""
     socket = table.optional("socket", path_under(base), None)
     table.close()
     if socket is None:
         socket = storage_root / STATE_DIRECTORY / "admin.sock"
+        if node:
+            socket = storage_root / STATE_DIRECTORY / "nodes" / node / "admin.sock"
     if len(bytes(socket)) > MAX_SOCKET_PATH_BYTES:
         key = table.key("socket")
         problem = f"longer than {MAX_SOCKET_PATH_BYTES} bytes, too long for a socket"

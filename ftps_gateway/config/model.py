@@ -245,6 +245,40 @@ class HookSettings:
         return "command" if self.command else "url"
 
 
+# --- cluster (issue 15) -------------------------------------------------------------
+
+ON_UNAVAILABLE = ("refuse", "local")  # [cluster] on_unavailable
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """``[cluster]``: nodes behind one balancer share bans, limits, quota (Redis).
+
+    The node is ``server.node_name`` (required with a cluster, unique among nodes).
+    """
+
+    # redis://[user:password@]host[:port][/db], rediss://... (TLS), or
+    # unix://[user:password@]/absolute/path[?db=N]. May hold a password: never
+    # logged or shown whole (config.cluster.redacted). Required.
+    redis_url: str = field(repr=False)
+    # Put in front of every key and channel: several gateways (or other software)
+    # can share one Redis. Default "ftps-gateway:".
+    key_prefix: str = "ftps-gateway:"
+    # Redis unreachable: "refuse" new logins with 421 (limits and bans stay exact;
+    # the default), or "local": keep serving with this node's own state (limits
+    # then hold per node, bans earned elsewhere are not seen).
+    on_unavailable: str = "refuse"
+    # Bound of every Redis call (connect, command), seconds, 0.05-30. Default 1.
+    timeout_seconds: float = 1.0
+    # What a node holds (sessions, quota reservations) lives this long without a
+    # heartbeat (every third of it): a node that dies frees its holdings within
+    # this time. Seconds, 3-3600. Default 15.
+    lease_seconds: int = 15
+    # PEM CA certificates that signed Redis' certificate (rediss:// only); None:
+    # the system's trust store.
+    ca_file: Path | None = None
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """The whole, validated configuration."""
@@ -265,6 +299,7 @@ class GatewayConfig:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     groups: tuple[GroupSettings, ...] = ()
     hooks: tuple[HookSettings, ...] = ()  # [[hooks]], in the order written
+    cluster: ClusterSettings | None = None  # [cluster]; None: state kept per node
 
     def group(self, name: str) -> GroupSettings | None:
         """Return the group called ``name``, or None."""
@@ -301,6 +336,8 @@ STATE_DIRECTORY: Final = ".ftps-gateway"
 MIN_IPV6_PREFIX: Final = 32
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH_BYTES: Final = 107
+MIN_LEASE_SECONDS: Final = 3  # [cluster] lease_seconds: a heartbeat a second
+MAX_LEASE_SECONDS: Final = 3600
 
 # Where an unauthenticated HTTP endpoint may listen without metrics.allow_public.
 # Spelt out rather than ip.is_private: that also counts 0.0.0.0 and :: (every

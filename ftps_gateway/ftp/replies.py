@@ -47,6 +47,8 @@ LIMIT_REPLIES: Final = {
     "limit-per-ip": "421 Too many sessions from your address; try again later.",
     "limit-per-user": "421 Too many sessions for this user; try again later.",
     "draining": "421 Service restarting; try again shortly.",
+    # A cluster node without Redis, cluster.on_unavailable = "refuse".
+    "cluster-unavailable": "421 Service temporarily unavailable; try again later.",
 }
 # Closed before login to make room (server.max_unauthenticated); a fresh connection
 # that logs in promptly gets in.

@@ -49,10 +49,21 @@ class ReadinessState:
     def __init__(self) -> None:
         self._draining = threading.Event()
         self._checks: list[Callable[[], str | None]] = []
+        self._notes: list[Callable[[], str | None]] = []
 
     def add_check(self, check: Callable[[], str | None]) -> None:
         """Add ``check() -> problem or None`` (listener bound, certificate valid)."""
         self._checks.append(check)
+
+    def add_note(self, note: Callable[[], str | None]) -> None:
+        """Add ``note() -> detail or None``: said on a ready answer, without failing
+        it (a cluster node serving on its own state while Redis is away: taking it
+        out of the balancer would take every node out at once)."""
+        self._notes.append(note)
+
+    def notes(self) -> list[str]:
+        """What a ready answer says besides "ready"."""
+        return [text for note in self._notes if (text := note())]
 
     def start_draining(self) -> None:
         """Report "draining" from now on; safe from a signal handler's thread."""
@@ -170,7 +181,9 @@ class HealthServer:
             logger.exception("readiness check failed")
             problems = ["readiness check failed"]
         if not problems:
-            return HTTPStatus.OK, TEXT, b"ready\n"
+            notes = getattr(self.readiness, "notes", list)  # ReadinessState has them
+            said = "".join(f"note: {' '.join(str(n).split())}\n" for n in notes())
+            return HTTPStatus.OK, TEXT, b"ready\n" + said.encode()
         # One problem per line; a line break inside one would forge another.
         lines = (" ".join(problem.split()) for problem in problems)
         body = "".join(f"{line}\n" for line in lines).encode()

@@ -26,6 +26,7 @@ from ftps_gateway.config import endpoint
 from ftps_gateway.config.tree import home_source
 from ftps_gateway.errors import ConfigError, GatewayError, StartupError
 from ftps_gateway.service import sdnotify
+from ftps_gateway.service.cluster import RedisState
 from ftps_gateway.service.health import HealthServer, MetricsSource, ReadinessState
 from ftps_gateway.session.state import LocalState, StateSettings
 
@@ -37,7 +38,9 @@ if TYPE_CHECKING:
     from ftps_gateway.audit import AuditLog
     from ftps_gateway.config import GatewayConfig, ListenAddress
     from ftps_gateway.metrics import GatewayMetrics
-    from ftps_gateway.session.state import SharedState
+    from ftps_gateway.service.cluster import ClusterMetrics
+    from ftps_gateway.session.runtime import Waker
+    from ftps_gateway.session.state import SharedState, StateStore
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -107,13 +110,55 @@ def prepare_homes(config: GatewayConfig) -> None:
 # --- the state that outlives a configuration
 
 
-def new_kept_state(config: GatewayConfig) -> LocalState:
+def new_kept_state(
+    config: GatewayConfig,
+    *,
+    waker: Waker | None = None,
+    audit: AuditLog | None = None,
+    metrics: ClusterMetrics | None = None,
+) -> StateStore:
     """The bans, login slots and quota reservations of a new server (or supervisor).
 
     They belong to the server, not to a config: a reload updates their settings
-    (``update_kept_state``) and keeps what they hold.
+    (``update_kept_state``) and keeps what they hold. In-process (``LocalState``),
+    or with ``[cluster]`` this node's share of the cluster's, in Redis, connected
+    and leased before anything is bound (``close_kept_state`` gives it back).
+
+    Args:
+        waker: where a cluster store hands its answers (a single server's IO
+            loop); None: on its own thread (the supervisor's ``StateService``).
+        audit: where a cluster store writes its mode changes.
+        metrics: where a cluster store counts Redis round trips, errors, its mode.
+
+    Raises:
+        StartupError: Redis unreachable, refusing the password or the TLS handshake
+            (unless ``cluster.on_unavailable = "local"``), or the node name is
+            another live node's.
     """
-    return LocalState(StateSettings.from_config(config))
+    settings = StateSettings.from_config(config)
+    if config.cluster is None:
+        return LocalState(settings)
+    store = RedisState(
+        config.cluster, config.server.node_name, settings,
+        waker=waker, audit=audit, metrics=metrics,
+    )  # fmt: skip
+    store.start()
+    return store
+
+
+def watch_kept_state(state: object, ready: ReadinessState) -> None:
+    """A cluster store's mode in ``/readyz``: failing while it refuses logins (Redis
+    unreachable, ``on_unavailable = "refuse"``), a note while it serves on local
+    state (failing it would take every node out of the balancer at once)."""
+    if isinstance(state, RedisState):
+        ready.add_check(state.problem)
+        ready.add_note(state.note)
+
+
+def close_kept_state(state: object) -> None:
+    """Stop a cluster store and give this node's holdings back at once."""
+    if isinstance(state, RedisState):
+        state.close()
 
 
 def update_kept_state(config: GatewayConfig, state: SharedState) -> None:
@@ -134,6 +179,10 @@ def unreloadable_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
         ("server.workers", old.server.workers, new.server.workers),
         ("admin.socket", old.admin.socket, new.admin.socket),
         ("metrics.listen", old.metrics.listen, new.metrics.listen),
+        # The node's Redis client and lease are made once, at start-up.
+        ("cluster", old.cluster, new.cluster),
+        ("server.node_name", old.server.node_name if old.cluster else "",
+         new.server.node_name if new.cluster else ""),
     ):  # fmt: skip
         if before != after:
             problems.append(f"{key}: changed; this takes effect only on restart")

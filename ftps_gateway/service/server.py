@@ -55,7 +55,7 @@ from ftps_gateway.session.runtime import (
     GatewayHolder,
     PortsInUse,
 )
-from ftps_gateway.session.state import LocalState, StateSettings
+from ftps_gateway.session.state import StateSettings
 from ftps_gateway.session.work import FileWork, Outcome
 from ftps_gateway.storage.uploads import sweep_partials
 from ftps_gateway.tls.contexts import (
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 
     from ftps_gateway.config import GatewayConfig, ListenAddress
     from ftps_gateway.service.health import HealthServer
-    from ftps_gateway.session.state import SharedState, StateAdmin
+    from ftps_gateway.session.state import SharedState, StateAdmin, StateStore
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -152,7 +152,8 @@ class GatewayServer:
         lifecycle.prepare_homes(config)
         self.worker = worker
         self._speaks_for_service = worker is None
-        self._local: LocalState | None = None  # the state, when this process keeps it
+        # The state, when this process keeps it (in-process, or its cluster's).
+        self._store: StateStore | None = None
         self._channel: ChannelState | None = None  # or the supervisor's, if a worker
         self.ioloop = IOLoop()
         self.ioloop.sched = TimerScheduler()  # no traceback for a cancelled timer
@@ -176,6 +177,7 @@ class GatewayServer:
             report=self._report_loop if worker is not None else None,
         )
         self.readiness.add_check(self.watchdog.problem)
+        lifecycle.watch_kept_state(self._store, self.readiness)
         self._stopped = threading.Event()
         try:
             if worker is None:
@@ -221,15 +223,21 @@ class GatewayServer:
             )  # fmt: skip
             channel.attach(port, lambda flush: self.ioloop.call_later(0, flush))
             state = self._channel = channel
-        else:
-            state = self._local = lifecycle.new_kept_state(config)
-        login_queue = LoginQueue(self.waker, state, threads=PASSWORD_WORKERS)
-        file_work = FileWork(self.waker)
         audit = audit or AuditLog()
         metrics = GatewayMetrics(
             per_user_labels=config.metrics.per_user_labels,
             node=config.server.node_name or socket.gethostname(),
         )
+        if self.worker is None:  # before binding: a cluster node may not start
+            try:
+                state = self._store = lifecycle.new_kept_state(
+                    config, waker=self.waker, audit=audit, metrics=metrics
+                )
+            except GatewayError:
+                self.ioloop.close()
+                raise
+        login_queue = LoginQueue(self.waker, state, threads=PASSWORD_WORKERS)
+        file_work = FileWork(self.waker)
         own = {
             "verifier": verifier or PasswordVerifier(),
             "login_queue": login_queue,
@@ -254,6 +262,7 @@ class GatewayServer:
             file_work.shutdown()
             if self.hooks is not None:
                 self.hooks.close()
+            lifecycle.close_kept_state(self._store)
             self.ioloop.close()
             raise
 
@@ -320,10 +329,11 @@ class GatewayServer:
 
     @property
     def state_admin(self) -> StateAdmin:
-        """Bans and counts for the admin socket (a single server's own state)."""
-        if self._local is None:
+        """Bans and counts for the admin socket: a single server's own state, or
+        its cluster's (``ban list|remove`` then act on every node)."""
+        if self._store is None:
             raise AssertionError("a worker has no admin socket")
-        return self._local
+        return self._store
 
     @property
     def audit(self) -> AuditLog:
@@ -524,6 +534,8 @@ class GatewayServer:
         gateway.tls.close()
         if self.ioloop.socket_map:
             self.ioloop.close()
+        # After the sessions' ends: a cluster node gives back what it held at once.
+        lifecycle.close_kept_state(self._store)
 
 
 def _log_sweep(outcome: Outcome[int]) -> None:

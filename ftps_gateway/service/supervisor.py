@@ -11,7 +11,9 @@ them. What must be shared is shared explicitly:
 - passive ports: disjoint shares by port number (``ftp.passive.worker_ports``);
 - bans, login slots and quota reservations: kept here, served over a socket pair
   per worker (``sharedstate``): bans replicated to every worker, the rest answered
-  asynchronously, nothing ever waited for on a worker's IO loop;
+  asynchronously, nothing ever waited for on a worker's IO loop; with ``[cluster]``
+  "here" is the node's one Redis client (``cluster.RedisState``, one lease per
+  node), and ``/readyz`` and ``/metrics`` say its mode;
 - metrics: workers push theirs, ``/metrics`` here adds them up;
 - signals: SIGTERM drains every worker, SIGHUP reloads (validated here first);
 - the admin socket and the HTTP endpoint live here;
@@ -39,6 +41,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from ftps_gateway.audit import AuditLog
 from ftps_gateway.errors import StartupError
+from ftps_gateway.metrics import ClusterSeries
 from ftps_gateway.service import lifecycle, sdnotify, sharedstate
 from ftps_gateway.service.admin import AdminServer
 from ftps_gateway.service.hooks import SpoolAdmin, spool_root
@@ -80,10 +83,14 @@ def worker_count(config: GatewayConfig) -> int:
 
 
 class AggregatedMetrics(Collector):
-    """The workers' last pushed metrics, added up (the one ``/metrics``)."""
+    """The workers' last pushed metrics, added up (the one ``/metrics``), and the
+    supervisor's own series (a cluster node's Redis client lives here)."""
 
-    def __init__(self, texts: dict[int, str]) -> None:
+    def __init__(
+        self, texts: dict[int, str], own: CollectorRegistry | None = None
+    ) -> None:
         self._texts = texts
+        self._own = own
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -93,6 +100,15 @@ class AggregatedMetrics(Collector):
         return encoder(self.registry), content_type
 
     def collect(self) -> Iterable[Metric]:
+        """The workers' families, then the supervisor's own."""
+        yield from self._summed()
+        if self._own is not None:
+            for family in self._own.collect():
+                created = f"{family.name}_created"
+                family.samples = [s for s in family.samples if s.name != created]
+                yield family
+
+    def _summed(self) -> Iterable[Metric]:
         """One family per name; samples summed (or the max, see above)."""
         families: dict[str, Metric] = {}
         values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
@@ -132,7 +148,17 @@ class Supervisor:
         self.config = config
         self.count = count
         self.audit = AuditLog()
-        self._state = lifecycle.new_kept_state(config)
+        # With [cluster], the node's one Redis client and lease (whatever the worker
+        # count): the workers ask it through StateService like any store. Made
+        # before anything is bound: a node without its cluster state may not start.
+        self._cluster_metrics: CollectorRegistry | None = None
+        cluster_series = None
+        if config.cluster is not None:
+            self._cluster_metrics = CollectorRegistry()
+            cluster_series = ClusterSeries(self._cluster_metrics)
+        self._state = lifecycle.new_kept_state(
+            config, audit=self.audit, metrics=cluster_series
+        )
         self.state = sharedstate.StateService(self._state)
         self._not_after = certificate_not_after(config.tls.certificate)
         self.readiness = lifecycle.readiness(
@@ -141,16 +167,23 @@ class Supervisor:
             not_after=lambda: self._not_after,
         )
         self.readiness.add_check(self._stalled_workers_problem)
-        self.metrics = AggregatedMetrics(self.state.metrics)
+        lifecycle.watch_kept_state(self._state, self.readiness)
+        self.metrics = AggregatedMetrics(self.state.metrics, self._cluster_metrics)
         self._lock = threading.Lock()  # reload from the admin thread vs signals
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
         self._stopping = False
         self._pending: list[Callable[[], object]] = []  # signals, for _watch
-        self.explicit = lifecycle.bind_listeners(config.server.listen, "server.listen")
-        self.implicit = lifecycle.bind_listeners(
-            config.server.implicit_listen, "server.implicit_listen"
-        )
-        self.admin = AdminServer(config.admin.socket, self)
+        try:
+            self.explicit = lifecycle.bind_listeners(
+                config.server.listen, "server.listen"
+            )
+            self.implicit = lifecycle.bind_listeners(
+                config.server.implicit_listen, "server.implicit_listen"
+            )
+            self.admin = AdminServer(config.admin.socket, self)
+        except BaseException:
+            lifecycle.close_kept_state(self._state)
+            raise
         # From here on a stop request is kept for ``run`` (the caller may announce
         # the server, and someone may signal it, before ``run`` starts).
         pending = self._pending.append
@@ -273,6 +306,7 @@ class Supervisor:
         self.admin.close()
         if self.health is not None:
             self.health.stop()
+        lifecycle.close_kept_state(self._state)  # the node's lease, given back
         for sock in (*self.explicit, *self.implicit):
             sock.close()
 

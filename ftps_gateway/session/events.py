@@ -36,11 +36,15 @@ LOGIN_RESULTS: Final = {
     "limit-total": "limit",
     "limit-per-ip": "limit",
     "limit-per-user": "limit",
+    "cluster-unavailable": "limit",  # Redis unreachable, on_unavailable = "refuse"
     "login-queue-full": "queue-full",
     "login-queue-address": "queue-full",
 }
-# Session-limit reasons, also counted as refused sessions when a login hits them.
-LIMIT_REASONS: Final = frozenset({"limit-total", "limit-per-ip", "limit-per-user"})
+# Session-limit reasons, also counted as refused sessions when a login hits them
+# ("cluster-unavailable": Redis is unreachable and cluster.on_unavailable = "refuse").
+LIMIT_REASONS: Final = frozenset(
+    {"limit-total", "limit-per-ip", "limit-per-user", "cluster-unavailable"}
+)
 # The login queue's refusals (421, the session closes): counted the same way.
 QUEUE_REASONS: Final = frozenset({"login-queue-full", "login-queue-address"})
 

@@ -32,6 +32,7 @@ from ftps_gateway.session.loginqueue import (
     Ticket,
     Verdict,
 )
+from ftps_gateway.session.state import UNAVAILABLE
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -42,8 +43,9 @@ if TYPE_CHECKING:
 
 # Refusals that say nothing about the client's password: never scored.
 UNSCORED = frozenset(
-    {"limit-total", "limit-per-ip", "limit-per-user", QUEUE_FULL, ADDRESS_FULL}
-)
+    {"limit-total", "limit-per-ip", "limit-per-user", UNAVAILABLE, QUEUE_FULL,
+     ADDRESS_FULL}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

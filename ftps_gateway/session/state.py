@@ -63,6 +63,9 @@ LIMIT_TOTAL = "limit-total"
 LIMIT_PER_IP = "limit-per-ip"
 LIMIT_PER_USER = "limit-per-user"
 LIMIT_REASONS = frozenset({LIMIT_TOTAL, LIMIT_PER_IP, LIMIT_PER_USER})
+# Why a login slot was refused by a cluster node whose Redis is unreachable, with
+# ``cluster.on_unavailable = "refuse"`` (service.cluster; not the client's fault).
+UNAVAILABLE = "cluster-unavailable"
 
 
 @dataclass(frozen=True)

@@ -74,3 +74,27 @@ def test_unknown_row_is_a_usage_error() -> None:
     )
     assert done.returncode == 2
     assert "unknown rows ['downlaod']" in done.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="--cluster needs redis-server"
+)
+def test_cluster_run_compares_one_node_without_and_with_redis() -> None:
+    """``--cluster`` adds a node with [cluster] and a table of the two, same run."""
+    done = subprocess.run(
+        [sys.executable, str(DRIVER), "--smoke", "--cluster", "--rows", "sessions"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    output = done.stdout
+    assert done.returncode == 0, output + done.stderr
+    assert "| ratio gateway+redis/gateway |" in output
+    table = [line for line in output.splitlines() if line.startswith("| ")]
+    for label in ("| sessions/s, 16 clients |", "| p99 session latency"):
+        rows = [line for line in table if line.startswith(label)]
+        assert len(rows) == 2, output  # the main table and the cluster table
+        assert rows[1].split("|")[4].strip() != "n/a", rows[1]
+    assert "Redis round trips for" in output

@@ -14,6 +14,7 @@ that run outside pytest (``integration/selftest_netns.py``) put it there themsel
     state         driving ``session.state`` by hand: fake clock, settings, claims
     goclient      building and running the Go client of ``tests/clients/goftps``
     loginflood    a login flood from many addresses, a partner's login timed in it
+    redis         a real redis-server on a Unix socket (the cluster tests)
 
 Nothing here imports ``conftest`` or a test module: fixtures build on these helpers,
 never the other way round.

@@ -1108,6 +1108,7 @@ def test_summary(config_dir: Path) -> None:
         "xferlog: off",
         "Upload sha256 in the audit log: on",
         "Hooks: none",
+        "Cluster: off (bans, session limits and quota are this node's own)",
         "Metrics: off",
     ]
     assert "argon2" not in report
@@ -1125,7 +1126,9 @@ def test_example_file_loads(config_dir: Path) -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     placeholder = "PASTE-OUTPUT-OF-ftps-gateway-hash-password"
     assert placeholder in text
-    text = re.sub(r"^# (\[\[[a-z.]+\]\]$|[a-z_]+ = )", r"\1", text, flags=re.MULTILINE)
+    text = re.sub(
+        r"^# (\[{1,2}[a-z.]+\]{1,2}$|[a-z_]+ = )", r"\1", text, flags=re.MULTILINE
+    )
     # The hook examples name a program, a secret and a CA of a real host.
     (config_dir / "hook.secret").write_text("s3cret\n")
     for example, local in (
@@ -1150,6 +1153,8 @@ def test_example_file_loads(config_dir: Path) -> None:
     ingest, archive = cfg.hooks
     assert (ingest.name, ingest.kind, ingest.secret) == ("ingest", "url", b"s3cret")
     assert (archive.name, archive.kind) == ("archive", "command")
+    assert cfg.cluster is not None
+    assert cfg.cluster.redis_url == "redis://redis.internal:6379/0"
 
 
 def test_example_file_documents_every_key() -> None:
@@ -1220,6 +1225,10 @@ def test_example_file_documents_every_key() -> None:
         "max_attempts",
         "max_age_seconds",
         "command",
+        "redis_url",
+        "key_prefix",
+        "on_unavailable",
+        "lease_seconds",
     }
 
 

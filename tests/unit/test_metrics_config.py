@@ -166,7 +166,7 @@ def test_example_file_metrics_section(config_dir: Path) -> None:
     """The shipped example turns the endpoint on at loopback, nothing else."""
     text = EXAMPLE.read_text(encoding="utf-8")
     text = re.sub(
-        r"^# (\[\[[a-z.]+\]\]$|[a-z_]+ = )", r"\1", text, flags=re.MULTILINE
+        r"^# (\[{1,2}[a-z.]+\]{1,2}$|[a-z_]+ = )", r"\1", text, flags=re.MULTILINE
     ).replace("PASTE-OUTPUT-OF-ftps-gateway-hash-password", HASH)
     # The hook examples name a program, a secret and a CA of a real host.
     (config_dir / "hook.secret").write_text("s3cret\n")
