@@ -442,6 +442,7 @@ class ControlHandler(
 
     def pre_process_command(self, line: str, cmd: str, arg: str) -> None:
         """Refuse unknown verbs and unusable paths before pyftpdlib maps them."""
+        self.command_verb = cmd
         verb = cmd
         if cmd == "SITE" and arg:  # pyftpdlib's spelling of SITE subcommands
             verb = f"SITE {arg.split(' ', maxsplit=1)[0].upper()}"

@@ -7,6 +7,12 @@ its passive port (``passive.PassiveListener``: the address rule of
 become pyftpdlib's ``data_channel`` and start the queued transfer. A stranger that
 fails a door from another address (a balancer, a NAT pool) gets the port reopened, so
 it cannot spoil the partner's transfer; the partner's own failing client hears 425.
+
+A data path whose transfer command already failed (``550`` to a RETR of a missing
+file) is *orphaned*: the client hanging up on it, before TLS or without connecting
+at all, is what clients do (Go's FTP libraries dial the port before the command and
+start TLS only after a 1xx reply), so it is closed quietly: no audit line, no
+refusal metric. Counting it as a failed handshake made alerts fire on normal use.
 """
 
 from __future__ import annotations
@@ -18,6 +24,15 @@ from ftps_gateway.ftp import replies
 from ftps_gateway.ftp.passive import PassiveListener, PassivePortsExhausted
 from ftps_gateway.policy.netpolicy import PassiveAddressError, strip_mapped
 from ftps_gateway.session import binding
+
+# Commands that use the data connection arranged by PASV/EPSV.
+TRANSFER_COMMANDS = frozenset({"RETR", "STOR", "APPE", "LIST", "NLST", "MLSD"})
+# Handshake failures that only mean "the client went away" (no TLS error of its own):
+# on an orphaned data path, the normal end of it.
+CLIENT_LEFT_REASONS = frozenset(
+    {"tls-handshake: eof-during-handshake", "tls-handshake: peer-disconnected",
+     "tls-handshake: timeout"}
+)  # fmt: skip
 
 if TYPE_CHECKING:
     from ftps_gateway.ftp.control import ControlHandler
@@ -35,6 +50,8 @@ class DataPathMixin:
     _data_failure_reply: str | None = None  # why the last data connection failed
     _passive_port: int | None = None  # the last PASV/EPSV port
     _passive_reopened = 0
+    _data_path_orphaned = False  # its transfer command failed (see module doc)
+    command_verb = ""  # the verb of the command being answered (control.py sets it)
     last_data_tls: tuple[str, bool] | None = None  # (version, resumed), SITE DIAG
     proxy_ip: str | None = None  # the balancer, when a PROXY header named us
     network_policy: DataChannelPolicy | None = None
@@ -57,7 +74,6 @@ class DataPathMixin:
         def gateway(self) -> Gateway: ...
         @property
         def client_ip(self) -> str: ...
-        def respond(self, resp: str, logfun: Any = ...) -> None: ...
         def _on_dtp_connection(self) -> None: ...
 
     @property
@@ -70,11 +86,27 @@ class DataPathMixin:
         """The user's data-connection policy after login, the network's before."""
         return self.data_policy or self.network_policy
 
+    def respond(self, resp: str, logfun: Any = None) -> None:
+        """Note whether a transfer command's reply orphaned its data path."""
+        if self.command_verb in TRANSFER_COMMANDS:
+            if resp[:1] == "1":
+                self._data_path_orphaned = False
+            elif resp[:1] in "45" and not self._transfer_queued():
+                self._data_path_orphaned = True
+        if logfun is None:
+            super().respond(resp)  # type: ignore[misc]
+        else:
+            super().respond(resp, logfun)  # type: ignore[misc]
+
+    def _transfer_queued(self) -> bool:
+        return self._in_dtp_queue is not None or self._out_dtp_queue is not None
+
     # --- PASV / EPSV
 
     def _make_epasv(self, extmode: bool = False) -> None:
         """PASV/EPSV: one port from the range, the address for this client's network."""
         self._data_failure_reply = None
+        self._data_path_orphaned = False
         self._shutdown_connecting_dtp()
         if self.data_channel is not None:
             self.data_channel.close()
@@ -200,6 +232,8 @@ class DataPathMixin:
         if handler is not self._pending_data:
             return
         self._pending_data = None
+        if self._data_path_orphaned and reason in CLIENT_LEFT_REASONS:
+            return  # its command failed already: the client hung up (module doc)
         # A stranger from another address that stalls or sends junk must not cost
         # the partner its transfer: listen again for it.
         waiting = self._listen_again(handler.peer_ip)
@@ -212,6 +246,8 @@ class DataPathMixin:
     def on_data_connection_timeout(self) -> None:
         """Nobody connected to the passive port in time."""
         self._dtp_acceptor = None
+        if self._data_path_orphaned:
+            return  # its command failed already: nobody was meant to connect
         self.events.data_refused("no-connection-within-timeout")
         self._fail_data_connection(replies.DATA_TIMEOUT)
 

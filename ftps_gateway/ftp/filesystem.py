@@ -371,15 +371,18 @@ class GatewayFS(AbstractedFS):
 
         Raises:
             OSError: the folder cannot be read (the reply is 550 with its reason);
-                NotADirectoryError for MLSD of something else (501).
+                for MLSD NotADirectoryError when ``path`` is something else (501),
+                FileNotFoundError when nothing is there (550).
         """
         with self._one_listing():
             return self._render(kind, path, perms, facts or [])
 
     def _render(self, kind: str, path: str, perms: str, facts: list[str]) -> bytes:
         if kind == "MLSD":
-            if not self.isdir(path):
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            if not self.isdir(path):  # RFC 3659 7.2: 501 for a file, 550 for nothing
+                if self.lexists(path):
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
             lines = self.format_mlsx(path, self.listdir(path), perms, facts)
             return b"".join(lines)
         if kind == "NLST":

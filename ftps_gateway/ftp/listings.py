@@ -109,7 +109,9 @@ class ListingsMixin:
                 data = outcome.result()
             except OSError as err:
                 if kind == "MLSD" and isinstance(err, NotADirectoryError):
-                    self.respond(replies.MLSD_NOT_A_DIRECTORY)  # RFC 3659: 501
+                    self.respond(replies.NOT_A_FOLDER)  # RFC 3659 7.2: 501
+                elif kind == "MLSD" and isinstance(err, FileNotFoundError):
+                    self.respond(replies.NO_SUCH_FOLDER)  # 550: rclone creates it
                 else:
                     self.respond(replies.LISTING_FAILED.format(reason=strerror(err)))
                 return

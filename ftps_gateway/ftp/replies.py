@@ -92,11 +92,14 @@ ACROSS_MOUNTS: Final = (
     "550 Cannot rename across mounted folders; upload a copy instead."
 )
 NO_SIZE: Final = "550 Could not get file size."
+# RFC 3659 section 7.2: MLSD of a missing name is 550 (rclone then creates the
+# folder); 501 only when the name exists and is not a folder.
+NO_SUCH_FOLDER: Final = "550 No such directory."
+NOT_A_FOLDER: Final = "501 Not a directory."
 SIZE: Final = "213 {size}"
 
 # --- listings (produced off the IO loop; the texts pyftpdlib used)
 LISTING_FAILED: Final = "550 {reason}."  # the OS's words: "No such file or directory"
-MLSD_NOT_A_DIRECTORY: Final = "501 No such directory."
 STATUS_HEAD: Final = '213-Status of "{path}":'
 STATUS_END: Final = "213 End of status."
 FILE_WORK_BUSY: Final = "450 Server busy; try again shortly."  # file-work pool full

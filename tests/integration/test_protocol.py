@@ -35,6 +35,7 @@ from support.gateway import RunningGateway
 pytestmark = pytest.mark.integration
 
 StartGateway = Callable[..., RunningGateway]
+Records = Callable[[], list[dict[str, object]]]
 
 
 # --- no clear text
@@ -494,3 +495,87 @@ def test_repeat_logins_skip_argon2_but_wrong_passwords_never_do(
     assert CountingVerifier.calls == 3
     logins = [r for r in audit_records() if r["event"] == "login_ok"]
     assert [r.get("cached", False) for r in logins] == [False, True, True]
+
+
+# --- listings of missing folders, and data connections the client gave up
+
+
+def _refused_data_events(gw: RunningGateway, records: Records) -> list[object]:
+    """data_refused audit lines and refused-data/TLS-failure samples on data."""
+    metrics = gw.server.gateway.metrics.registry
+    counted = [
+        metrics.get_sample_value(name, labels)
+        for name, labels in (
+            ("ftps_gateway_data_connections_refused_total",
+             {"reason": "tls-handshake-failed"}),
+            ("ftps_gateway_data_connections_refused_total", {"reason": "timeout"}),
+        )
+    ]  # fmt: skip
+    audited = [r["reason"] for r in records() if r["event"] == "data_refused"]
+    return [*audited, *(value for value in counted if value)]
+
+
+def _wait_until_port_free(host: str, port: int) -> None:
+    """Wait until nothing listens on ``port`` (binding it is the probe: a connection
+    would be a data connection of its own)."""
+    deadline = time.monotonic() + 30
+    while True:
+        probe = socket.socket()
+        try:
+            probe.bind((host, port))
+        except OSError:
+            assert time.monotonic() < deadline, f"port {port} still taken"
+            time.sleep(0.2)
+        else:
+            return
+        finally:
+            probe.close()
+
+
+def test_mlsd_of_a_missing_folder_is_550_and_of_a_file_501(
+    gateway: RunningGateway,
+) -> None:
+    """RFC 3659: 550 when nothing is there (rclone creates it), 501 for a file."""
+    (gateway.home() / "file.txt").write_text("x")
+    ftp = gateway.client()
+    ftp.sendcmd("EPSV")
+    with pytest.raises(ftplib.error_perm, match=f"^{replies.NO_SUCH_FOLDER}$"):
+        ftp.sendcmd("MLSD missing")
+    ftp.sendcmd("EPSV")
+    with pytest.raises(ftplib.error_perm, match=f"^{replies.NOT_A_FOLDER}$"):
+        ftp.sendcmd("MLSD file.txt")
+    assert ftp.mlsd("/") is not None
+    ftp.quit()
+
+
+def test_data_connection_dropped_after_a_failed_command_is_not_a_refusal(
+    gateway: RunningGateway, audit_records: Records
+) -> None:
+    """Go's FTP clients dial the data port, send the command, get 550 and hang up
+    without ever starting TLS: normal, not a failed handshake worth an alert."""
+    ftp = gateway.client()
+    port = ftplib.parse229(ftp.sendcmd("EPSV"), (gateway.host, 0))[1]
+    data = raw_connect((gateway.host, port))
+    with pytest.raises(ftplib.error_perm, match="^550 "):
+        ftp.sendcmd("RETR missing.bin")
+    data.shutdown(socket.SHUT_WR)
+    read_until_quiet(data, 10)  # until the server saw the close and closed too
+    data.close()
+    assert ftp.sendcmd("NOOP").startswith("200")
+    assert _refused_data_events(gateway, audit_records) == []
+    ftp.quit()
+
+
+def test_passive_port_of_a_failed_command_times_out_quietly(
+    start_gateway: StartGateway, audit_records: Records
+) -> None:
+    """PASV, a command that fails, and no connection: the port just closes."""
+    gw = start_gateway(extra="connect_timeout_seconds = 1")
+    ftp = gw.client()
+    port = ftplib.parse229(ftp.sendcmd("EPSV"), (gw.host, 0))[1]
+    with pytest.raises(ftplib.error_perm, match="^550 "):
+        ftp.sendcmd("RETR missing.bin")
+    _wait_until_port_free(gw.host, port)
+    assert ftp.sendcmd("NOOP").startswith("200")
+    assert _refused_data_events(gw, audit_records) == []
+    ftp.quit()
