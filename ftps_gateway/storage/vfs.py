@@ -33,6 +33,7 @@ __all__ = [
     "MAX_PATH_CHARS",
     "PRESETS",
     "UPLOAD_TEMP_PREFIX",
+    "UPLOAD_TEMP_SUFFIX",
     "HomeTree",
     "Mount",
     "MountTable",
@@ -55,6 +56,8 @@ __all__ = [
 # storage.uploads.AtomicUpload). Partners must never see or address these files: a
 # partner who could would read half-written data or race the rename.
 UPLOAD_TEMP_PREFIX = ".ftps-upload-"
+# ... and end in this, never in the partner's name (see ``upload_temp_name``).
+UPLOAD_TEMP_SUFFIX = ".part"
 
 # Longer client paths are refused outright: no legitimate partner needs them, and a
 # bound keeps every per-path operation (and every audit line) small. Linux's PATH_MAX
@@ -102,8 +105,11 @@ class Resolved:
 def is_upload_temp(name: str) -> bool:
     """Return True if ``name`` (one path component) is a hidden upload temporary.
 
-    Case-insensitive so that no spelling of the prefix can address a temporary file
-    on a case-insensitive filesystem; refusing a few more names is the safe side.
+    Any name with the prefix: today's ``<prefix><token>.part`` and the older
+    ``<prefix><token>-<final name>`` alike (leftovers of an earlier version are
+    still hidden, refused and swept). Case-insensitive so that no spelling of the
+    prefix can address a temporary file on a case-insensitive filesystem; refusing
+    a few more names is the safe side.
     """
     return name.casefold().startswith(UPLOAD_TEMP_PREFIX)
 
@@ -111,11 +117,13 @@ def is_upload_temp(name: str) -> bool:
 def upload_temp_name(final_name: str, token: str) -> str:
     """Return the hidden name an upload to ``final_name`` is written under.
 
-    ``f"{UPLOAD_TEMP_PREFIX}{token}-{final_name}"``, with ``final_name`` cut (at a
-    character boundary) so the result fits in ``MAX_NAME_BYTES`` of UTF-8: any name a
-    partner may upload to has a temporary name the filesystem accepts. The token
-    keeps concurrent uploads to one name apart, even when the cut made their tails
-    equal.
+    ``f"{UPLOAD_TEMP_PREFIX}{token}{UPLOAD_TEMP_SUFFIX}"``: the final name is
+    deliberately not part of it. It used to be (``.ftps-upload-<token>-report.csv``),
+    and a consumer running ``find -name '*.csv'`` picked up half-written data; a
+    neutral suffix matches no pattern a consumer writes for partner files. The token
+    (``partial_token``: user and whole final name) keeps uploads to different names
+    apart and finds a resumable partial again. ``is_upload_temp`` recognises both
+    shapes, so the sweep still removes leftovers of the old one.
 
     Raises:
         ValueError: ``final_name`` is not a single path component, or ``token`` is
@@ -125,16 +133,7 @@ def upload_temp_name(final_name: str, token: str) -> str:
         raise ValueError(f"not a file name: {final_name!r}")
     if _TOKEN.fullmatch(token) is None:
         raise ValueError(f"unsafe upload token: {token!r}")
-    head = f"{UPLOAD_TEMP_PREFIX}{token}-"
-    budget = MAX_NAME_BYTES - len(head.encode("utf-8"))
-    kept: list[str] = []
-    for char in final_name:
-        # surrogateescape: the byte a non-UTF-8 name from os.listdir stands for.
-        budget -= len(char.encode("utf-8", "surrogateescape"))
-        if budget < 0:
-            break
-        kept.append(char)
-    return head + "".join(kept)
+    return f"{UPLOAD_TEMP_PREFIX}{token}{UPLOAD_TEMP_SUFFIX}"
 
 
 def _check_component(name: str) -> None:

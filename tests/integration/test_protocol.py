@@ -29,7 +29,7 @@ from support.control import (
     read_until_quiet,
     tls_only,
 )
-from support.credentials import FAST_PARAMETERS, PASSWORD
+from support.credentials import FAST_PARAMETERS, PASSWORD, PASSWORD_HASH
 from support.gateway import RunningGateway
 
 pytestmark = pytest.mark.integration
@@ -388,6 +388,35 @@ def test_upload_in_progress_is_invisible_under_its_final_name(
     conn.close()
     assert ftp.voidresp().startswith("226")
     assert (gateway.home() / "growing.bin").stat().st_size == 256 * 1024 + 4
+    ftp.quit()
+
+
+def _find_csv(home: Path) -> list[str]:
+    """What a consumer's ``find HOME -name '*.csv'`` picks up (dot files included)."""
+    return sorted(p.name for p in home.rglob("*.csv"))
+
+
+def test_upload_temporaries_do_not_end_in_the_real_name(
+    start_gateway: StartGateway,
+) -> None:
+    """A consumer's ``find -name '*.csv'`` never picks up half-written data, neither
+    while the upload runs nor from an interrupted upload kept for resuming."""
+    gw = start_gateway(
+        users=f'partial_retention_seconds = 3600\n[[users]]\nname = "acme"\n'
+        f'password = "{PASSWORD_HASH}"\n'
+    )
+    ftp, conn = _start_upload(gw, "report.csv", 256 * 1024)
+    deadline = time.monotonic() + 30
+    while not any(gw.home().iterdir()):  # the server has started writing
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert _find_csv(gw.home()) == []
+    conn.shutdown(socket.SHUT_WR)  # cut without close_notify: kept as a partial
+    with pytest.raises(ftplib.error_temp, match="^426"):
+        ftp.voidresp()
+    conn.close()
+    assert [p.name for p in gw.home().iterdir()] != []  # the partial is kept
+    assert _find_csv(gw.home()) == []
     ftp.quit()
 
 

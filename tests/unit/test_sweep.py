@@ -20,10 +20,20 @@ def test_sweep_removes_a_crash_leftover_at_once_with_retention_0(
     leftover) goes at the next sweep; it used to wait for a minute."""
     leftover = tmp_path / vfs.upload_temp_name("report.csv", "t0ken")
     leftover.write_bytes(b"half")
-    fresh = tmp_path / vfs.upload_temp_name("other.csv", "t0ken")
+    fresh = tmp_path / vfs.upload_temp_name("other.csv", "n3w")
     fresh.write_bytes(b"new")
     old = time.time() - TEMP_MIN_AGE_SECONDS - 5
     os.utime(leftover, (old, old))
     assert sweep_partials([tmp_path], 0) == 1
     assert not leftover.exists()
     assert fresh.exists()
+
+
+def test_sweep_removes_old_style_leftovers(tmp_path: Path) -> None:
+    """Temporaries named by the earlier version (final name appended) still go."""
+    leftover = tmp_path / f"{vfs.UPLOAD_TEMP_PREFIX}t0ken-report.csv"
+    leftover.write_bytes(b"half")
+    old = time.time() - TEMP_MIN_AGE_SECONDS - 5
+    os.utime(leftover, (old, old))
+    assert sweep_partials([tmp_path], 0) == 1
+    assert not leftover.exists()

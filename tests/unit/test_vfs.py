@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import pytest
@@ -367,34 +366,31 @@ def test_is_upload_temp(name: str, expected: bool) -> None:
 
 
 def test_upload_temp_name_shape() -> None:
-    """prefix + token + "-" + final name, recognised by is_upload_temp."""
+    """prefix + token + ".part", recognised by is_upload_temp; never the real name's
+    extension (``find -name '*.csv'`` must not pick up half-written data)."""
     name = upload_temp_name("report.csv", "0123abcd")
-    assert name == ".ftps-upload-0123abcd-report.csv"
+    assert name == ".ftps-upload-0123abcd.part"
     assert is_upload_temp(name)
+    assert not name.endswith(".csv")
+
+
+def test_old_style_upload_temporaries_are_still_recognised() -> None:
+    """Leftovers of the version that appended the final name stay hidden and swept."""
+    assert is_upload_temp(".ftps-upload-0123abcd-report.csv")
 
 
 @pytest.mark.parametrize("char", ["a", "é", "日", "😀"])  # 1 to 4 UTF-8 bytes
 def test_upload_temp_name_fits_name_max(char: str) -> None:
-    """Long final names are cut at a character boundary to fit 255 bytes."""
-    final = char * 255
-    name = upload_temp_name(final, "0123456789abcdef")
-    encoded = name.encode("utf-8")
-    assert len(encoded) <= MAX_NAME_BYTES
-    assert len(encoded) > MAX_NAME_BYTES - len(char.encode("utf-8"))
-    assert name.startswith(".ftps-upload-0123456789abcdef-" + char)
-    assert set(name.removeprefix(".ftps-upload-0123456789abcdef-")) == {char}
+    """Any final name, however long, gets a short temporary name."""
+    name = upload_temp_name(char * 255, "0" * 64)
+    assert len(name.encode("utf-8")) <= MAX_NAME_BYTES
+    assert name == f"{UPLOAD_TEMP_PREFIX}{'0' * 64}.part"
 
 
 def test_upload_temp_name_distinct_tokens_distinct_names() -> None:
     """Two uploads to the same long name still get distinct temporaries."""
     final = "x" * 255
     assert upload_temp_name(final, "aaaa") != upload_temp_name(final, "bbbb")
-
-
-def test_upload_temp_name_keeps_surrogate_escapes() -> None:
-    """A name os.listdir decoded with surrogateescape stays usable as a file name."""
-    name = upload_temp_name("caf\udce9.txt", "tok")
-    assert os.fsencode(name).endswith(b"caf\xe9.txt")
 
 
 @pytest.mark.parametrize(
