@@ -28,6 +28,7 @@ from pyftpdlib.filesystems import AbstractedFS
 
 from ftps_gateway.session.fileaccess import Action, FileAccess, Kind, Refusal
 from ftps_gateway.storage import vfs
+from ftps_gateway.storage.renames import rename_noreplace
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -207,10 +208,18 @@ class GatewayFS(AbstractedFS):
         os.remove(str(self._checked(Action.REMOVE, path).real))
 
     def rename(self, src: str, dst: str) -> None:
-        """Rename inside one mount."""
+        """Rename inside one mount; without ``overwrite``, never over anything.
+
+        The check said the target is free; ``rename_noreplace`` makes the kernel
+        hold to it, so a file that appeared since (a consumer, another session) is
+        not replaced: ``EEXIST``, which pyftpdlib answers 550.
+        """
         source = self._checked(Action.RENAME_FROM, src)
         target = self._checked(Action.RENAME_TO, dst, rename_source=source)
-        os.rename(str(source.real), str(target.real))
+        if vfs.Permission.OVERWRITE in target.permissions:
+            os.rename(str(source.real), str(target.real))
+        else:
+            rename_noreplace(str(source.real), str(target.real))
 
     def chmod(self, path: str, mode: int) -> None:
         """SITE CHMOD is disabled."""

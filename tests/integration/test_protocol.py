@@ -17,11 +17,14 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ftps_gateway.ftp import replies
+from ftps_gateway.ftp.filesystem import GatewayFS
 from ftps_gateway.policy.passwords import PasswordVerifier
+from ftps_gateway.session.fileaccess import Action
 from support.control import (
     exactly,
     plain_control,
@@ -418,6 +421,36 @@ def test_upload_temporaries_do_not_end_in_the_real_name(
     assert [p.name for p in gw.home().iterdir()] != []  # the partial is kept
     assert _find_csv(gw.home()) == []
     ftp.quit()
+
+
+def test_rename_without_overwrite_never_replaces_a_file_that_appeared_meanwhile(
+    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RNTO is checked, then a local process creates the target, then the rename
+    runs: without ``overwrite`` it must fail (550), not replace that file."""
+    gw = start_gateway(
+        users=f'[[users]]\nname = "acme"\npassword = "{PASSWORD_HASH}"\n'
+        'home_permissions = ["list", "download", "upload", "rename"]\n'
+    )
+    (gw.home() / "draft.csv").write_text("partner data")
+    checked = GatewayFS._checked
+
+    def checked_then_raced(
+        self: GatewayFS, action: Action, path: str, **kw: Any
+    ) -> Any:
+        location = checked(self, action, path, **kw)
+        if action is Action.RENAME_TO:  # the last check before the rename itself
+            (gw.home() / "final.csv").write_text("written by someone else")
+        return location
+
+    monkeypatch.setattr(GatewayFS, "_checked", checked_then_raced)
+    ftp = gw.client()
+    ftp.sendcmd("RNFR draft.csv")
+    with pytest.raises(ftplib.error_perm, match="^550 "):
+        ftp.sendcmd("RNTO final.csv")
+    ftp.quit()
+    assert (gw.home() / "final.csv").read_text() == "written by someone else"
+    assert (gw.home() / "draft.csv").read_text() == "partner data"
 
 
 # --- confinement
