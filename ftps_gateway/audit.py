@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,10 +90,13 @@ def xferlog_line(transfer: Transfer) -> str:
     special action (_ = none), direction (i/o), access mode (r = real user),
     user, service, authentication method (0 = none, as for other password logins),
     authenticated user id (*), completion (c/i). Spaces in the file name become
-    underscores, as wu-ftpd does, so each line keeps its field count.
+    underscores, as wu-ftpd does, so each line keeps its field count; so does every
+    other blank, control, line or paragraph separator and bidi control (``_unsafe``),
+    so a name can neither forge a line nor reorder what a reader sees. The session
+    refuses such names already (``storage.vfs``); this holds for any that get here.
     """
     when = time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(transfer.end))
-    name = transfer.path.replace(" ", "_") or "-"
+    name = "".join("_" if _unsafe(char) else char for char in transfer.path) or "-"
     return " ".join(
         (
             when,
@@ -111,3 +115,8 @@ def xferlog_line(transfer: Transfer) -> str:
             "c" if transfer.completed else "i",
         )
     )
+
+
+def _unsafe(char: str) -> bool:
+    """Blank, control (Cc), format (Cf: bidi controls), line or paragraph separator."""
+    return char.isspace() or unicodedata.category(char) in {"Cc", "Cf", "Zl", "Zp"}

@@ -67,9 +67,15 @@ MAX_PATH_CHARS = 1024
 # with a confusing error, so they are refused up front.
 MAX_NAME_BYTES = 255
 
-# C0 controls and DEL. CR/LF would split a reply line or an audit record, NUL ends a
-# C string; none belongs in a partner's file name.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Characters no partner's file name needs, refused like C0 controls:
+# - C0 controls and DEL: CR/LF would split a reply line or an audit record, NUL ends a
+#   C string;
+# - C1 controls (U+0080-U+009F, NEL U+0085 among them) and the line and paragraph
+#   separators U+2028/U+2029: line breaks to str.splitlines, many log viewers and
+#   JavaScript, so they forged xferlog lines;
+# - bidi embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069): they make
+#   "invoice<RLO>fdp.exe" display as "invoiceexe.pdf" (the Trojan Source trick).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 # An upload token goes into a file name: keep it to characters that need no quoting.
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 

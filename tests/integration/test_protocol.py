@@ -496,6 +496,22 @@ def test_hidden_upload_names_cannot_be_addressed(gateway: RunningGateway) -> Non
     ftp.quit()
 
 
+@pytest.mark.parametrize(
+    "name", ["a\u2028b.csv", "next\x85line.csv", "invoice\u202efdp.exe", "x\u2067y"]
+)
+def test_names_with_line_separators_or_bidi_controls_are_refused(
+    gateway: RunningGateway, name: str
+) -> None:
+    """Such names forge xferlog lines or spoof extensions: refused like C0 controls."""
+    ftp = gateway.client()
+    with pytest.raises(ftplib.error_perm, match=f"^{replies.INVALID_PATH}$"):
+        ftp.storbinary(f"STOR {name}", io.BytesIO(b"x"))
+    with pytest.raises(ftplib.error_perm, match=f"^{replies.INVALID_PATH}$"):
+        ftp.mkd(name)
+    ftp.quit()
+    assert list(gateway.home().iterdir()) == []
+
+
 # --- no busy loops
 
 

@@ -82,6 +82,14 @@ def test_normalize(tree: HomeTree, cwd: str, path: str, expected: str) -> None:
         ("tab\tname", "invalid path"),
         ("del\x7f", "invalid path"),
         ("\x1b[31mred", "invalid path"),
+        ("next\x85line", "invalid path"),  # NEL: a line break to str.splitlines
+        ("c1\x9bcontrol", "invalid path"),  # C1 CSI
+        ("line\u2028sep", "invalid path"),
+        ("para\u2029sep", "invalid path"),
+        *(
+            (f"invoice{chr(code)}fdp.exe", "invalid path")  # bidi: "invoiceexe.pdf"
+            for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
+        ),
         ("/" + "a/" * 513, "path too long"),
         ("a" * 1025, "path too long"),
         ("a" * 256, "name too long"),
