@@ -329,6 +329,8 @@ def _serve_until_stopped(server: GatewayServer) -> int:
 def _check_config(path: Path) -> int:
     cfg = config.load(path)
     print(config.summary(cfg))
+    for warning in config.warnings(cfg):
+        print(f"warning: {warning}")
     for warning in certs.certificate_warnings(cfg.tls.certificate, cfg.tls.private_key):
         print(f"warning: {warning}")
     for user in cfg.users:

@@ -8,7 +8,7 @@ The floor, lowest module first (each imports only modules above it in this list)
 
 - ``model``: the frozen dataclasses, the policy words and the limits;
 - ``values``: the TOML reader (key paths, kinds, ``${VAR}``, one-pass problems);
-- ``describe``: ``summary`` for ``check-config`` and ``endpoint``;
+- ``describe``: ``summary`` and ``warnings`` for ``check-config``, ``endpoint``;
 - ``parsers``: value parsers shared by sections and accounts;
 - ``tree``: one user's tree planned from the config (also ``explain``);
 - ``users``: ``[[users]]``, ``[[groups]]``, mounts, permission words;
@@ -25,7 +25,7 @@ This module re-exports what the rest of the package uses, so callers write
 
 from __future__ import annotations
 
-from ftps_gateway.config.describe import endpoint, redacted, summary
+from ftps_gateway.config.describe import endpoint, redacted, summary, warnings
 from ftps_gateway.config.loader import load, load_text
 from ftps_gateway.config.model import (
     HOOK_EVENTS,
@@ -106,4 +106,5 @@ __all__ = [
     "load_text",
     "redacted",
     "summary",
+    "warnings",
 ]

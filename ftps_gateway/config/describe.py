@@ -1,15 +1,17 @@
-"""``check-config``'s description of a loaded config: effective values, no secrets.
+"""``check-config``'s description of a loaded config: effective values, no secrets,
+and the warnings about settings that load but are probably a mistake.
 
 May import: ``config.model``; nothing else in the package.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import urllib.parse
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
-from ftps_gateway.config.model import HOOK_EVENTS, is_internal
+from ftps_gateway.config.model import HOOK_EVENTS, IPNetwork, is_internal
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -20,7 +22,6 @@ if TYPE_CHECKING:
         DefenderSettings,
         GatewayConfig,
         HookSettings,
-        IPNetwork,
         ListenAddress,
         MetricsSettings,
     )
@@ -130,6 +131,47 @@ def summary(cfg: GatewayConfig) -> str:
         f"Metrics: {_metrics_summary(cfg.metrics)}",
     ]
     return "\n".join(lines)
+
+
+# PROXY sources wider than this get a warning: a balancer pool is a few addresses.
+PROXY_WARN_PREFIX = {4: 16, 6: 48}
+_MAPPED_V4 = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def warnings(cfg: GatewayConfig) -> list[str]:
+    """Settings that load but are probably a mistake, one line each, key first."""
+    found: list[str] = []
+    for index, network in enumerate(cfg.server.proxy_protocol_from):
+        problem = _proxy_source_problem(network)
+        if problem:
+            found.append(f"server.proxy_protocol_from[{index}]: {problem}")
+    return found
+
+
+def proxy_source_prefix(network: IPNetwork) -> int:
+    """The prefix length as the address family it covers (``::ffff:0:0/96`` is
+    IPv4's /0: a dual-stack socket shows IPv4 peers as mapped addresses)."""
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED_V4):
+        return network.prefixlen - 96
+    return network.prefixlen
+
+
+def _proxy_source_problem(network: IPNetwork) -> str:
+    """Why a PROXY source network is risky, or ""."""
+    prefix = proxy_source_prefix(network)
+    version = 4 if prefix != network.prefixlen else network.version
+    if prefix < PROXY_WARN_PREFIX[version]:
+        return (
+            f"{network} is {network.num_addresses} addresses; every host there may "
+            "claim any client address (list only the balancers)"
+        )
+    first, last = network[0], network[-1]
+    if not (is_internal(str(first)) and is_internal(str(last))):
+        return (
+            f"{network} is public; any host there may claim any client address "
+            "(list only the balancers, on a private network)"
+        )
+    return ""
 
 
 def _endpoints(addresses: Sequence[ListenAddress]) -> str:

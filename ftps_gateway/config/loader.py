@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftps_gateway.config.cluster import read_cluster
-from ftps_gateway.config.describe import endpoint
+from ftps_gateway.config.describe import endpoint, proxy_source_prefix
 from ftps_gateway.config.hooks import read_hooks
 from ftps_gateway.config.model import (
     LOG_LEVELS,
@@ -222,7 +222,26 @@ def _server(table: Table) -> ServerSettings:
         ),
     )
     table.close()
+    _check_proxy_sources(table, settings.proxy_protocol_from)
     return settings
+
+
+def _check_proxy_sources(table: Table, networks: Sequence[IPNetwork]) -> None:
+    """``proxy_protocol_from`` may not be every address (/0, IPv4-mapped /96 too).
+
+    Whoever may send a PROXY header names the client address the server believes:
+    from every address, anyone would walk past bans, ``access.allow`` and the
+    per-address limits. Large or public ranges are ``check-config`` warnings.
+    """
+    for index, network in enumerate(networks):
+        if proxy_source_prefix(network) == 0:
+            problem = (
+                "trusts a PROXY header from every address (anyone could claim any "
+                "client address, past bans and access.allow); list the balancers' "
+                "own addresses"
+            )
+            key = f"{table.key('proxy_protocol_from')}[{index}]"
+            table.problems.add(key, problem, str(network))
 
 
 def _workers(table: Table) -> int:

@@ -182,3 +182,18 @@ def test_audit_timestamps_follow_the_clock_across_seconds(
         "2027-01-15T08:00:01.000Z",
         "2027-01-15T07:59:59.500Z",
     ]
+
+
+def test_check_config_warns_about_a_public_proxy_source(
+    tmp_path: Path,
+    cert_files: tuple[Path, Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It loads (exit 0), but check-config says why the range is risky."""
+    path = write_config(
+        tmp_path, cert_files,
+        server_extra='proxy_protocol_from = ["203.0.113.0/24"]',
+    )  # fmt: skip
+    assert cli.main(["check-config", "--config", str(path)]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "warning: server.proxy_protocol_from[0]: 203.0.113.0/24 is public" in out

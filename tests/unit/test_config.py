@@ -1316,3 +1316,49 @@ def test_ip_match_is_refused_behind_a_proxy_balancer(config_dir: Path) -> None:
         "server.proxy_protocol_from (their data connections all come from the "
         'balancer); use "required" or "required-any-ip" (got \'ip-match\')'
     ]
+
+
+@pytest.mark.parametrize("network", ["0.0.0.0/0", "::/0", "::ffff:0.0.0.0/96"])
+def test_proxy_protocol_from_every_address_is_refused(
+    config_dir: Path, network: str
+) -> None:
+    """Trusting PROXY headers from anyone lets anyone claim any client address."""
+    text = _edited(
+        _add("server", f'proxy_protocol_from = ["10.0.0.5/32", "{network}"]')
+    )
+    path, error = _problems(config_dir, text)
+    assert error.problems == [
+        f"{path}: server.proxy_protocol_from[1]: trusts a PROXY header from every "
+        "address (anyone could claim any client address, past bans and access.allow); "
+        f"list the balancers' own addresses (got '{ipaddress.ip_network(network)}')"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("network", "warned"),
+    [
+        ("10.0.0.5/32", None),
+        ("192.168.0.0/24", None),
+        ("fd00:1:2:3::/64", None),
+        ("10.0.0.0/8", "16777216 addresses"),
+        ("2001:db8::/32", "79228162514264337593543950336 addresses"),
+        ("2001:db8:1::/48", "public"),
+        ("198.51.100.0/28", "public"),
+    ],
+)
+def test_check_config_warns_on_large_or_public_proxy_ranges(
+    config_dir: Path, network: str, warned: str | None
+) -> None:
+    """A balancer is a few addresses on a private network; anything else is a risk."""
+    cfg = config.load(
+        _write(
+            config_dir, _edited(_add("server", f'proxy_protocol_from = ["{network}"]'))
+        )
+    )
+    found = [w for w in config.warnings(cfg) if "proxy_protocol_from" in w]
+    if warned is None:
+        assert found == []
+    else:
+        assert len(found) == 1
+        assert found[0].startswith("server.proxy_protocol_from[0]: ")
+        assert warned in found[0]
