@@ -46,6 +46,7 @@ import os
 import secrets
 import ssl
 import sys
+import sysconfig
 import time
 import weakref
 from dataclasses import dataclass
@@ -125,13 +126,57 @@ class _PemSnapshot:
 
 # CPython's _ssl objects (Modules/_ssl.c, unchanged from 3.7 to 3.13): PySSLContext is
 # PyObject_HEAD then the SSL_CTX pointer; PySSLSocket is PyObject_HEAD, a weak
-# reference to the socket, then the SSL pointer.
+# reference to the socket, then the SSL pointer -- on a regular build, where
+# PyObject_HEAD is two pointers. Free-threaded (3.13t) and trace-refs builds have a
+# larger header, so the pointers are elsewhere there (``BuildFacts``).
 _CONTEXT_POINTER_OFFSET = 2 * ctypes.sizeof(ctypes.c_void_p)
 _SSL_POINTER_OFFSET = 3 * ctypes.sizeof(ctypes.c_void_p)
+_OBJECT_HEADER_BYTES = 2 * ctypes.sizeof(ctypes.c_void_p)
 _KNOWN_LAYOUTS = ((3, 11), (3, 12), (3, 13))
+# CPython stores the PySSLSocket in its SSL object's app data (SSL_set_app_data, ex
+# data index 0) for its callbacks: the back-pointer that proves a pointer is ours.
+_APP_DATA_INDEX = 0
 _SSL_CTRL_SET_MAX_PROTO_VERSION = 124
 
 Connection = ssl.SSLSocket | ssl.SSLObject
+
+
+@dataclass(frozen=True)
+class BuildFacts:
+    """What of the running interpreter decides where the SSL pointers live."""
+
+    implementation: str  # sys.implementation.name
+    version: tuple[int, int]
+    gil_disabled: bool  # a free-threaded build (Py_GIL_DISABLED)
+    trace_refs: bool  # a trace-refs build (Py_TRACE_REFS: two more header pointers)
+    object_header_bytes: int  # object.__basicsize__: the size of PyObject_HEAD
+
+    @classmethod
+    def current(cls) -> BuildFacts:
+        """The running interpreter."""
+        major, minor = sys.version_info[:2]
+        return cls(
+            implementation=sys.implementation.name,
+            version=(major, minor),
+            gil_disabled=bool(sysconfig.get_config_var("Py_GIL_DISABLED")),
+            trace_refs=bool(sysconfig.get_config_var("Py_TRACE_REFS"))
+            or hasattr(sys, "getobjects"),
+            object_header_bytes=object.__basicsize__,
+        )
+
+    def layout_problem(self) -> str:
+        """Why the fixed offsets cannot be trusted on this build, or ""."""
+        if self.implementation != "cpython":
+            return f"not CPython ({self.implementation})"
+        if self.version not in _KNOWN_LAYOUTS:
+            return f"untested Python {self.version[0]}.{self.version[1]}"
+        if self.gil_disabled:
+            return "a free-threaded CPython build (larger object header)"
+        if self.trace_refs:
+            return "a trace-refs CPython build (larger object header)"
+        if self.object_header_bytes != _OBJECT_HEADER_BYTES:
+            return f"an unexpected object header ({self.object_header_bytes} bytes)"
+        return ""
 
 
 class OpenSSLAccess:
@@ -139,16 +184,16 @@ class OpenSSLAccess:
 
     Every pointer is checked before use: a context pointer must answer for the
     context's ticket count and options, a connection pointer must belong to that
-    context. ``available`` is False (with ``problem``) on an untested Python or an
+    context and point back (its app data) at the very ``_ssl`` object it was read
+    from. ``available`` is False (with ``problem``) on a build whose object layout
+    differs (``BuildFacts``: free-threaded, trace-refs, untested versions) or an
     OpenSSL without the symbols; callers then use public API only.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, build: BuildFacts | None = None) -> None:
         self.available = False
-        self.problem = ""
-        if sys.version_info[:2] not in _KNOWN_LAYOUTS:
-            major, minor = sys.version_info[:2]
-            self.problem = f"untested Python {major}.{minor}"
+        self.problem = (build or BuildFacts.current()).layout_problem()
+        if self.problem:
             return
         try:
             library = ctypes.CDLL(_ssl.__file__)
@@ -186,6 +231,7 @@ class OpenSSLAccess:
             "SSL_ctrl", ctypes.c_long, pointer, integer, ctypes.c_long, pointer
         )
         self.version = bind("SSL_version", integer, pointer)
+        self.app_data = bind("SSL_get_ex_data", pointer, pointer, integer)
         self.session_reused = bind("SSL_session_reused", integer, pointer)
         self.get_session = bind("SSL_get_session", pointer, pointer)
         self.master_key = bind(
@@ -218,7 +264,14 @@ class OpenSSLAccess:
         if not self.available or inner is None or context is None:
             return None
         pointer = ctypes.c_void_p.from_address(id(inner) + _SSL_POINTER_OFFSET).value
+        # The context first: a plain field read, where the app data lookup follows
+        # a pointer inside the SSL; a pointer that fails it is never followed.
         if pointer is None or self.get_ssl_ctx(pointer) != context:
+            return None
+        # The back-pointer: this SSL belongs to this very Python object, not to
+        # another connection (of the same context) whose pointer a shifted layout
+        # put at the offset.
+        if self.app_data(pointer, _APP_DATA_INDEX) != id(inner):
             return None
         return pointer
 
@@ -501,8 +554,8 @@ class TicketRefresher:
     later transfers are affected.
     """
 
-    def __init__(self) -> None:
-        self._access = openssl()
+    def __init__(self, build: BuildFacts | None = None) -> None:
+        self._access = openssl() if build is None else OpenSSLAccess(build)
         self.available = self._access.available
         self.problem = self._access.problem
         self.warned = False

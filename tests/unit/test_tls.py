@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from typing import TYPE_CHECKING
 
@@ -233,3 +234,61 @@ def test_broken_layout_falls_back_and_switches_fresh_tickets_off(
     assert "binding unavailable" in factory.mode_problem
     assert not refresher.available
     assert "did not check out" in refresher.problem
+
+
+def _tls13_pair(factory: tls.TLSContextFactory) -> tls._MemoryPair:
+    client = tls.ssl.SSLContext(tls.ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = tls.ssl.CERT_NONE
+    return tls._memory_handshake(factory.session_context(), client, None, data=False)
+
+
+def test_a_pointer_to_another_connection_is_never_used(
+    factory: tls.TLSContextFactory,
+) -> None:
+    """The SSL pointer at the offset must point back (app data) at the very object
+    it was read from: with another live connection's SSL there (what a shifted
+    layout can produce), no ticket is issued on that other connection."""
+    refresher = tls.TicketRefresher()
+    assert refresher.available, refresher.problem
+    mine, other = _tls13_pair(factory).server, _tls13_pair(factory).server
+    slot = tls.ctypes.c_void_p.from_address(
+        id(mine._sslobj) + tls._SSL_POINTER_OFFSET  # type: ignore[attr-defined]
+    )
+    foreign = tls.ctypes.c_void_p.from_address(
+        id(other._sslobj) + tls._SSL_POINTER_OFFSET  # type: ignore[attr-defined]
+    ).value
+    own = slot.value
+    slot.value = foreign  # mine's slot now holds other's SSL*
+    try:
+        issued = refresher.refresh(mine)
+    finally:
+        slot.value = own
+    assert not issued
+    assert refresher.refresh(mine)  # its own pointer checks out
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"gil_disabled": True}, "free-threaded"),
+        ({"trace_refs": True}, "trace-refs"),
+        ({"object_header_bytes": 32}, "object header"),
+        ({"implementation": "pypy"}, "not CPython"),
+        ({"version": (3, 99)}, "untested Python 3.99"),
+    ],
+)
+def test_builds_with_another_object_layout_turn_the_refresher_off(
+    change: dict[str, object], problem: str
+) -> None:
+    """Free-threaded and trace-refs builds put the SSL pointer elsewhere: off, and
+    the reason is what the server's start-up warning shows."""
+    build = dataclasses.replace(tls.BuildFacts.current(), **change)  # type: ignore[arg-type]
+    refresher = tls.TicketRefresher(build)
+    assert not refresher.available
+    assert problem in refresher.problem
+
+
+def test_this_build_is_a_known_layout() -> None:
+    """The test interpreter is a regular CPython build: the refresher is on."""
+    assert tls.TicketRefresher(tls.BuildFacts.current()).available
