@@ -307,6 +307,13 @@ def _print_demo(prepared: demo.Demo, host: str, port: int) -> None:
         f"(user {demo.DEMO_USER!r}, state in {state})",
         flush=True,
     )
+    print(
+        f"password: in {prepared.password_file} (mode 0600, readable by you only)",
+        flush=True,
+    )
+    warning = demo.exposure_warning(host)
+    if warning is not None:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     print(f"try it: {demo.try_it_line(prepared, host, port)}", flush=True)
 
 

@@ -5,12 +5,17 @@ README works on a fresh machine. Everything lives in one state directory: the ge
 certificate (kept across runs), the demo password (mode 0600, kept across runs) and the
 ``gateway.toml`` written from the flags at each start, which doubles as a starting point
 for a real configuration.
+
+The password is never printed: stdout lands in journals and CI logs. The "try it" line
+reads it from its file (``$(cat PATH)``), which only the demo's owner can read.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +39,7 @@ class Demo:
     """A prepared demo: its config and how to log in."""
 
     config: config.GatewayConfig
-    password: str
+    password_file: Path  # mode 0600; the password itself is never printed
     certificate: Path
 
 
@@ -47,7 +52,8 @@ def prepare(state_dir: Path, listen: str, passive_ports: str) -> Demo:
         cert_path, key_path = certs.generate_development_certificate(
             "localhost", state_dir / "certs"
         )
-    password = _demo_password(state_dir / "demo-password")
+    password_file = state_dir / "demo-password"
+    password = _demo_password(password_file)
     text = f"""# Written by `ftps-gateway serve` (built-in demo); edit a copy to use it.
 [server]
 listen = [{listen!r}]
@@ -70,7 +76,7 @@ password = "{passwords.hash_password(password)}"
 """
     config_path = state_dir / "gateway.toml"
     config_path.write_text(text, encoding="utf-8")
-    return Demo(config.load(config_path), password, cert_path)
+    return Demo(config.load(config_path), password_file, cert_path)
 
 
 def _demo_password(path: Path) -> str:
@@ -85,8 +91,23 @@ def _demo_password(path: Path) -> str:
 
 
 def try_it_line(demo: Demo, host: str, port: int) -> str:
-    """A ready-to-paste curl command that lists the demo user's home over FTPS."""
+    """A ready-to-paste curl command that lists the demo user's home over FTPS.
+
+    For a POSIX shell: the password comes from its file, not from this line.
+    """
+    password = shlex.quote(str(demo.password_file))
     return (
-        f"curl --ssl-reqd --cacert {demo.certificate} "
-        f"--user {DEMO_USER}:{demo.password} ftp://{host}:{port}/"
+        f"curl --ssl-reqd --cacert {shlex.quote(str(demo.certificate))} "
+        f"--user {DEMO_USER}:$(cat {password}) ftp://{host}:{port}/"
+    )
+
+
+def exposure_warning(host: str) -> str | None:
+    """A warning when the demo listens beyond loopback, else None."""
+    if ipaddress.ip_address(host).is_loopback:
+        return None
+    return (
+        f"the demo listens on {host}, beyond loopback: anyone who reaches it can try "
+        f"the {DEMO_USER!r} user's password, and its certificate is self-signed; "
+        "for real use, write a config (ftps-gateway serve --config gateway.toml)"
     )

@@ -118,26 +118,26 @@ def passive_window() -> str:
     return f"{first}-{first + 19}"
 
 
-def serve_command(demo_dir: Path) -> list[str]:
+def serve_command(demo_dir: Path, host: str = "127.0.0.1") -> list[str]:
     """The README's first command, on a free port."""
     return [
         sys.executable, "-m", "ftps_gateway", "serve",
         "--demo-dir", str(demo_dir),
-        "--listen", "127.0.0.1:0",
+        "--listen", f"{host}:0",
         "--passive-ports", passive_window(),
     ]  # fmt: skip
 
 
 @pytest.fixture
-def run_demo(tmp_path: Path) -> Iterator[Callable[[], DemoServer]]:
+def run_demo(tmp_path: Path) -> Iterator[Callable[..., DemoServer]]:
     """Start the demo in ``tmp_path/demo``; the process is always killed at teardown."""
     started: list[DemoServer] = []
 
-    def start() -> DemoServer:
+    def start(host: str = "127.0.0.1") -> DemoServer:
         stderr_path = tmp_path / f"serve-{len(started)}.stderr"
         with stderr_path.open("w", encoding="utf-8") as stderr:
             process = subprocess.Popen(
-                serve_command(tmp_path / "demo"),
+                serve_command(tmp_path / "demo", host),
                 cwd=tmp_path,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -191,17 +191,19 @@ def test_try_it_line_lists_and_uploads(
     assert "--ssl-reqd" in argv, try_it
     assert TRY_IT_URL.search(argv[-1]), try_it
 
-    listing = run(argv, tmp_path)
+    listing = run(["sh", "-c", try_it], tmp_path)  # pasted into a shell
     assert listing.returncode == 0, explain(listing, server)
 
     local = tmp_path / "hello.txt"
     local.write_bytes(b"uploaded through the demo\n" * 1000)
-    upload = run([*argv[:-1], "-T", str(local), argv[-1] + "up.txt"], tmp_path)
+    command, url = try_it.rsplit(" ", 1)
+    upload = run(["sh", "-c", f"{command} -T {shlex.quote(str(local))} {url}up.txt"],
+                 tmp_path)  # fmt: skip
     assert upload.returncode == 0, explain(upload, server)
     landed = tmp_path / "demo" / "storage" / "home" / "demo" / "up.txt"
     assert landed.read_bytes() == local.read_bytes(), explain(upload, server)
 
-    again = run(argv, tmp_path)
+    again = run(["sh", "-c", try_it], tmp_path)
     assert again.returncode == 0, explain(again, server)
     assert "up.txt" in again.stdout, explain(again, server)
 
@@ -225,7 +227,9 @@ def test_state_files_are_private_and_check_config_hides_secrets(
 
     password = password_file.read_text(encoding="utf-8").strip()
     assert password, "empty demo password"
-    assert f"demo:{password}" in shlex.split(try_it), try_it
+    # The password stays in its file: stdout lands in journals and CI logs.
+    assert f"demo:$(cat {shlex.quote(str(password_file))})" in try_it, try_it
+    assert password not in server.output(), server.output()
     # The config does hold a hash, so its absence from the summary means something.
     assert "$argon2id$" in config.read_text(encoding="utf-8")
 
@@ -266,6 +270,28 @@ def test_second_start_reuses_password_and_certificate(
     # Same command apart from the port the OS picked.
     assert TRY_IT_URL.sub("", first_try_it) == TRY_IT_URL.sub("", second_try_it)
 
-    listing = run(shlex.split(second_try_it), tmp_path)
+    listing = run(["sh", "-c", second_try_it], tmp_path)
     assert listing.returncode == 0, explain(listing, second)
     assert second.terminate() == 0, second.output()
+
+
+def test_demo_beyond_loopback_is_warned_about(
+    run_demo: Callable[..., DemoServer], tmp_path: Path
+) -> None:
+    """Listening on every interface exposes the demo user: the server says so."""
+    server = run_demo("0.0.0.0")
+    server.wait_for_try_it()
+    stderr = (tmp_path / "serve-0.stderr").read_text(encoding="utf-8")
+    assert "warning: the demo listens on 0.0.0.0" in stderr, server.output()
+    assert server.terminate() == 0, server.output()
+
+
+def test_demo_on_loopback_has_no_such_warning(
+    run_demo: Callable[..., DemoServer], tmp_path: Path
+) -> None:
+    """The README's default (127.0.0.1) is quiet."""
+    server = run_demo()
+    server.wait_for_try_it()
+    stderr = (tmp_path / "serve-0.stderr").read_text(encoding="utf-8")
+    assert "warning: the demo listens" not in stderr, server.output()
+    assert server.terminate() == 0, server.output()
