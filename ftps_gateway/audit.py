@@ -4,16 +4,22 @@ Kept apart from the diagnostic log (``ftps_gateway`` / ``pyftpdlib`` loggers) so
 go to its own file or collector, as uvicorn keeps ``uvicorn.access`` apart. Events carry
 the session id, user and client IP; never a password or a hash. The client sees
 generic replies; the real reason for a refusal is written here.
+
+Refusals of strangers (connections not allowed, banned, over a limit, foreign peers on
+a passive port) are digested (``RefusalDigest``): per address and interval the first
+is written whole, the rest are counted into one ``<event>_repeated`` line, so a
+scanner cannot set the log's growth rate. The metrics still count every one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import unicodedata
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 AUDIT_LOGGER_NAME = "ftps_gateway.audit"
 XFERLOG_LOGGER_NAME = "ftps_gateway.xferlog"
@@ -23,6 +29,69 @@ _SECRET_FIELDS = frozenset({"password", "password_hash", "hash", "secret"})
 
 # One encoder for every line: ``json.dumps`` with options builds a new one per call.
 _ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))
+
+
+# One digest interval: per address and refusal, at most one whole line and one
+# ``_repeated`` line in this many seconds.
+REFUSAL_DIGEST_SECONDS: Final = 60
+# Distinct addresses digested per interval; beyond, refusals are only counted, under
+# the address "other" (no line each): the bound on lines per interval whatever a
+# scanner with many addresses (or an IPv6 /48) does: 2 x this + a few.
+REFUSAL_DIGEST_MAX_ADDRESSES: Final = 1000
+OTHER_ADDRESSES: Final = "other"
+
+
+class RefusalDigest:
+    """Counts refusals per (event, reason, address) within fixed intervals.
+
+    Thread-safe (a lock): refusals are noted on the IO loop, the summary may be taken
+    by a timer. ``clock`` is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        interval_seconds: float = REFUSAL_DIGEST_SECONDS,
+        max_addresses: int = REFUSAL_DIGEST_MAX_ADDRESSES,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.interval_seconds = interval_seconds
+        self._max_addresses = max_addresses
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._started = clock()
+        self._repeats: dict[tuple[str, str, str], int] = {}
+        self._addresses: set[str] = set()
+
+    def first(self, event: str, reason: str, address: str) -> bool:
+        """Note one refusal; True if it is the first of its kind this interval."""
+        with self._lock:
+            if address not in self._addresses:
+                if len(self._addresses) >= self._max_addresses:
+                    address = OTHER_ADDRESSES  # counted, never written one by one
+                else:
+                    self._addresses.add(address)
+            key = (event, reason, address)
+            seen = self._repeats.get(key)
+            self._repeats[key] = 0 if seen is None else seen + 1
+            return seen is None and address != OTHER_ADDRESSES
+
+    def take(self, *, force: bool = False) -> list[dict[str, Any]]:
+        """The summaries of an interval that is over (or of this one, ``force``)."""
+        with self._lock:
+            now = self._clock()
+            if not force and now - self._started < self.interval_seconds:
+                return []
+            seconds = round(now - self._started)
+            found = [
+                {"event": f"{event}_repeated", "reason": reason, "address": address,
+                 "count": count + (address == OTHER_ADDRESSES), "seconds": seconds}
+                for (event, reason, address), count in self._repeats.items()
+                if count or address == OTHER_ADDRESSES
+            ]  # fmt: skip
+            self._repeats.clear()
+            self._addresses.clear()
+            self._started = now
+            return found
 
 
 class AuditLog:
@@ -37,6 +106,24 @@ class AuditLog:
         self._logger = logger or logging.getLogger(AUDIT_LOGGER_NAME)
         self._xferlog = logging.getLogger(XFERLOG_LOGGER_NAME)
         self._second: tuple[int, str] = (-1, "")  # (epoch second, its ISO text)
+        self.refusals = RefusalDigest()
+
+    def refused(self, name: str, address: str, **fields: Any) -> None:
+        """A stranger's refusal: written if first for ``address`` this interval.
+
+        ``address`` is what it is digested by (an address key: IPv6 per prefix);
+        ``fields`` must hold the ``reason``.
+        """
+        self.flush_refusals()
+        if self.refusals.first(name, str(fields.get("reason")), address):
+            self.event(name, **fields)
+
+    def flush_refusals(self, *, force: bool = False) -> None:
+        """Write the ``_repeated`` lines of an interval that is over (a timer calls
+        this every interval; ``force``: end the interval now)."""
+        for summary in self.refusals.take(force=force):
+            name = summary.pop("event")
+            self.event(name, **summary)
 
     def event(self, name: str, **fields: Any) -> None:
         """Record event ``name`` with ``fields`` (secret-looking fields are dropped)."""

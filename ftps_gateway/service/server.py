@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from pyftpdlib.ioloop import IOLoop
 from pyftpdlib.servers import FTPServer
 
-from ftps_gateway.audit import AuditLog
+from ftps_gateway.audit import REFUSAL_DIGEST_SECONDS, AuditLog
 from ftps_gateway.config.tree import sweep_roots
 from ftps_gateway.errors import GatewayError, StartupError
 from ftps_gateway.ftp.control import ControlHandler
@@ -193,6 +193,8 @@ class GatewayServer:
             raise
         if worker is None or worker.index == 0:
             self._start_sweeper()
+        # The refusal digest's interval ends on time even when refusals stop.
+        self.ioloop.call_every(REFUSAL_DIGEST_SECONDS, self._flush_refusals)
 
     def _report_loop(self, stalled: float) -> None:
         """The watchdog's news, on to the supervisor (from the watchdog's thread)."""
@@ -385,6 +387,9 @@ class GatewayServer:
             self.hooks.configure(config)  # new hooks apply to events from now on
         lifecycle.update_kept_state(config, current.state)
         self.holder.current = gateway
+
+    def _flush_refusals(self) -> None:
+        self.gateway.audit.flush_refusals()
 
     def _start_sweeper(self) -> None:
         """Remove expired partial uploads (and crash leftovers) now and periodically.

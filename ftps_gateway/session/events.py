@@ -4,7 +4,8 @@ Audit events and metric samples used to be written in hand-made pairs by the pro
 handler and drifted apart (a login refused after a reload was audited, never
 counted). Each method here is one happening, in one vocabulary: the audit event name
 and fields stay what operators already parse, the metric label comes from the same
-reason. Imports only the leaves; the session is seen through ``SessionIdentity``.
+reason. Imports the leaves and ``policy.netpolicy.address_key``; the session is seen
+through ``SessionIdentity``.
 
 The happenings a ``[[hooks]]`` entry can name (``config.HOOK_EVENTS``: upload,
 download, delete, rename, mkdir, rmdir, login-failed, ban) are also handed, as one
@@ -12,6 +13,11 @@ event each, to the gateway's ``HookSink`` (``service.hooks`` spools and delivers
 them): the same call that writes the audit line, so a hook never sees a happening
 the audit log does not, nor one twice. Building the event costs nothing unless a
 hook wants its kind.
+
+Refusals of strangers (the connection's own address refused, a foreign peer on a
+passive port) go through the audit log's digest (``AuditLog.refused``), keyed by
+address (IPv6 per ``access.ipv6_prefix_length``): a scanner gets one line per
+interval and a count, not a line per attempt. Their metrics still count each one.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ftps_gateway.audit import Transfer
+from ftps_gateway.policy.netpolicy import address_key
 
 if TYPE_CHECKING:
     from ftps_gateway.policy.defender import Ban
@@ -149,8 +156,23 @@ class SessionEvents:
 
     def connection_refused(self, reason: str, **detail: Any) -> None:
         """The connection is refused by policy (not allowed, banned, a limit...)."""
-        self.note("connection_refused", reason=reason, **detail)
+        self._refused(
+            "connection_refused", self._session.client_ip, reason=reason, **detail
+        )
         self._metrics.session_refused(reason)
+
+    def _refused(self, event: str, address: str, **fields: Any) -> None:
+        """A stranger's refusal, digested per ``address`` (see the module doc)."""
+        session = self._session
+        gateway = session.gateway
+        gateway.audit.refused(
+            event,
+            address_key(address, gateway.config.access.ipv6_prefix_length),
+            session=session.session_id,
+            client_ip=session.client_ip,
+            user=session.username or None,
+            **fields,
+        )
 
     # --- login
 
@@ -205,7 +227,12 @@ class SessionEvents:
 
     def data_refused(self, reason: str, **fields: Any) -> None:
         """A data connection (or the port for one) was refused or failed."""
-        self.note("data_refused", reason=reason, **fields)
+        if reason == "foreign-ip":  # a stranger: digested by its address
+            self._refused(
+                "data_refused", str(fields["peer_ip"]), reason=reason, **fields
+            )
+        else:
+            self.note("data_refused", reason=reason, **fields)
         label = DATA_REFUSAL_LABELS.get(reason)
         if label is None:
             self._metrics.tls_failure("data", reason)

@@ -301,17 +301,28 @@ def test_idle_unauthenticated_connections_do_not_lock_a_partner_out(
         for sock in idle:
             sock.close()
     assert (gw.home() / "in.bin").read_bytes() == b"partner"
+    # Refusals are digested per address (one line each, then a count): five
+    # addresses, five whole lines, the rest counted in the _repeated lines.
+    _flush_refusal_digest(gw)
     evicted = [
         r for r in _events(audit_records, "connection_refused")
         if r["reason"] == "unauthenticated-evicted"
     ]  # fmt: skip
-    assert len(evicted) >= 900
-    assert {r["client_ip"] for r in evicted} <= {f"127.0.0.{n}" for n in range(2, 7)}
+    repeated = [
+        r for r in _events(audit_records, "connection_refused_repeated")
+        if r["reason"] == "unauthenticated-evicted"
+    ]  # fmt: skip
+    total = len(evicted) + sum(int(str(r["count"])) for r in repeated)
+    assert total >= 900
+    idlers = {f"127.0.0.{n}" for n in range(2, 7)}
+    assert {r["client_ip"] for r in evicted} <= idlers
+    assert {r["address"] for r in repeated} <= idlers
+    assert len(evicted) <= len(idlers)
     assert {r["pool"] for r in evicted} == {"total"}
     assert gw.server.health is not None
     samples = scrape(gw.server.health.address[1])
     key = ("ftps_gateway_sessions_refused_total", (("reason", EVICTED),))
-    assert samples[key] == len(evicted)
+    assert samples[key] == total
 
 
 def test_one_address_competes_only_with_itself(
@@ -385,3 +396,65 @@ def test_implicit_tls_listener(
     assert (gw.home() / "implicit.bin").read_bytes() == b"implicit"
     connects = _events(audit_records, "connect")
     assert connects[-1]["listener"] == "implicit"
+
+
+# --- refusals do not set the audit log's growth rate
+
+
+def _flush_refusal_digest(gw: RunningGateway) -> None:
+    """End the digest's interval now (on the IO loop), as its timer would."""
+    import threading
+
+    done = threading.Event()
+
+    def flush() -> None:
+        gw.server.gateway.audit.flush_refusals(force=True)
+        done.set()
+
+    gw.server.gateway.waker.call_soon_threadsafe(flush)
+    assert done.wait(10)
+
+
+def test_a_scanner_gets_one_audit_line_then_a_count(
+    start_gateway: StartGateway, audit_records: Records
+) -> None:
+    """50 refused connections from one address: the first line, then one summary
+    with the count, however fast they come (the metric still counts each)."""
+    gw = start_gateway(sections='[access]\nallow = ["127.0.0.2/32"]')
+    for _ in range(50):
+        sock = raw_connect((gw.host, gw.port), "127.0.0.1")
+        read_until_quiet(sock, 3.0)
+        sock.close()
+    _flush_refusal_digest(gw)
+    assert [
+        (r["client_ip"], r["reason"])
+        for r in _events(audit_records, "connection_refused")
+    ] == [("127.0.0.1", "not-allowed")]
+    repeated = _events(audit_records, "connection_refused_repeated")
+    assert [(r["address"], r["reason"], r["count"]) for r in repeated] == [
+        ("127.0.0.1", "not-allowed", 49)
+    ]
+    counted = gw.server.gateway.metrics.registry.get_sample_value(
+        "ftps_gateway_sessions_refused_total", {"reason": "not-allowed"}
+    )
+    assert counted == 50
+
+
+def test_foreign_data_peers_are_digested_too(
+    gateway: RunningGateway, audit_records: Records
+) -> None:
+    """A stranger knocking on a session's passive port 20 times: one line + a count."""
+    ftp = gateway.client()
+    port = ftplib.parse229(ftp.sendcmd("EPSV"), (gateway.host, 0))[1]
+    for _ in range(20):
+        knock = raw_connect((gateway.host, port), "127.0.0.2")
+        read_until_quiet(knock, 3.0)
+        knock.close()
+    _flush_refusal_digest(gateway)
+    ftp.quit()
+    refused = _events(audit_records, "data_refused")
+    assert [(r["peer_ip"], r["reason"]) for r in refused] == [
+        ("127.0.0.2", "foreign-ip")
+    ]
+    repeated = _events(audit_records, "data_refused_repeated")
+    assert [(r["address"], r["count"]) for r in repeated] == [("127.0.0.2", 19)]
