@@ -120,7 +120,7 @@ DATA_REFUSALS: Final = (
     "foreign-ip",  # the connection came from another IP than the control connection
     "prot-c",  # PROT C attempted (refused, 534)
     "prot-p-required",  # PASV/EPSV/PORT before PROT P (521)
-    "active-mode-disabled",  # PORT/EPRT while server.allow_active_mode is off
+    "active-mode-disabled",  # PORT/EPRT: active mode is not supported (decision 0009)
     "passive-range-exhausted",  # no free port in passive.ports (425)
     "passive-address",  # no IPv4 address to advertise in a 227 reply
     "timeout",  # nobody connected to the passive port in time

@@ -33,7 +33,6 @@ def summary(cfg: GatewayConfig) -> str:
     Users appear by name only; password hashes never leave ``UserSettings``.
     """
     server, passive, tls = cfg.server, cfg.passive, cfg.tls
-    active = "allowed" if server.allow_active_mode else "refused"
     port_count = passive.port_max - passive.port_min + 1
     names = ", ".join(user.name for user in cfg.users) or "none (nobody can log in)"
     lines = [
@@ -80,7 +79,7 @@ def summary(cfg: GatewayConfig) -> str:
                 else "off"
             )
         ),
-        f"Active mode (PORT/EPRT): {active}",
+        "Active mode (PORT/EPRT): not supported",
         _access_line(cfg.access),
         _defender_line(cfg.defender, cfg.access),
         (
@@ -140,7 +139,10 @@ _MAPPED_V4 = ipaddress.IPv6Network("::ffff:0:0/96")
 
 def warnings(cfg: GatewayConfig) -> list[str]:
     """Settings that load but are probably a mistake, one line each, key first."""
-    found: list[str] = []
+    found = [
+        f"server.{key}: obsolete, active mode is not supported; remove it"
+        for key in cfg.server.obsolete_keys
+    ]
     for index, network in enumerate(cfg.server.proxy_protocol_from):
         problem = _proxy_source_problem(network)
         if problem:

@@ -203,9 +203,7 @@ def _server(table: Table) -> ServerSettings:
             100_000,
             ServerSettings.max_unauthenticated_per_ip,
         ),
-        allow_active_mode=table.flag(
-            "allow_active_mode", ServerSettings.allow_active_mode
-        ),
+        obsolete_keys=_active_mode(table),
         shutdown_grace_seconds=table.integer(
             "shutdown_grace_seconds", 0, 86_400, ServerSettings.shutdown_grace_seconds
         ),
@@ -242,6 +240,21 @@ def _check_proxy_sources(table: Table, networks: Sequence[IPNetwork]) -> None:
             )
             key = f"{table.key('proxy_protocol_from')}[{index}]"
             table.problems.add(key, problem, str(network))
+
+
+def _active_mode(table: Table) -> tuple[str, ...]:
+    """``allow_active_mode``: gone (decision 0009). ``true`` is refused, because it
+    asks for what does not exist; ``false`` (the old example's line) still loads, so
+    an upgrade does not stop a server over a line that changes nothing."""
+    if not table.flag("allow_active_mode", default=False):
+        return ("allow_active_mode",) if "allow_active_mode" in table.given() else ()
+    problem = (
+        "active mode (PORT/EPRT) is not supported: it cannot reach partners behind "
+        "NAT or firewalls, and TLS hides PORT from NAT helpers "
+        "(docs/decisions/0009-active-mode.md); remove the key, partners use PASV/EPSV"
+    )
+    table.problems.add(table.key("allow_active_mode"), problem, True)  # noqa: FBT003
+    return ()
 
 
 def _workers(table: Table) -> int:

@@ -58,7 +58,9 @@ class ServerSettings:
     # holds the most, so idle strangers cannot lock partners out.
     max_unauthenticated: int = 256
     max_unauthenticated_per_ip: int = 32
-    allow_active_mode: bool = False  # PORT/EPRT; off: cannot work behind NAT
+    # Keys still accepted for old configs but without effect (allow_active_mode =
+    # false: active mode is not supported, decision 0009); check-config warns.
+    obsolete_keys: tuple[str, ...] = ()
     shutdown_grace_seconds: int = 30  # SIGTERM: running transfers may finish
     node_name: str = ""  # shown in SITE DIAG and the audit log; "": the host name
     # Load balancers whose connections start with a PROXY protocol header (v1/v2).

@@ -75,6 +75,8 @@ PRE_TLS_COMMANDS = frozenset(
 # server (pyftpdlib would answer STAT with its address, HELP with its command set).
 PRE_LOGIN_COMMANDS = PRE_TLS_COMMANDS | {"USER", "PASS", "OPTS", "TYPE"}
 PASSIVE_COMMANDS = frozenset({"PASV", "EPSV"})
+# Active mode is not supported (docs/decisions/0009-active-mode.md): the verbs are
+# not in proto_cmds (so FEAT does not advertise EPRT) and always get 502.
 ACTIVE_COMMANDS = frozenset({"PORT", "EPRT"})
 UNSUPPORTED_COMMANDS = frozenset({"STOU"})  # its unique names bypass atomic uploads
 # The verbs RFC 959 lets a client send after Telnet IP/Synch, which pyftpdlib finds
@@ -161,7 +163,7 @@ class ControlHandler(
         }
     )  # fmt: skip
     proto_cmds.update(HASH_COMMANDS)  # HASH, XSHA256... (hashverbs)
-    for _removed in ("SITE CHMOD", "REIN"):
+    for _removed in ("SITE CHMOD", "REIN", *ACTIVE_COMMANDS):
         proto_cmds.pop(_removed, None)
 
     def __init__(self, conn: Any, server: Any, ioloop: Any = None) -> None:
@@ -446,6 +448,9 @@ class ControlHandler(
         verb = cmd
         if cmd == "SITE" and arg:  # pyftpdlib's spelling of SITE subcommands
             verb = f"SITE {arg.split(' ', maxsplit=1)[0].upper()}"
+        if cmd in ACTIVE_COMMANDS:
+            self.process_command(cmd, arg)  # the TLS and login gates, then 502
+            return
         if verb not in self.proto_cmds and not _is_telnet_urgent(verb):
             self.respond(replies.NOT_UNDERSTOOD.format(command=verb))
             return
@@ -488,11 +493,11 @@ class ControlHandler(
             return
         if cmd == "RNTO":
             self._rename_source = self._rnfr  # pyftpdlib forgets it before log_cmd
-        if cmd in ACTIVE_COMMANDS and not self.gateway.config.server.allow_active_mode:
+        if cmd in ACTIVE_COMMANDS:
             self.events.data_command_refused("active-mode-disabled")
-            self.respond(replies.ACTIVE_DISABLED)
+            self.respond(replies.ACTIVE_UNSUPPORTED)
             return
-        if (cmd in PASSIVE_COMMANDS or cmd in ACTIVE_COMMANDS) and not self._prot:
+        if cmd in PASSIVE_COMMANDS and not self._prot:
             self.events.data_command_refused("prot-p-required")
             self.respond(replies.PROT_P_REQUIRED)
             return

@@ -80,7 +80,8 @@ DATA_TLS_FAILED: Final = "425 Can't open data connection: TLS negotiation failed
 DATA_TIMEOUT: Final = "425 Can't open data connection: timed out."
 PASSIVE_EXHAUSTED: Final = "425 Can't open data connection: no passive port free."
 PASSIVE_NO_ADDRESS: Final = "425 Can't open data connection; use EPSV."
-ACTIVE_DISABLED: Final = "502 Active mode is disabled; use PASV or EPSV."
+# PORT/EPRT: not supported (docs/decisions/0009-active-mode.md).
+ACTIVE_UNSUPPORTED: Final = "502 Active mode is not supported; use PASV or EPSV."
 PASV: Final = "227 Entering Passive Mode ({address},{high},{low})."
 EPSV: Final = "229 Entering Extended Passive Mode (|||{port}|)."
 

@@ -125,11 +125,11 @@ def test_downgrade_sequence_sends_no_clear_text_listing(
 
 
 def test_active_mode_and_stou_are_refused(gateway: RunningGateway) -> None:
-    """PORT/EPRT are off by default; STOU would break atomic uploads."""
+    """PORT/EPRT are not supported (decision 0009); STOU would break atomic uploads."""
     ftp = gateway.client()
-    with pytest.raises(ftplib.error_perm, match=exactly(replies.ACTIVE_DISABLED)):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.ACTIVE_UNSUPPORTED)):
         ftp.sendcmd("PORT 127,0,0,1,200,10")
-    with pytest.raises(ftplib.error_perm, match=exactly(replies.ACTIVE_DISABLED)):
+    with pytest.raises(ftplib.error_perm, match=exactly(replies.ACTIVE_UNSUPPORTED)):
         ftp.sendcmd("EPRT |1|127.0.0.1|51210|")
     stou = replies.NOT_IMPLEMENTED.format(command="STOU")
     with pytest.raises(ftplib.error_perm, match=exactly(stou)):
@@ -139,6 +139,20 @@ def test_active_mode_and_stou_are_refused(gateway: RunningGateway) -> None:
         with pytest.raises(ftplib.error_temp, match=exactly(replies.NO_DATA_PATH)):
             ftp.sendcmd(command)
     ftp.quit()
+
+
+def test_feat_does_not_advertise_active_mode(gateway: RunningGateway) -> None:
+    """FEAT lists EPSV but not EPRT, before and after login (RFC 2428 section 4)."""
+    plain = plain_control(gateway)
+    before = plain.sendcmd("FEAT").splitlines()
+    plain.close()
+    ftp = gateway.client()
+    after = ftp.sendcmd("FEAT").splitlines()
+    ftp.quit()
+    for lines in (before, after):
+        features = {line.strip() for line in lines[1:-1]}
+        assert "EPSV" in features
+        assert "EPRT" not in features
 
 
 # --- login

@@ -774,7 +774,6 @@ login_timeout_seconds = 20
 max_sessions = 64
 max_sessions_per_ip = 4
 max_sessions_per_user = 2
-allow_active_mode = true
 implicit_listen = ["0.0.0.0:990"]
 
 [tls]
@@ -839,7 +838,6 @@ max_version = "1.2"
             max_sessions=64,
             max_sessions_per_ip=4,
             max_sessions_per_user=2,
-            allow_active_mode=True,
             implicit_listen=(ListenAddress("0.0.0.0", 990),),
         ),
         tls=TLSSettings(
@@ -1083,7 +1081,7 @@ def test_summary(config_dir: Path) -> None:
             "verified logins remembered 300 s"
         ),
         "Worker processes: auto (one per CPU core); IO loop watchdog: stuck after 5 s",
-        "Active mode (PORT/EPRT): refused",
+        "Active mode (PORT/EPRT): not supported",
         (
             "Access: WARNING: every client address may connect "
             "(access.allow is empty; list your partners' networks)"
@@ -1172,7 +1170,6 @@ def test_example_file_documents_every_key() -> None:
         "max_unauthenticated",
         "max_unauthenticated_per_ip",
         "implicit_listen",
-        "allow_active_mode",
         "certificate",
         "private_key",
         "min_version",
@@ -1362,3 +1359,27 @@ def test_check_config_warns_on_large_or_public_proxy_ranges(
         assert len(found) == 1
         assert found[0].startswith("server.proxy_protocol_from[0]: ")
         assert warned in found[0]
+
+
+def test_allow_active_mode_true_is_refused_with_the_reason(config_dir: Path) -> None:
+    """Active mode is not supported (decision 0009): asking for it fails clearly."""
+    path, error = _problems(
+        config_dir, _edited(_add("server", "allow_active_mode = true"))
+    )
+    assert error.problems == [
+        f"{path}: server.allow_active_mode: active mode (PORT/EPRT) is not supported: "
+        "it cannot reach partners behind NAT or firewalls, and TLS hides PORT from "
+        "NAT helpers (docs/decisions/0009-active-mode.md); remove the key, partners "
+        "use PASV/EPSV (got True)"
+    ]
+
+
+def test_allow_active_mode_false_still_loads_with_a_warning(config_dir: Path) -> None:
+    """Configs copied from the old example (``= false``) keep loading; check-config
+    says the key is obsolete."""
+    cfg = config.load(
+        _write(config_dir, _edited(_add("server", "allow_active_mode = false")))
+    )
+    assert config.warnings(cfg) == [
+        "server.allow_active_mode: obsolete, active mode is not supported; remove it"
+    ]

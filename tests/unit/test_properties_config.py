@@ -27,7 +27,7 @@ _SECTIONS: dict[str, dict[str, object]] = {
         "listen": ["127.0.0.1:2121"], "banner": "Partner file exchange",
         "idle_timeout_seconds": 300, "login_timeout_seconds": 30,
         "implicit_listen": [], "max_sessions": 512, "max_sessions_per_ip": 16,
-        "max_sessions_per_user": 8, "allow_active_mode": False,
+        "max_sessions_per_user": 8,
         "shutdown_grace_seconds": 30, "node_name": "ftps-1",
         "proxy_protocol_from": ["10.0.0.5/32"], "workers": "auto",
         "login_cache_seconds": 300, "loop_stall_seconds": 5,
