@@ -122,6 +122,7 @@ DATA_REFUSALS: Final = (
     "prot-p-required",  # PASV/EPSV/PORT before PROT P (521)
     "active-mode-disabled",  # PORT/EPRT: active mode is not supported (decision 0009)
     "passive-range-exhausted",  # no free port in passive.ports (425)
+    "passive-limit",  # the user or client address holds its share of the range (425)
     "passive-address",  # no IPv4 address to advertise in a 227 reply
     "timeout",  # nobody connected to the passive port in time
     "tls-handshake-failed",  # the data channel's TLS handshake failed or timed out
@@ -764,7 +765,10 @@ class _ScrapeTimeGauges(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}passive_ports_free",
             "Passive data ports free for the next PASV/EPSV.",
-            value=max(total - in_use, 0),
+            # Not clamped at 0: a worker that borrowed ports of another worker's
+            # share holds more than its own share, and the supervisor's sum over
+            # workers is exact only this way.
+            value=total - in_use,
         )
 
     def _certificate_expiry(self) -> Iterable[Metric]:

@@ -7,6 +7,7 @@ May import: ``config.model``; nothing else in the package.
 from __future__ import annotations
 
 import ipaddress
+import os
 import urllib.parse
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
@@ -95,7 +96,9 @@ def summary(cfg: GatewayConfig) -> str:
         (
             f"Passive ports: {passive.port_min}-{passive.port_max} "
             f"({_count(port_count, 'port')}), "
-            f"connect timeout {passive.connect_timeout_seconds} s"
+            f"connect timeout {passive.connect_timeout_seconds} s, at most "
+            f"{passive.max_ports_per_user_percent}% per user and "
+            f"{passive.max_ports_per_ip_percent}% per client address"
         ),
         f"Passive address: {_advertised(passive.address)}",
         *(
@@ -147,6 +150,57 @@ def warnings(cfg: GatewayConfig) -> list[str]:
         problem = _proxy_source_problem(network)
         if problem:
             found.append(f"server.proxy_protocol_from[{index}]: {problem}")
+    found.extend(_passive_warnings(cfg))
+    return found
+
+
+def _workers(cfg: GatewayConfig) -> int:
+    """Worker processes ``serve`` starts (as ``service.supervisor.worker_count``)."""
+    wanted = cfg.server.workers or os.cpu_count() or 1
+    return max(1, min(wanted, cfg.passive.port_max - cfg.passive.port_min + 1))
+
+
+def _passive_warnings(cfg: GatewayConfig) -> list[str]:
+    """A range too small for the sessions that may hold its ports, and per-worker
+    caps below the session limits they sit next to.
+
+    Every session waiting for a data connection holds one port. With several
+    workers each tries its own share first and borrows from the others' (the
+    kernel arbitrates), so the whole range serves every worker; the per-user and
+    per-address caps are percentages of a worker's share.
+    """
+    passive, server = cfg.passive, cfg.server
+    ports = passive.port_max - passive.port_min + 1
+    found = []
+    if ports < server.max_sessions:
+        found.append(
+            f"passive.ports: {ports} ports for up to {server.max_sessions} sessions "
+            "(server.max_sessions): a session waiting for its data connection holds "
+            "a port, and PASV/EPSV gets 425 when none is free; give the range at "
+            f"least {server.max_sessions} ports"
+        )
+    workers = _workers(cfg)
+    share = ports // workers  # the smallest share
+    for key, who, percent, limit_key, limit in (
+        ("max_ports_per_user_percent", "a user", passive.max_ports_per_user_percent,
+         "max_sessions_per_user", server.max_sessions_per_user),
+        ("max_ports_per_ip_percent", "a client address",
+         passive.max_ports_per_ip_percent, "max_sessions_per_ip",
+         server.max_sessions_per_ip),
+    ):  # fmt: skip
+        cap = max(1, share * percent // 100)
+        if percent < 100 and cap < limit:  # noqa: PLR2004 - 100 % is "no cap"
+            where = (
+                f"on one of the {workers} workers ({percent}% of its {share}-port "
+                "share)"
+                if workers > 1
+                else f"({percent}% of the range)"
+            )
+            found.append(
+                f"passive.{key}: {who} may hold {cap} ports {where}, fewer than "
+                f"server.{limit_key} ({limit}): more of its sessions waiting for "
+                "data connections at once get 425"
+            )
     return found
 
 

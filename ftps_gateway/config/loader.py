@@ -346,12 +346,22 @@ def _passive(table: Table, listeners: Sequence[ListenAddress]) -> PassiveSetting
     connect_timeout = table.integer(
         "connect_timeout_seconds", 1, 600, PassiveSettings.connect_timeout_seconds
     )
+    per_user = table.integer(
+        "max_ports_per_user_percent", 1, 100,
+        PassiveSettings.max_ports_per_user_percent,
+    )  # fmt: skip
+    per_ip = table.integer(
+        "max_ports_per_ip_percent", 1, 100, PassiveSettings.max_ports_per_ip_percent
+    )
     overrides = _overrides(table)
     table.close()
     if ports is not None:
         _check_listener_overlap(table, ports, listeners)
     port_min, port_max = ports or (0, 0)
-    return PassiveSettings(port_min, port_max, address, overrides, connect_timeout)
+    return PassiveSettings(
+        port_min, port_max, address, overrides, connect_timeout,
+        max_ports_per_user_percent=per_user, max_ports_per_ip_percent=per_ip,
+    )  # fmt: skip
 
 
 def _check_listener_overlap(

@@ -111,6 +111,11 @@ class PassiveSettings:
     address: str = ""  # IP or DNS name; "" = local address of the control connection
     overrides: tuple[PassiveOverride, ...] = ()  # first match wins
     connect_timeout_seconds: int = 30  # how long a PASV port waits for the client
+    # Of each worker's share of the range, the percentage one user, and one client
+    # address (IPv6: per access prefix), may hold waiting for a data connection; past
+    # it PASV/EPSV gets 425. 1-100, default 50; 100 = only the range limits.
+    max_ports_per_user_percent: int = 50
+    max_ports_per_ip_percent: int = 50
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,16 @@ import contextlib
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from ftps_gateway.ftp import replies
-from ftps_gateway.ftp.passive import PassiveListener, PassivePortsExhausted
-from ftps_gateway.policy.netpolicy import PassiveAddressError, strip_mapped
+from ftps_gateway.ftp.passive import (
+    PassiveListener,
+    PassivePortsExhausted,
+    share_caps,
+)
+from ftps_gateway.policy.netpolicy import (
+    PassiveAddressError,
+    address_key,
+    strip_mapped,
+)
 from ftps_gateway.session import binding
 
 # Commands that use the data connection arranged by PASV/EPSV.
@@ -112,6 +120,13 @@ class DataPathMixin:
             self.data_channel.close()
             self.data_channel = None
         passive = self.gateway.config.passive
+        limit = self.gateway.passive_ports.refusal(
+            *self.passive_holder(), share_caps(passive, self.gateways.worker)
+        )
+        if limit is not None:
+            self.events.data_refused(limit)
+            self.respond(replies.PASSIVE_LIMITS[limit])
+            return
         try:
             listener = PassiveListener(
                 self.control, passive.port_min, passive.port_max, self.gateways.worker
@@ -141,6 +156,12 @@ class DataPathMixin:
         self._passive_port = listener.port
         self._passive_reopened = 0
         self.respond(reply)
+
+    def passive_holder(self) -> tuple[str, str]:
+        """Whose passive listeners these are: (user, client address key)."""
+        username: str = getattr(self, "username", "")
+        prefix = self.gateway.config.access.ipv6_prefix_length
+        return username, address_key(self.client_ip, prefix)
 
     def pasv_address(self, local_ip: str) -> str:
         """The IPv4 address a 227 reply gives this client (RFC 959 has no IPv6 form)."""

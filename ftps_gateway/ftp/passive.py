@@ -13,6 +13,7 @@ import functools
 import itertools
 import secrets
 import socket
+import sys
 from typing import TYPE_CHECKING, Any
 
 from pyftpdlib.ioloop import Acceptor
@@ -20,6 +21,7 @@ from pyftpdlib.ioloop import Acceptor
 from ftps_gateway.policy.netpolicy import strip_mapped
 
 if TYPE_CHECKING:
+    from ftps_gateway.config import PassiveSettings
     from ftps_gateway.ftp.control import ControlHandler
     from ftps_gateway.session.runtime import PortsInUse
 
@@ -28,15 +30,53 @@ class PassivePortsExhausted(Exception):  # noqa: N818 - a condition, not a bug
     """Every port of the passive range is in use."""
 
 
+# A percentage of 100 means no cap.
+_WHOLE = 100
+
+
+def share_caps(passive: PassiveSettings, share: tuple[int, int]) -> tuple[int, int]:
+    """Listeners one user, and one client address, may hold in this worker's share.
+
+    A percentage of the share, at least one: per worker, so the whole range obeys
+    the same percentage with no coordination between workers. 100 % is no cap at
+    all (the range's own 425 then says what happened).
+    """
+    size = len(worker_ports(passive.port_min, passive.port_max, share))
+
+    def cap(percent: int) -> int:
+        return sys.maxsize if percent >= _WHOLE else max(1, size * percent // _WHOLE)
+
+    return cap(passive.max_ports_per_user_percent), cap(
+        passive.max_ports_per_ip_percent
+    )
+
+
 @functools.lru_cache(maxsize=16)
 def worker_ports(port_min: int, port_max: int, share: tuple[int, int]) -> list[int]:
-    """The passive ports worker ``index`` of ``count`` may use (computed once).
+    """The passive ports worker ``index`` of ``count`` tries first (computed once).
 
     Port P belongs to worker ``(P - port_min) % count``: disjoint shares, so two
-    workers never advertise the same port, and no coordination is needed per PASV.
+    workers rarely try the same port, and no coordination is needed per PASV.
     """
     index, count = share
     return list(range(port_min + index, port_max + 1, count))
+
+
+@functools.lru_cache(maxsize=16)
+def borrowable_ports(port_min: int, port_max: int, share: tuple[int, int]) -> list[int]:
+    """The other workers' ports, tried when this worker's share is all in use.
+
+    Borrowing needs no supervisor: the kernel lets one socket listen on a port,
+    whatever process asks (SO_REUSEADDR only reuses ports whose sockets are not
+    listening), so bind+listen is the arbiter across workers as it is within one.
+    The owner of a borrowed port finds it taken and moves on to its next one. Without
+    this, a worker that got more port-holding sessions than its share answered 425
+    while other shares had free ports (issue 14: 19 of 20 ports held, the 20th
+    free in the other worker's share); connections land on workers unevenly (35:5,
+    33:7, 2:38, 21:19 for 40 sequential sessions on 2 workers, measured).
+    """
+    own = set(worker_ports(port_min, port_max, share))
+    return [port for port in range(port_min, port_max + 1) if port not in own]
 
 
 class PassiveListener(Acceptor):
@@ -55,14 +95,22 @@ class PassiveListener(Acceptor):
         self.control = control
         super().__init__(ioloop=control.ioloop)
         local_ip = control.socket.getsockname()[0]
-        ports = [port] if port is not None else worker_ports(port_min, port_max, share)
-        sock = self._listen_in_range(control.socket.family, local_ip, ports)
+        if port is not None:
+            sock = self._listen_in_range(control.socket.family, local_ip, [port])
+        else:
+            try:
+                ports = worker_ports(port_min, port_max, share)
+                sock = self._listen_in_range(control.socket.family, local_ip, ports)
+            except PassivePortsExhausted:
+                ports = borrowable_ports(port_min, port_max, share)
+                sock = self._listen_in_range(control.socket.family, local_ip, ports)
         self.set_socket(sock)
         self.accepting = True
         self.port: int = sock.getsockname()[1]
         self._timer: Any = None
         self._in_use: PortsInUse | None = control.gateway.passive_ports
-        self._in_use.count += 1
+        self._holder = control.passive_holder()
+        self._in_use.take(*self._holder)
 
     @staticmethod
     def _listen_in_range(family: int, local_ip: str, ports: list[int]) -> socket.socket:
@@ -122,7 +170,7 @@ class PassiveListener(Acceptor):
             self._timer.cancel()
         in_use = getattr(self, "_in_use", None)
         if in_use is not None:
-            in_use.count -= 1
+            in_use.give_back(*self._holder)
             self._in_use = None
         super().close()
 

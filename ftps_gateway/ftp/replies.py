@@ -79,6 +79,15 @@ NOT_RESUMED: Final = (
 DATA_TLS_FAILED: Final = "425 Can't open data connection: TLS negotiation failed."
 DATA_TIMEOUT: Final = "425 Can't open data connection: timed out."
 PASSIVE_EXHAUSTED: Final = "425 Can't open data connection: no passive port free."
+# One account, or one client address, holds its share of the passive range already.
+PASSIVE_LIMITS: Final = {
+    "passive-limit-per-user": (
+        "425 Can't open data connection: too many passive ports held by this user."
+    ),
+    "passive-limit-per-ip": (
+        "425 Can't open data connection: too many passive ports held from your address."
+    ),
+}
 PASSIVE_NO_ADDRESS: Final = "425 Can't open data connection; use EPSV."
 # PORT/EPRT: not supported (docs/decisions/0009-active-mode.md).
 ACTIVE_UNSUPPORTED: Final = "502 Active mode is not supported; use PASV or EPSV."

@@ -60,6 +60,8 @@ DATA_REFUSAL_LABELS: Final = {
     "not-resumed": "not-resumed",
     "foreign-ip": "foreign-ip",
     "passive-range-exhausted": "passive-range-exhausted",
+    "passive-limit-per-user": "passive-limit",
+    "passive-limit-per-ip": "passive-limit",
     "passive-address": "passive-address",
     "no-connection-within-timeout": "timeout",
 }

@@ -52,13 +52,41 @@ class SessionHandle(Protocol):
 
 
 class PortsInUse:
-    """How many passive listeners are open now (for metrics and readiness).
+    """How many passive listeners are open now, in all, per user and per address.
 
-    Changed on the IO loop only; read from the metrics thread (an int read is atomic).
+    The total is for metrics and readiness; the per-user and per-address counts cap
+    what one account or one client address may hold (``refusal``). Changed on the IO
+    loop only; ``count`` is read from the metrics thread (an int read is atomic).
     """
 
     def __init__(self) -> None:
         self.count = 0
+        self._by_user: dict[str, int] = {}
+        self._by_address: dict[str, int] = {}
+
+    def refusal(self, user: str, address: str, caps: tuple[int, int]) -> str | None:
+        """Why ``user`` from ``address`` may not open one more (caps: user, address)."""
+        if self._by_user.get(user, 0) >= caps[0]:
+            return "passive-limit-per-user"
+        if self._by_address.get(address, 0) >= caps[1]:
+            return "passive-limit-per-ip"
+        return None
+
+    def take(self, user: str, address: str) -> None:
+        """A listener for ``user`` from ``address`` opened."""
+        self.count += 1
+        self._by_user[user] = self._by_user.get(user, 0) + 1
+        self._by_address[address] = self._by_address.get(address, 0) + 1
+
+    def give_back(self, user: str, address: str) -> None:
+        """That listener closed (exactly once per ``take``)."""
+        self.count -= 1
+        for counts, key in ((self._by_user, user), (self._by_address, address)):
+            left = counts.get(key, 0) - 1
+            if left > 0:
+                counts[key] = left
+            else:
+                counts.pop(key, None)
 
 
 # argon2id threads. Each verification holds its memory cost (64 MiB with the default

@@ -279,7 +279,10 @@ def test_epsv_and_pasv_ports_stay_in_range_and_exhaustion_gives_425(
     start_gateway: StartGateway,
 ) -> None:
     """With every passive port taken the server answers 425, never a port outside."""
-    gw = start_gateway(passive_ports="40100-40101")
+    gw = start_gateway(
+        passive_ports="40100-40101",  # one user may hold the whole range here
+        extra="max_ports_per_user_percent = 100\nmax_ports_per_ip_percent = 100",
+    )
     sessions = [gw.client() for _ in range(3)]
     ports = {ftplib.parse227(sessions[0].sendcmd("PASV"))[1],
              ftplib.parse229(sessions[1].sendcmd("EPSV"), ("127.0.0.1", 0))[1]}  # fmt: skip

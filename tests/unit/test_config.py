@@ -371,6 +371,16 @@ REJECTED = [
         id="connect-timeout-too-big",
     ),
     pytest.param(
+        _add("passive", "max_ports_per_user_percent = 0"),
+        ["passive.max_ports_per_user_percent: must be 1 to 100 (got 0)"],
+        id="passive-user-percent-zero",
+    ),
+    pytest.param(
+        _add("passive", "max_ports_per_ip_percent = 101"),
+        ["passive.max_ports_per_ip_percent: must be 1 to 100 (got 101)"],
+        id="passive-ip-percent-over",
+    ),
+    pytest.param(
         _add("passive", 'overrides = "10.0.0.0/8"'),
         [
             (
@@ -1095,7 +1105,10 @@ def test_summary(config_dir: Path) -> None:
             f"private key {certs_dir / 'server.key'}, versions 1.2-1.3, "
             "data connections: must resume the control connection's TLS session"
         ),
-        "Passive ports: 50000-50099 (100 ports), connect timeout 30 s",
+        (
+            "Passive ports: 50000-50099 (100 ports), connect timeout 30 s, at most "
+            "50% per user and 50% per client address"
+        ),
         "Passive address: 203.0.113.7",
         f"Passive override: 10.0.0.0/8, ::1/128 -> {local}",
         f"Storage root: {config_dir / 'data'}",
@@ -1187,6 +1200,8 @@ def test_example_file_documents_every_key() -> None:
         "ports",
         "address",
         "connect_timeout_seconds",
+        "max_ports_per_user_percent",
+        "max_ports_per_ip_percent",
         "networks",
         "root",
         "level",
@@ -1380,6 +1395,38 @@ def test_allow_active_mode_false_still_loads_with_a_warning(config_dir: Path) ->
     cfg = config.load(
         _write(config_dir, _edited(_add("server", "allow_active_mode = false")))
     )
-    assert config.warnings(cfg) == [
+    assert [w for w in config.warnings(cfg) if w.startswith("server.")] == [
         "server.allow_active_mode: obsolete, active mode is not supported; remove it"
     ]
+
+
+def test_check_config_warns_when_the_passive_range_is_smaller_than_the_sessions(
+    config_dir: Path,
+) -> None:
+    """Each session waiting for a data connection holds a port: 20 ports for 512
+    sessions means 425s; and a user's cap below its session limit is said too."""
+    text = _edited(
+        {
+            "[server]\n": "[server]\nworkers = 2\n",
+            'ports = "50000-50099"': 'ports = "50000-50019"',
+        }
+    )
+    found = config.warnings(config.load(_write(config_dir, text)))
+    assert found == [
+        "passive.ports: 20 ports for up to 512 sessions (server.max_sessions): a "
+        "session waiting for its data connection holds a port, and PASV/EPSV gets 425 "
+        "when none is free; give the range at least 512 ports",
+        "passive.max_ports_per_user_percent: a user may hold 5 ports on one of the 2 "
+        "workers (50% of its 10-port share), fewer than server.max_sessions_per_user "
+        "(8): more of its sessions waiting for data connections at once get 425",
+        "passive.max_ports_per_ip_percent: a client address may hold 5 ports on one of "
+        "the 2 workers (50% of its 10-port share), fewer than "
+        "server.max_sessions_per_ip (16): more of its sessions waiting for data "
+        "connections at once get 425",
+    ]
+
+
+def test_a_range_sized_for_the_sessions_draws_no_warning(config_dir: Path) -> None:
+    """max_sessions = 50 over 100 ports, one worker: nothing to say."""
+    text = _edited({"[server]\n": "[server]\nworkers = 1\nmax_sessions = 50\n"})
+    assert config.warnings(config.load(_write(config_dir, text))) == []
