@@ -27,13 +27,17 @@ import ssl
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pyftpdlib.exceptions import _RetryError
-from pyftpdlib.ioloop import _ERRNOS_DISCONNECTED
+from pyftpdlib.ioloop import _ERRNOS_DISCONNECTED, IOLoop
 
 if TYPE_CHECKING:
     from ftps_gateway.tls.contexts import SessionContext
 
-READ = 1  # pyftpdlib IOLoop.READ
-WRITE = 2  # pyftpdlib IOLoop.WRITE
+# The poller's event bits, from the loop class the server runs (epoll on Linux:
+# EPOLLIN 1, EPOLLOUT 4). WRITE used to be the literal 2, the base class's value,
+# which epoll reads as EPOLLPRI: a channel that registered WRITE alone (a handshake
+# that must send, a session pausing its input) was never told it could write.
+READ: int = IOLoop.READ
+WRITE: int = IOLoop.WRITE
 
 
 class TLSState(enum.Enum):
