@@ -66,6 +66,7 @@ SESSION_RESULTS: Final = (
     "login-failed",  # too many failed logins
     "login-timeout",  # no login within server.login_timeout_seconds
     "idle-timeout",  # no command within server.idle_timeout_seconds
+    "reply-backlog",  # pipelined commands without reading the replies, past the cap
     "tls-failed",  # the control channel's TLS handshake failed
     "refused",  # opened, then refused by policy (e.g. limit-per-user at login)
     "shutdown",  # the server stopped (drain grace period over)

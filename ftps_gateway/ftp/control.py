@@ -19,6 +19,8 @@ gaps are listed in ARCHITECTURE.md):
   (``datapath``); a balancer's PROXY header first (``proxyheader``); file digests
   (HASH, XSHA256...), listings and uploads' slow file work off the IO loop
   (``hashverbs``, ``listings``, ``fileverbs``).
+- Replies a client does not read are bounded: reading pauses past a backlog, the
+  session closes past a cap (``replybacklog``), before login too.
 - A login grace timer that NOOP does not reset.
 
 This class holds no permission, quota, login or admission decision: those are the
@@ -46,6 +48,7 @@ from ftps_gateway.ftp.hashverbs import HASH_COMMANDS, HashVerbsMixin
 from ftps_gateway.ftp.listings import ListingsMixin
 from ftps_gateway.ftp.loginflow import LoginFlowMixin
 from ftps_gateway.ftp.proxyheader import ProxyHeaderMixin
+from ftps_gateway.ftp.replybacklog import ReplyBacklogMixin, limit_kernel_send_buffer
 from ftps_gateway.ftp.tlschannel import (
     READ,
     WRITE,
@@ -105,6 +108,7 @@ MAX_COMMAND_BYTES = 2048
 
 class ControlHandler(
     ProxyHeaderMixin,  # before TLS: a PROXY header precedes the ClientHello
+    ReplyBacklogMixin,  # counts what is sent, so above TLSChannelMixin.send
     TLSChannelMixin,
     LoginFlowMixin,
     ListingsMixin,  # LIST, NLST, MLSD, STAT <path> rendered off the IO loop
@@ -178,6 +182,7 @@ class ControlHandler(
         self._login_timer: Any = None
         self._line_too_long = False  # discarding an over-long line up to its CRLF
         self._rename_source: str | None = None
+        limit_kernel_send_buffer(conn)
         super().__init__(conn, server, ioloop)
         self._extra_feats = ["AUTH TLS", "PBSZ", "PROT"]
         # Unix owner/mode facts would describe the server, not the partner's files.

@@ -176,6 +176,14 @@ class SessionEvents:
             **fields,
         )
 
+    def reply_backlog_exceeded(self, reason: str, backlog: int, cap: int) -> None:
+        """The client queued more replies than it reads: the session is closed.
+
+        ``reason``: "over-cap" (the backlog passed the hard cap) or "not-reading"
+        (paused past the soft cap, and the client took nothing for a while).
+        """
+        self.note("reply_backlog_exceeded", reason=reason, bytes=backlog, cap=cap)
+
     # --- login
 
     def login_failed(self, reason: str) -> None:
