@@ -127,6 +127,7 @@ DATA_REFUSALS: Final = (
     "passive-address",  # no IPv4 address to advertise in a 227 reply
     "timeout",  # nobody connected to the passive port in time
     "tls-handshake-failed",  # the data channel's TLS handshake failed or timed out
+    "pending-evicted",  # a newer connection to the port took a waiting one's place
 )
 
 # A listing (LIST, NLST, MLSD) uses a data connection too and fails the same ways.

@@ -88,8 +88,6 @@ class DataHandler(TLSChannelMixin, DTPHandler):
     def handle_tls_failed(self, reason: str) -> None:
         """The client could not (or would not) negotiate TLS on the data connection."""
         self._cancel_handshake_timer()
-        # The control session first: it may listen on the port again, and must do
-        # so before this peer sees the close (and the partner tries the port).
         self.cmd_channel.on_data_channel_failed(self, f"tls-handshake: {reason}")
         self.close()
 

@@ -4,9 +4,17 @@ A mixin for ``control.ControlHandler``. A data connection goes through three doo
 its passive port (``passive.PassiveListener``: the address rule of
 ``session.binding``), its TLS handshake (``data.DataHandler``), and the TLS rule of
 ``session.binding`` (resumed this control session's own session?). Only then does it
-become pyftpdlib's ``data_channel`` and start the queued transfer. A stranger that
-fails a door from another address (a balancer, a NAT pool) gets the port reopened, so
-it cannot spoil the partner's transfer; the partner's own failing client hears 425.
+become pyftpdlib's ``data_channel`` and start the queued transfer.
+
+The port keeps listening until a connection passes all three: several may be
+*pending* at once (``MAX_PENDING_DATA``, each with its own handshake timer), the
+first that passes wins, the others are closed. A stranger that fails a door from
+another address (a balancer, a NAT pool: ``required-any-ip`` or PROXY) is closed on
+its own, so a silent, junk or non-resuming stranger cannot hold the port or spoil
+the partner's transfer; the partner's own failing client (its own address) hears
+425 at once. At the bound, a new connection makes the oldest pending one give way:
+the partner's client completes its handshake within round trips, a stranger that
+waits must keep reconnecting to stay.
 
 A data path whose transfer command already failed (``550`` to a RETR of a missing
 file) is *orphaned*: the client hanging up on it, before TLS or without connecting
@@ -33,6 +41,8 @@ from ftps_gateway.policy.netpolicy import (
 )
 from ftps_gateway.session import binding
 
+# Data connections of one PASV/EPSV waiting for their TLS handshake and check.
+MAX_PENDING_DATA = 4
 # Commands that use the data connection arranged by PASV/EPSV.
 TRANSFER_COMMANDS = frozenset({"RETR", "STOR", "APPE", "LIST", "NLST", "MLSD"})
 # Handshake failures that only mean "the client went away" (no TLS error of its own):
@@ -54,10 +64,8 @@ if TYPE_CHECKING:
 class DataPathMixin:
     """Passive data connections of one control session."""
 
-    _pending_data: DataHandler | None = None  # accepted, TLS not finished yet
+    _pending: tuple[DataHandler, ...] = ()  # accepted, TLS not finished, oldest first
     _data_failure_reply: str | None = None  # why the last data connection failed
-    _passive_port: int | None = None  # the last PASV/EPSV port
-    _passive_reopened = 0
     _data_path_orphaned = False  # its transfer command failed (see module doc)
     command_verb = ""  # the verb of the command being answered (control.py sets it)
     last_data_tls: tuple[str, bool] | None = None  # (version, resumed), SITE DIAG
@@ -153,8 +161,6 @@ class DataPathMixin:
             )
         listener.start_timer(passive.connect_timeout_seconds)
         self._dtp_acceptor = listener
-        self._passive_port = listener.port
-        self._passive_reopened = 0
         self.respond(reply)
 
     def passive_holder(self) -> tuple[str, str]:
@@ -175,9 +181,14 @@ class DataPathMixin:
         self._close_pending_data()
 
     def _close_pending_data(self) -> None:
-        pending, self._pending_data = self._pending_data, None
-        if pending is not None:
-            pending.close()
+        pending, self._pending = self._pending, ()
+        for handler in pending:
+            handler.close()  # never approved: a quiet close
+
+    def _close_listener(self) -> None:
+        listener, self._dtp_acceptor = self._dtp_acceptor, None
+        if listener is not None:
+            listener.close()
 
     # --- the three doors
 
@@ -192,15 +203,18 @@ class DataPathMixin:
         self.events.data_refused("foreign-ip", peer_ip=peer_ip)
 
     def on_data_connection_accepted(self, sock: Any) -> None:
-        """The client connected to its passive port; TLS comes next."""
-        self._dtp_acceptor = None
+        """A connection the address rule allows: pending, TLS comes next."""
         peer = ""
         with contextlib.suppress(OSError):
             peer = strip_mapped(str(sock.getpeername()[0]))
+        if len(self._pending) >= MAX_PENDING_DATA:
+            oldest, self._pending = self._pending[0], self._pending[1:]
+            self.events.data_refused("pending-evicted", peer_ip=oldest.peer_ip)
+            oldest.close()
         handler = self.dtp_handler(sock, self.control)
         handler.peer_ip = peer
-        if handler.connected:
-            self._pending_data = handler
+        if handler.connected and not handler._closed:  # noqa: SLF001 - pyftpdlib's
+            self._pending = (*self._pending, handler)
 
     def accept_data_channel(self, handler: DataHandler) -> bool:
         """The TLS rule, right after the data connection's handshake.
@@ -214,7 +228,7 @@ class DataPathMixin:
             handler.resumed = context.resumed_here(handler.socket, self.socket)
             if not handler.resumed:
                 context.release(handler.socket)  # its session resumes nothing here
-        if handler is not self._pending_data:
+        if handler not in self._pending:
             return False
         version = str(handler.socket.version())
         self.last_data_tls = (version, bool(handler.resumed))
@@ -222,23 +236,21 @@ class DataPathMixin:
         policy = self.binding_policy
         if handler.resumed or not binding.needs_resumption(policy):
             return True
-        self._pending_data = None
-        waiting = self._listen_again(handler.peer_ip)
-        self.events.data_refused(
-            "not-resumed", version=version,
+        self._drop_pending(handler)
+        self._refused(
+            handler, "not-resumed", replies.NOT_RESUMED, version=version,
             policy=policy.source if policy is not None else None,
-            peer_ip=handler.peer_ip, still_listening=waiting,
         )  # fmt: skip
-        if not waiting:
-            self._fail_data_connection(replies.NOT_RESUMED)
         return False
 
     def on_data_channel_ready(self, handler: DataHandler) -> None:
-        """TLS is up on the data connection: start the queued transfer, if any."""
-        if handler is not self._pending_data:
+        """TLS is up and the rule passed: this one wins, the others are closed."""
+        if handler not in self._pending:
             handler.close()
             return
-        self._pending_data = None
+        self._drop_pending(handler)
+        self._close_listener()
+        self._close_pending_data()
         self.events.tls_established(
             "data", handler.socket.version(), resumed=bool(handler.resumed)
         )
@@ -250,47 +262,51 @@ class DataPathMixin:
 
     def on_data_channel_failed(self, handler: DataHandler, reason: str) -> None:
         """TLS on the data connection failed or timed out."""
-        if handler is not self._pending_data:
+        if handler not in self._pending:
             return
-        self._pending_data = None
+        self._drop_pending(handler)
         if self._data_path_orphaned and reason in CLIENT_LEFT_REASONS:
             return  # its command failed already: the client hung up (module doc)
-        # A stranger from another address that stalls or sends junk must not cost
-        # the partner its transfer: listen again for it.
-        waiting = self._listen_again(handler.peer_ip)
-        self.events.data_refused(
-            reason, peer_ip=handler.peer_ip, still_listening=waiting
-        )
-        if not waiting:
-            self._fail_data_connection(replies.DATA_TLS_FAILED)
+        self._refused(handler, reason, replies.DATA_TLS_FAILED)
 
     def on_data_connection_timeout(self) -> None:
-        """Nobody connected to the passive port in time."""
+        """Nobody (else) connected to the passive port in time."""
         self._dtp_acceptor = None
+        if self._pending:
+            return  # connections still in their handshakes decide
         if self._data_path_orphaned:
             return  # its command failed already: nobody was meant to connect
         self.events.data_refused("no-connection-within-timeout")
         self._fail_data_connection(replies.DATA_TIMEOUT)
 
-    def _listen_again(self, peer_ip: str) -> bool:
-        """Reopen the last passive port after a refusal, if the rule says so."""
-        port = self._passive_port
-        if port is None or not binding.may_listen_again(
-            peer_ip, self.client_ip, self._passive_reopened
-        ):
-            return False
-        passive = self.gateway.config.passive
-        try:
-            listener = PassiveListener(
-                self.control, passive.port_min, passive.port_max,
-                self.gateways.worker, port=port,
-            )  # fmt: skip
-        except (PassivePortsExhausted, OSError):
-            return False
-        listener.start_timer(passive.connect_timeout_seconds)
-        self._dtp_acceptor = listener
-        self._passive_reopened += 1
-        return True
+    def _drop_pending(self, handler: DataHandler) -> None:
+        self._pending = tuple(other for other in self._pending if other is not handler)
+
+    def _refused(
+        self, handler: DataHandler, reason: str, reply: str, **fields: Any
+    ) -> None:
+        """A pending connection failed a door: the partner's own fails the transfer
+        (425 now, the port closed); a stranger's is closed alone."""
+        if binding.fails_the_transfer(handler.peer_ip, self.client_ip):
+            self._close_listener()
+            self._close_pending_data()
+            self.events.data_refused(
+                reason, peer_ip=handler.peer_ip, still_listening=False, **fields
+            )
+            self._fail_data_connection(reply)
+            return
+        still_listening = self._dtp_acceptor is not None
+        self.events.data_refused(
+            reason, peer_ip=handler.peer_ip, still_listening=still_listening, **fields
+        )
+        self._fail_if_nothing_left()
+
+    def _fail_if_nothing_left(self) -> None:
+        """No port and no pending connection left: the wait is over (425)."""
+        if self._dtp_acceptor is not None or self._pending:
+            return
+        self.events.data_refused("no-connection-within-timeout")
+        self._fail_data_connection(replies.DATA_TIMEOUT)
 
     # --- transfers waiting for a data connection
 
@@ -316,7 +332,7 @@ class DataPathMixin:
             item is not None
             for item in (
                 self.data_channel,
-                self._pending_data,
+                self._pending or None,
                 self._dtp_acceptor,
                 self._dtp_connector,
             )
@@ -328,7 +344,7 @@ class DataPathMixin:
             item is not None
             for item in (
                 self.data_channel,
-                self._pending_data,
+                self._pending or None,
                 self._in_dtp_queue,
                 self._out_dtp_queue,
             )

@@ -96,7 +96,7 @@ class FileVerbsMixin:
         producer_fifo: Any
         _closed: bool
         _current_io_events: int
-        _pending_data: Any  # a data connection in its TLS handshake (datapath)
+        _pending: tuple[Any, ...]  # data connections in their TLS handshake (datapath)
         _restart_position: int
         _in_dtp_queue: Any
         _current_type: str
@@ -174,8 +174,8 @@ class FileVerbsMixin:
         if self._closed:
             return
         if self._held_for_files == 0:
-            if self._pending_data is not None:  # its client waited for our reply
-                self._pending_data.restart_handshake_timer()
+            for pending in self._pending:  # their client waited for our reply
+                pending.restart_handshake_timer()
             self._resume_input()
         elif not self.producer_fifo:
             self.del_channel()  # a reply re-registered it; still held

@@ -1,4 +1,5 @@
-"""Passive-mode listeners: ports from the configured range only, one per PASV/EPSV.
+"""Passive-mode listeners: ports from the configured range only, one per PASV/EPSV,
+listening until a connection passes the session's binding check.
 
 Replaces pyftpdlib's ``PassiveDTP``, which (measured on 2.2.0) binds a random port
 outside the range when the range is exhausted, picks the 227 address by the server's
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
     from ftps_gateway.config import PassiveSettings
     from ftps_gateway.ftp.control import ControlHandler
     from ftps_gateway.session.runtime import PortsInUse
+
+
+# Connections the kernel completes for a passive port before the loop accepts them.
+LISTEN_BACKLOG = 16
 
 
 class PassivePortsExhausted(Exception):  # noqa: N818 - a condition, not a bug
@@ -80,7 +85,15 @@ def borrowable_ports(port_min: int, port_max: int, share: tuple[int, int]) -> li
 
 
 class PassiveListener(Acceptor):
-    """Listens on one port of the range until the session's client connects."""
+    """Listens on one port of the range until a connection passes the binding check.
+
+    It does not stop at the first connection: a stranger that the address rule lets
+    through (``required-any-ip``, a PROXY balancer's address) and that then says
+    nothing would otherwise hold the port closed for ``connect_timeout_seconds``,
+    and the partner's own connection would be refused. Every connection from an
+    address the rule allows goes to the control session as a pending data
+    connection; the session closes this listener when one of them passes.
+    """
 
     def __init__(
         self,
@@ -88,22 +101,17 @@ class PassiveListener(Acceptor):
         port_min: int,
         port_max: int,
         share: tuple[int, int] = (0, 1),
-        *,
-        port: int | None = None,
     ) -> None:
-        """Listen on a free port of this worker's share (or on ``port`` again)."""
+        """Listen on a free port of this worker's share (or borrow one)."""
         self.control = control
         super().__init__(ioloop=control.ioloop)
         local_ip = control.socket.getsockname()[0]
-        if port is not None:
-            sock = self._listen_in_range(control.socket.family, local_ip, [port])
-        else:
-            try:
-                ports = worker_ports(port_min, port_max, share)
-                sock = self._listen_in_range(control.socket.family, local_ip, ports)
-            except PassivePortsExhausted:
-                ports = borrowable_ports(port_min, port_max, share)
-                sock = self._listen_in_range(control.socket.family, local_ip, ports)
+        try:
+            ports = worker_ports(port_min, port_max, share)
+            sock = self._listen_in_range(control.socket.family, local_ip, ports)
+        except PassivePortsExhausted:
+            ports = borrowable_ports(port_min, port_max, share)
+            sock = self._listen_in_range(control.socket.family, local_ip, ports)
         self.set_socket(sock)
         self.accepting = True
         self.port: int = sock.getsockname()[1]
@@ -129,7 +137,7 @@ class PassiveListener(Acceptor):
             sock.settimeout(0.0)
             try:
                 sock.bind((local_ip, port))
-                sock.listen(5)
+                sock.listen(LISTEN_BACKLOG)
             except OSError as err:
                 sock.close()
                 if err.errno in (errno.EADDRINUSE, errno.EACCES, errno.EPERM):
@@ -143,7 +151,8 @@ class PassiveListener(Acceptor):
         self._timer = self.ioloop.call_later(seconds, self.handle_timeout)
 
     def handle_accepted(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
-        """Hand a connection from the session's own client to the control channel."""
+        """Hand a connection the address rule allows to the control session (which
+        closes this listener once one passes); close any other at once."""
         peer_ip = strip_mapped(addr[0])
         if not self.control.is_session_data_peer(peer_ip):
             # Someone else knocked on this session's port. Say nothing to the
@@ -151,11 +160,10 @@ class PassiveListener(Acceptor):
             sock.close()
             self.control.on_foreign_data_connection(peer_ip)
             return
-        self.close()
         self.control.on_data_connection_accepted(sock)
 
     def handle_timeout(self) -> None:
-        """Nobody connected in time."""
+        """The time to connect is over: accept no more (pending ones go on)."""
         self.close()
         self.control.on_data_connection_timeout()
 

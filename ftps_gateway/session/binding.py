@@ -20,9 +20,6 @@ if TYPE_CHECKING:
     from ftps_gateway.config import UserSettings
     from ftps_gateway.policy.netpolicy import DataChannelPolicy
 
-# How often one PASV's port is reopened after strangers' refused connections.
-MAX_PASSIVE_REOPENS = 3
-
 
 def is_session_peer(
     policy: DataChannelPolicy | None, peer_ip: str, client_ip: str, proxy_ip: str | None
@@ -53,15 +50,15 @@ def needs_resumption(policy: DataChannelPolicy | None) -> bool:
     return policy is not None and policy.reuse in RESUMING_POLICIES
 
 
-def may_listen_again(peer_ip: str, client_ip: str, reopened: int) -> bool:
-    """Reopen the passive port after a refused connection from ``peer_ip``?
+def fails_the_transfer(peer_ip: str, client_ip: str) -> bool:
+    """Does a refused data connection from ``peer_ip`` fail the partner's transfer?
 
-    From another address (a balancer, a NAT pool) the refused peer may be a stranger,
-    not the partner's client: listening again lets the partner's own connection still
-    get its transfer. From the partner's own address it is the partner's client that
-    failed: say so at once.
+    From the partner's own address it is the partner's client that failed (it cannot
+    resume, or its TLS failed): say so at once (425). From another address (a
+    balancer, a NAT pool) the refused peer may be a stranger, not the partner's
+    client: it is closed alone and the port keeps listening for the partner's own.
     """
-    return peer_ip != client_ip and reopened < MAX_PASSIVE_REOPENS
+    return strip_mapped(peer_ip) == client_ip
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ DATA_REFUSAL_LABELS: Final = {
     "passive-limit-per-ip": "passive-limit",
     "passive-address": "passive-address",
     "no-connection-within-timeout": "timeout",
+    "pending-evicted": "pending-evicted",
 }
 # Any other reason is a failed data handshake ("tls-handshake: <cause>").
 DATA_HANDSHAKE_LABEL: Final = "tls-handshake-failed"
@@ -237,10 +238,9 @@ class SessionEvents:
 
     def data_refused(self, reason: str, **fields: Any) -> None:
         """A data connection (or the port for one) was refused or failed."""
-        if reason == "foreign-ip":  # a stranger: digested by its address
-            self._refused(
-                "data_refused", str(fields["peer_ip"]), reason=reason, **fields
-            )
+        peer = fields.get("peer_ip")
+        if peer and peer != self._session.client_ip:  # a stranger: digested
+            self._refused("data_refused", str(peer), reason=reason, **fields)
         else:
             self.note("data_refused", reason=reason, **fields)
         label = DATA_REFUSAL_LABELS.get(reason)

@@ -172,7 +172,7 @@ def test_a_stranger_behind_the_balancer_does_not_cost_the_partner_its_transfer(
 ) -> None:
     """Data connections all come from the balancer's address, so the address check
     cannot tell partners apart there. A stranger who reaches the passive port first
-    completes TLS and gets 0 bytes; the port listens again, and the partner's own
+    completes TLS and gets 0 bytes; the port listens on, and the partner's own
     (resuming) connection still gets its file."""
     gw = start_gateway(server_extra=BALANCER)
 
@@ -209,6 +209,28 @@ def test_a_stranger_sending_junk_behind_the_balancer_does_not_cost_the_transfer(
     _partner_after_stranger(gw, header, stranger)
     refused = [r for r in audit_records() if r["event"] == "data_refused"]
     assert [r["still_listening"] for r in refused] == [True]
+
+
+def test_a_silent_stranger_behind_the_balancer_does_not_hold_the_port(
+    start_gateway: StartGateway, audit_records: Records
+) -> None:
+    """A stranger reaches the passive port first through the balancer and says
+    nothing, connection kept open: the partner's own connection is still accepted
+    and gets its file (the port listened on, it did not wait for the stranger)."""
+    gw = start_gateway(server_extra=BALANCER)
+    held: list[socket.socket] = []
+
+    def stranger(port: int) -> bytes:
+        held.append(socket.create_connection((gw.host, port), timeout=5))
+        return b""
+
+    header = proxyproto.v2_header("198.51.100.7", 40123, gw.host, gw.port)
+    try:
+        _partner_after_stranger(gw, header, stranger)
+    finally:
+        for sock in held:
+            sock.close()
+    assert [r for r in audit_records() if r["event"] == "data_refused"] == []
 
 
 def test_proxied_sessions_leave_no_address_behind(start_gateway: StartGateway) -> None:
