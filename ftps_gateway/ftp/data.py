@@ -247,7 +247,15 @@ class DataHandler(TLSChannelMixin, DTPHandler):
                 if not work.submit(control.session_id, leftover.remove, _ignore):
                     leftover.remove()
         self.tls_close()
-        super().close()
+        self._finish()
+
+    def _finish(self) -> None:
+        """DTPHandler.close: the final reply, then the transfer's bookkeeping
+        (``log_transfer``: audit line, metric, hook event). The reply is held until
+        the bookkeeping ran, so a transfer's record exists before its client reads
+        the 226 (a downstream job watching the audit log never lags the partner)."""
+        with self.cmd_channel.replies_held():
+            super().close()
 
     def _settle(
         self, job: Callable[[], None], *, commit: AtomicUpload | None = None
@@ -278,7 +286,7 @@ class DataHandler(TLSChannelMixin, DTPHandler):
                 self._resp = _commit_failure_reply(commit, outcome.error)
             if control._closed:  # noqa: SLF001 - the client left: nobody to answer
                 self._resp = ()  # type: ignore[assignment]  # DTPHandler's "no reply"
-            super(DataHandler, self).close()
+            self._finish()
 
         control.run_file_job(job, settled, must_run=True)
 

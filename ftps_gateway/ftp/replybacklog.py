@@ -95,6 +95,7 @@ class ReplyBacklogMixin:
         _wanted_io_events: int
         _current_io_events: int
         _auth_pending: bool
+        _write_batch: int
         _stashed_input: bytes
         _tls_write_wants_read: bool
 
@@ -225,6 +226,8 @@ class ReplyBacklogMixin:
         would undo a pause (this one, or the login's in ``loginflow``): while paused,
         asynchat's own send step runs and the events are set here.
         """
+        if self._write_batch:
+            return  # replies held (tlschannel.replies_held): sent when the hold ends
         if self._backlog_paused or self._auth_pending:
             super(AsyncChat, self).initiate_send()  # type: ignore[misc]
             self._watch_wanted()

@@ -30,6 +30,8 @@ from pyftpdlib.exceptions import _RetryError
 from pyftpdlib.ioloop import _ERRNOS_DISCONNECTED, IOLoop
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ftps_gateway.tls.contexts import SessionContext
 
 # The poller's event bits, from the loop class the server runs (epoll on Linux:
@@ -187,9 +189,19 @@ class TLSChannelMixin:
         # Commands that arrived together (a pipelining client, a multi-line reply)
         # get their replies in one SSL_write and one send, not one each: nothing the
         # client waits for is held beyond the handling of what it already sent.
+        with self.replies_held():
+            self._handle_tls_read()
+
+    @contextlib.contextmanager
+    def replies_held(self) -> Iterator[None]:
+        """Replies pushed inside leave together when the block ends (one TLS write).
+
+        Also orders a reply after the bookkeeping that follows it in pyftpdlib's
+        code (a transfer's 226 after its audit line and hook event).
+        """
         self._write_batch += 1
         try:
-            self._handle_tls_read()
+            yield
         finally:
             self._write_batch -= 1
         if not self._write_batch and not self._closed and self.producer_fifo:

@@ -15,6 +15,7 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ import pytest
 from ftps_gateway.ftp import replies
 from ftps_gateway.ftp.data import DataHandler
 from ftps_gateway.selftest.client import ReusingFTP_TLS
+from ftps_gateway.session.events import SessionEvents
 from support.control import exactly
 from support.credentials import PASSWORD
 from support.gateway import RunningGateway
@@ -122,4 +124,31 @@ def test_an_upload_cut_short_does_not_spoil_the_sessions_next_transfer(
     ftp.storbinary("STOR whole.bin", io.BytesIO(b"y" * 1000))
     assert (gateway.home() / "whole.bin").read_bytes() == b"y" * 1000
     assert not (gateway.home() / "cut.bin").exists()
+    ftp.quit()
+
+
+def test_a_transfers_audit_line_exists_before_its_226(
+    gateway: RunningGateway,
+    audit_records: Callable[[], list[dict[str, object]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client reads a transfer's 226 only after its audit line (and hook event)
+    were written, however long writing them takes: a job watching the audit log
+    never lags the partner."""
+    write = SessionEvents.transfer_finished
+
+    def slow_write(self: SessionEvents, **fields: Any) -> None:
+        time.sleep(0.3)
+        write(self, **fields)
+
+    monkeypatch.setattr(SessionEvents, "transfer_finished", slow_write)
+    ftp = gateway.client()
+    ftp.storbinary("STOR ordered.bin", io.BytesIO(b"x" * 1000))
+    assert [r["path"] for r in audit_records() if r["event"] == "upload_completed"] == [
+        "/ordered.bin"
+    ]
+    ftp.retrbinary("RETR ordered.bin", lambda _chunk: None)
+    assert [
+        r["path"] for r in audit_records() if r["event"] == "download_completed"
+    ] == ["/ordered.bin"]
     ftp.quit()
