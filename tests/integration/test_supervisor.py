@@ -59,7 +59,7 @@ def test_refused_reload_through_the_cli_with_workers(
             [refused] = server.wait_for("config_reload")
             assert refused["result"] == "refused"
             assert refused["problems"] == [problem]
-            assert f"reload refused: {problem}\n" in "".join(server.stderr)
+            server.wait_for_stderr(f"reload refused: {problem}\n")
         finally:
             assert server.stop() == 0
         # The workers never saw the refused config: only the supervisor's line.

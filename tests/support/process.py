@@ -123,6 +123,13 @@ class GatewayProcess:
             time.sleep(0.1)
         return found
 
+    def wait_for_stderr(self, text: str, timeout: float = 30) -> None:
+        """Wait until ``text`` appeared on the server's stderr (read by a thread)."""
+        deadline = time.monotonic() + timeout
+        while text not in "".join(self.stderr):
+            assert time.monotonic() < deadline, f"not on stderr: {text!r}"
+            time.sleep(0.05)
+
     def readyz(self) -> tuple[int, str]:
         """(HTTP status, body) of ``/readyz``."""
         url = f"http://127.0.0.1:{self.metrics_port}/readyz"
