@@ -74,12 +74,18 @@ class Cluster(GatewayProcess):
             context = ssl.create_default_context(cafile=str(self.ca_file))
             ftp = ReusingFTP_TLS(context=context, timeout=60)
             ftp.connect("127.0.0.1", self.port)
-            owner = connection_owner(self.workers(), ftp.sock.getsockname(), self.port)
-            if worker is None or owner == worker:
-                ftp.login(user, PASSWORD)
-                ftp.prot_p()
-                ftp.voidcmd("TYPE I")
-                return ftp
+            try:
+                owner = connection_owner(
+                    self.workers(), ftp.sock.getsockname(), self.port
+                )
+                if worker is None or owner == worker:
+                    ftp.login(user, PASSWORD)
+                    ftp.prot_p()
+                    ftp.voidcmd("TYPE I")
+                    return ftp
+            except BaseException:
+                ftp.close()
+                raise
             ftp.close()
             assert time.monotonic() < deadline, f"worker {worker} got no connection"
             time.sleep(random.uniform(0, 0.05))
