@@ -5,6 +5,11 @@ upload's receive buffers (their sha256 is computed on the hash lane meanwhile), 
 count as complete only when the client's close_notify arrived; a full disk or quota
 answers 452 and leaves nothing behind. A complete upload is committed (fsync,
 rename) off the IO loop, and its 226 is sent only once the file is durable.
+
+Quota: an upload with a reservation (``session.quota``) asks for its next chunk
+ahead of need as it writes (``prefetch``); data that arrives beyond the grant is
+held, unstored, and the connection reads nothing more until the answer (TCP
+backpressure on the client): stored and read on if granted, ``452`` if refused.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         # PASV, the session's end) the reply goes at once, the unlink follows.
         self._reply_after_removal = False
         self._handshake_timer: Any = None
+        # Received data the upload's grant does not cover yet (how to store it, and
+        # whether the stream ended with it): nothing more is read until room comes.
+        self._held: tuple[Callable[[], object], bool] | None = None
         super().__init__(sock, cmd_channel)
         if not self.connected or self._closed:
             return
@@ -130,6 +138,9 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         """Receive upload data: many records per readiness event, one file write."""
         if self._closed or self.settling or not self.receive:
             return  # a download, or a transfer not started: no bytes are taken
+        if self._held is not None:  # waiting for quota room: read nothing more
+            self._set_io_events(0)
+            return
         upload = self.file_obj
         try:
             if self._data_wrapper is None:
@@ -156,6 +167,8 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         count, ended = self.tls_recv_into(target)
         if count:
             self.tot_bytes_received += count
+            if not self._room_for(upload, count, lambda: upload.received(count), ended):
+                return False
             upload.received(count)
         return ended
 
@@ -168,8 +181,79 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         view, ended = self.tls_recv_many(len(room) - 1)
         if view:
             self.tot_bytes_received += len(view)
-            upload.write(self._data_wrapper(bytes(view)))
+            data = self._data_wrapper(bytes(view))
+            if not self._room_for(upload, len(data), lambda: upload.write(data), ended):
+                return False
+            upload.write(data)
         return ended
+
+    def _room_for(
+        self,
+        upload: AtomicUpload,
+        count: int,
+        store: Callable[[], object],
+        ended: bool,
+    ) -> bool:
+        """True if ``count`` more bytes fit the upload's reservation now (the next
+        chunk is asked ahead). Else the data is held, reading stops, and more room
+        is asked: ``store`` runs once it is granted.
+
+        Raises:
+            QuotaExceededError: refused at once (the state answered synchronously).
+        """
+        quota = upload.quota
+        if quota is None:
+            return True
+        size = upload.size + count
+        if size <= quota.granted:
+            quota.prefetch(size)
+            return True
+        answers: list[str | None] = []
+        inline = True
+
+        def answered(full: str | None) -> None:
+            if inline:
+                answers.append(full)
+            else:
+                self._on_room(full)
+
+        quota.want(size, answered)
+        inline = False
+        if answers:
+            if answers[0] is not None:
+                raise QuotaExceededError(answers[0])
+            return True
+        self._held = (store, ended)
+        self._set_io_events(0)
+        return False
+
+    def _on_room(self, full: str | None) -> None:
+        """The answer for held data (on the loop): store it and read on, or 452."""
+        held, self._held = self._held, None
+        if held is None or self._closed or self.settling:
+            return
+        store, ended = held
+        if full is not None:
+            self._refuse_over_quota(QuotaExceededError(full))
+            return
+        try:
+            try:
+                store()
+            except OSError as err:
+                if err.errno in STORAGE_FULL_ERRNOS:
+                    self._refuse_storage_full(err)
+                    return
+                raise _FileReadWriteError(err) from err
+        except QuotaExceededError as exceeded:  # a bug: the grant covers it
+            self._refuse_over_quota(exceeded)
+            return
+        except Exception:  # noqa: BLE001 - as pyftpdlib's loop: the channel's handler
+            self.handle_error()
+            return
+        if ended:
+            self.handle_close()
+        else:
+            self._resume_receiving()
 
     def _resume_receiving(self) -> None:
         """The hash lane freed a buffer: read again (runs on the loop)."""
@@ -184,6 +268,7 @@ class DataHandler(TLSChannelMixin, DTPHandler):
 
     def _refuse_over_quota(self, exceeded: QuotaExceededError) -> None:
         """452, and the upload is discarded (not kept as a partial)."""
+        self._discard_keep = False
         self.cmd_channel.events.note(
             "upload_refused", path=getattr(self.file_obj, "name", None),
             reason="quota", scope=exceeded.scope,
@@ -208,6 +293,8 @@ class DataHandler(TLSChannelMixin, DTPHandler):
 
     def handle_close(self) -> None:
         """An upload counts as complete only if the client's close_notify arrived."""
+        if self._held is not None and not self._closed:
+            return  # its last data waits for room; the answer finishes it
         if not self._closed and self.receive and not self.tls_peer_closed:
             self.transfer_finished = False
             self._resp = (replies.UPLOAD_CUT, logger.info)

@@ -204,8 +204,14 @@ class GatewayFS(AbstractedFS):
         os.rmdir(str(self._checked(Action.REMOVE, path).real))
 
     def remove(self, path: str) -> None:
-        """Remove a file."""
-        os.remove(str(self._checked(Action.REMOVE, path).real))
+        """Remove a file; this worker's quota walks of its scopes are forgotten, so
+        the next upload here sees the room (nothing negative is reported to the
+        shared state: ``session.quota`` says why)."""
+        location = self._checked(Action.REMOVE, path)
+        os.remove(str(location.real))
+        control = self.cmd_channel
+        if control is not None:
+            control.gateway.quota_walks.forget(self.access.quota_scopes(location))
 
     def rename(self, src: str, dst: str) -> None:
         """Rename inside one mount; without ``overwrite``, never over anything.

@@ -12,8 +12,10 @@ A mixin for ``control.ControlHandler``. The decisions are the session's
   ``STOR`` or ``APPE`` continue the user's own partial if one was kept, else the
   existing file. SIZE answers the partial's size while it exists, which is how curl
   (``-C -``) and lftp (``reput``) learn where to resume.
-- Quotas are checked when an upload starts and enforced on every write (``452``); a
-  refused upload leaves nothing behind.
+- Quotas are reserved through the shared state (``session.quota``): the scopes'
+  marks are read, their usage walked off the loop with the open, a first chunk
+  reserved before the 150, more as the upload writes (``data``); a refusal at any
+  point is ``452`` and leaves nothing behind; the audit names the scope.
 - Slow file work runs off the IO loop (``run_file_job``, on ``gateway.file_work``)
   while the session's input is held, as PASS holds it for the password check, so
   replies stay in order: an upload's open (with the quota walk, a resume's seed copy
@@ -26,25 +28,33 @@ import errno
 import logging
 import os
 from concurrent.futures import CancelledError
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ftps_gateway.ftp import replies
 from ftps_gateway.session.fileaccess import Action, Kind, Refusal
+from ftps_gateway.session.quota import (
+    Credit,
+    QuotaPlan,
+    QuotaUnavailableError,
+    UploadReservation,
+)
 from ftps_gateway.storage import vfs
 from ftps_gateway.storage.uploads import (
     AtomicUpload,
     QuotaExceededError,
     RestartOutOfRangeError,
     UploadBusyError,
+    regular_size,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from ftps_gateway.ftp.filesystem import GatewayFS
     from ftps_gateway.session.events import SessionEvents
     from ftps_gateway.session.fileaccess import FileAccess
     from ftps_gateway.session.runtime import Gateway
+    from ftps_gateway.session.state import QuotaMark
     from ftps_gateway.session.work import Outcome
 
 logger = logging.getLogger("ftps_gateway")
@@ -70,6 +80,7 @@ REFUSAL_REPLIES = {
     Kind.ACROSS_MOUNTS: replies.ACROSS_MOUNTS,
 }
 STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_T = TypeVar("_T")
 # A commit must run even when the file-work pool is full: it is tried again this
 # often (a refusal would lose an upload the client has finished sending).
 COMMIT_RETRY_SECONDS = 0.05
@@ -154,6 +165,26 @@ class FileVerbsMixin:
             return False
 
         return attempt()
+
+    def await_answer(
+        self, ask: Callable[[Callable[[_T], None]], None], done: Callable[[_T], None]
+    ) -> None:
+        """``ask(answered)`` (a shared-state request), input held until its answer;
+        then ``done(answer)`` on the loop, which may reply (as ``run_file_job``'s
+        ``done``, also when the session closed meanwhile)."""
+        self.hold_input()
+
+        def answered(answer: _T) -> None:
+            try:
+                if not self._closed:
+                    self._writable_while_paused()
+                done(answer)
+            except Exception:  # noqa: BLE001 - handed to the session's error handler
+                self.handle_error()
+            finally:
+                self.release_input()
+
+        ask(answered)
 
     def hold_input(self) -> None:
         """Stop reading commands until ``release_input`` (counted: jobs may nest)."""
@@ -273,7 +304,14 @@ class FileVerbsMixin:
         if location.real is None or location.mount is None:
             self.respond(replies.MOUNT_POINT)
             return None
-        prepare = self._upload_opener(location, restart, append=mode == "a")
+        scopes = access.quota_scopes(location)
+        resume = restart is not None or mode == "a"
+        plan = (
+            QuotaPlan(scopes, self.gateway.quota_walks, resume=resume)
+            if scopes
+            else None
+        )
+        prepare = self._upload_opener(location, restart, append=mode == "a", plan=plan)
 
         def opened(outcome: Outcome[AtomicUpload]) -> None:
             if self._closed:  # the client left meanwhile: nobody to answer
@@ -287,35 +325,70 @@ class FileVerbsMixin:
                 upload, lambda: self._start_upload(upload, command)
             )
 
-        if not self.run_file_job(prepare, opened):
-            self._refuse_upload(location, replies.FILE_WORK_BUSY, "file-work-full")
+        def open_upload() -> None:
+            if not self.run_file_job(prepare, opened):
+                self._refuse_upload(location, replies.FILE_WORK_BUSY, "file-work-full")
+
+        self._read_quota_marks(plan, open_upload)
         return file
 
+    def _read_quota_marks(
+        self, plan: QuotaPlan | None, then: Callable[[], None]
+    ) -> None:
+        """Read the committed counters of the scopes ``plan`` walks afresh (before
+        they are walked, in the open job), then ``then`` (input held meanwhile)."""
+        if plan is None or not plan.needs_marks:
+            then()
+            return
+
+        def marked(marks: Mapping[str, QuotaMark]) -> None:
+            if not self._closed:
+                plan.set_marks(marks)
+                then()
+
+        state, scopes = self.gateway.state, plan.needs_marks
+        self.await_answer(lambda answered: state.quota_marks(scopes, answered), marked)
+
     def _upload_opener(
-        self, location: vfs.Location, restart: int | None, *, append: bool
+        self,
+        location: vfs.Location,
+        restart: int | None,
+        *,
+        append: bool,
+        plan: QuotaPlan | None,
     ) -> Callable[[], AtomicUpload]:
         """The job that opens the upload (runs off the loop; touches the disk)."""
-        access, fs, gateway = self.file_access, self.fs, self.gateway
-        assert access is not None  # noqa: S101 - logged in
-        config, work = gateway.config, gateway.file_work
+        fs, gateway = self.fs, self.gateway
+        config, work, state = gateway.config, gateway.file_work, gateway.state
         real = location.real
         assert real is not None  # noqa: S101 - checked by the caller
-        owner = self.username
+        owner, session, later = self.username, self.session_id, self.ioloop.call_later
 
         def prepare() -> AtomicUpload:
+            # The quota walks first (every file under the scopes' folders): what
+            # the upload replaces is measured after them, so they counted it.
+            walks = plan.walk() if plan is not None else {}
             exists = os.path.lexists(real)
             if exists and not fs.isfile(location.virtual):
                 raise NotAFileError(location.virtual)
-            # The quota walk (every file under the scope's folders).
-            max_size, scope = access.upload_room(location, exists=exists)
-            return AtomicUpload(
+            replaced = regular_size(real)
+            upload = AtomicUpload(
                 real, location.virtual, owner,
                 restart=restart, append=append,
                 retention_seconds=config.storage.partial_retention_seconds,
-                max_size=max_size, quota_scope=scope,
+                quota_scope=plan.scopes[0].name if plan is not None else "",
                 may_replace=vfs.Permission.OVERWRITE in location.permissions,
                 digest=config.upload_sha256, lane=work.hashing, wake=work.wake,
             )  # fmt: skip
+            if plan is not None:
+                # A resume's walk is fresh and saw the partial it continues.
+                found = upload.found_size if plan.resume else 0
+                credit = Credit((replaced or 0) + found, int(replaced is not None))
+                upload.quota = UploadReservation(
+                    state, work.wake, session, scopes=plan.scopes, walks=walks,
+                    credit=credit, start_size=upload.size, later=later,
+                )  # fmt: skip
+            return upload
 
         return prepare
 
@@ -328,6 +401,9 @@ class FileVerbsMixin:
         except QuotaExceededError as exceeded:
             self._refuse_upload(location, replies.OVER_QUOTA, "quota",
                                 scope=exceeded.scope)  # fmt: skip
+        except QuotaUnavailableError as lost:  # fail closed
+            self._refuse_upload(location, replies.OVER_QUOTA, "quota",
+                                scope=lost.scope, detail="no-quota-mark")  # fmt: skip
         except UploadBusyError:
             self._refuse_upload(location, replies.UPLOAD_BUSY, "busy")
         except RestartOutOfRangeError as beyond:
@@ -348,18 +424,62 @@ class FileVerbsMixin:
     def reserve_upload_room(
         self, upload: AtomicUpload, proceed: Callable[[], None]
     ) -> None:
-        """The quota seam: take the upload's reservation, then ``proceed`` (loop).
+        """The quota seam: take the upload's first reservation, then ``proceed``.
 
-        Today the room measured by the walk (``upload.max_size``, set in
-        ``_upload_opener`` by ``FileAccess.upload_room``) is enforced on every write
-        and nothing is reserved, so concurrent uploads can together pass a quota
-        (issue 14, item 2). A reservation (``gateway.state.reserve``) is taken here:
-        on refusal, ``upload.discard(keep=False)`` and ``_refuse_upload(...,
-        replies.OVER_QUOTA, "quota")`` instead of ``proceed``; to wait for an answer
-        that comes later, ``hold_input()`` before asking and ``release_input()``
-        after ``proceed`` (the 150 must not overtake pipelined commands).
+        The reservation (``session.quota.UploadReservation.start``: the size the
+        upload starts at, a first chunk, one file) is asked through
+        ``gateway.state``; input is held until the answer, so the 150 cannot
+        overtake pipelined commands. Refused: ``452``, and the upload leaves
+        nothing (a resume's partial stays as it was found).
         """
-        proceed()
+        quota = upload.quota
+        if not isinstance(quota, UploadReservation):
+            proceed()
+            return
+
+        def answered(full: str | None) -> None:
+            if self._closed:
+                self._drop_upload(upload, keep=None, then=None)
+            elif full is None:
+                proceed()
+            else:
+                self._refuse_reserved(upload, full)
+
+        self.await_answer(quota.start, answered)
+
+    def _refuse_reserved(self, upload: AtomicUpload, scope: str) -> None:
+        """The first reservation was refused: 452 once the temporary is gone."""
+
+        def refuse() -> None:
+            self.events.note(
+                "upload_refused", path=upload.name, reason="quota", scope=scope
+            )
+            if not self._closed:
+                self.respond(replies.OVER_QUOTA)
+
+        # A refused resume leaves the user's partial as it found it.
+        self._drop_upload(upload, keep=upload.continued > 0, then=refuse)
+
+    def _drop_upload(
+        self,
+        upload: AtomicUpload,
+        *,
+        keep: bool | None,
+        then: Callable[[], None] | None,
+    ) -> None:
+        """Discard ``upload`` (its unlink off the loop: a resume's seed copy may be
+        large), then run ``then`` on the loop (the reply, after the removal)."""
+        leftover = upload.discard(keep=keep, defer_unlink=True)
+        if leftover is None:
+            if then is not None:
+                then()
+            return
+        if then is None:
+            if not self.gateway.file_work.submit(self.session_id, leftover.remove,
+                                                 _ignore):  # fmt: skip
+                leftover.remove()
+            return
+        self.run_file_job(leftover.remove, lambda _outcome: then(), must_run=True)
 
     def _start_upload(self, upload: AtomicUpload, command: str) -> None:
         """The upload is open: 150 (or 125), and the data connection receives."""
@@ -387,3 +507,7 @@ class FileVerbsMixin:
             "upload_refused", path=location.virtual, reason=reason, **detail
         )
         self.respond(reply)
+
+
+def _ignore(_outcome: Outcome[None]) -> None:
+    """A job nobody waits for (removing a temporary nobody is told about)."""

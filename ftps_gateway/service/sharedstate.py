@@ -191,6 +191,10 @@ class StateService:
                 for op in request["ops"]:
                     self._apply(op, peer, batch)
                 batch.close()
+        except ConnectionResetError:
+            # Killed with answers still unread (its exit is logged as such): an
+            # end like EOF, not a fault of the channel.
+            logger.info("shared-state channel of worker %d reset", peer.worker)
         except (OSError, ValueError, KeyError, TypeError):
             logger.exception("shared-state channel of worker %d failed", peer.worker)
         finally:

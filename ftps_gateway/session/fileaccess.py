@@ -11,7 +11,8 @@ and its kind, which the protocol layer maps to a reply) or None to allow:
   removed, renamed, uploaded over or re-timed; nothing is renamed across mounts;
 - a folder that may not be listed shows nothing of what is in it: no names, no sizes,
   no dates (``may_see_metadata``), whichever command asks;
-- quotas: how large an upload may grow (``upload_room``).
+- quotas: which limits an upload counts against (``quota_scopes``; the reservations
+  are ``session.quota``'s).
 
 Protocol-neutral: no pyftpdlib, no replies. Imports the storage and config floors.
 """
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from ftps_gateway.config.tree import plan_tree
 from ftps_gateway.storage import vfs
-from ftps_gateway.storage.uploads import QuotaExceededError, partial_size
+from ftps_gateway.storage.uploads import partial_size
 
 if TYPE_CHECKING:
     from ftps_gateway.config import GatewayConfig
@@ -203,37 +204,11 @@ class FileAccess:
             return None
         return partial_size(location.real, self.username, self.retention_seconds)
 
-    def upload_room(
-        self, location: vfs.Location, *, exists: bool
-    ) -> tuple[int | None, str]:
-        """(largest size the upload may reach, the scope that sets it).
-
-        Usage is measured when the upload starts. The file being replaced and the
-        user's own temporary file count as free room: both are gone once the upload
-        is committed.
-
-        Raises:
-            QuotaExceededError: a new file would exceed a file-count limit.
-        """
+    def quota_scopes(self, location: vfs.Location) -> list[vfs.QuotaScope]:
+        """The limits an upload to ``location`` counts against (none outside mounts)."""
         if location.mount is None or location.real is None:
-            return None, ""
-        max_size: int | None = None
-        limiting = ""
-        replaced = location.real.stat().st_size if exists else 0
-        temp = location.real.parent / vfs.upload_temp_name(
-            location.real.name, vfs.partial_token(self.username, location.real.name)
-        )
-        own_temp = temp.stat().st_size if temp.is_file() else 0
-        for scope in self.table.quota_scopes(location.mount):
-            used = vfs.usage(scope.roots)
-            full = scope.max_files is not None and used.files + 1 > scope.max_files
-            if full and not exists:
-                raise QuotaExceededError(scope.name)
-            if scope.max_bytes is not None:
-                room = scope.max_bytes - (used.bytes - replaced - own_temp)
-                if max_size is None or room < max_size:
-                    max_size, limiting = max(room, 0), scope.name
-        return max_size, limiting
+            return []
+        return self.table.quota_scopes(location.mount)
 
 
 def _missing_permission(action: Action, location: vfs.Location) -> str | None:

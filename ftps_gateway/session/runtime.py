@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ftps_gateway.session.admission import UnauthenticatedPool
 from ftps_gateway.session.events import NO_HOOKS
+from ftps_gateway.session.quota import QuotaWalks
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -122,6 +123,8 @@ class Gateway:
     tickets: TicketRefresher
     file_work: FileWork  # slow file work off the loop (session.work)
     hooks: HookSink = NO_HOOKS  # [[hooks]] events: spooled, delivered (service.hooks)
+    # Recent quota walks of this process, reused by its uploads (session.quota).
+    quota_walks: QuotaWalks = field(default_factory=QuotaWalks)
 
     @property
     def node_name(self) -> str:
@@ -132,7 +135,7 @@ class Gateway:
 # The server's own parts of a Gateway, carried over by a reload.
 SHARED_PARTS = (
     "verifier", "login_queue", "waker", "audit", "state", "metrics",
-    "passive_ports", "tickets", "file_work", "hooks",
+    "passive_ports", "tickets", "file_work", "hooks", "quota_walks",
 )  # fmt: skip
 
 

@@ -35,7 +35,9 @@ gateway committed after the walk's mark (so a commit between someone's walk and 
 reservation is never missed), ``reserved`` what every reservation holds in the scope
 now (this one's earlier chunks included: they are not on disk under a name the walk
 counts), and deletions are only seen by the next walk (the error errs on the side of
-refusing).
+refusing). The upload path (``session.quota``) reserves one file for every upload,
+an overwrite with the file it replaces as its credit, and reports no negative
+amounts: a walk may already have seen what shrank.
 """
 
 from __future__ import annotations
@@ -91,7 +93,10 @@ class QuotaClaim:
     scope: str  # "user acme", "mount /finance" (vfs.QuotaScope.name)
     max_bytes: int | None  # the scope's limits (None: unlimited)
     max_files: int | None
-    walked_bytes: int  # what the walk found
+    # What the walk found, less what this upload replaces that the walk counted (a
+    # file it overwrites, a partial it resumes: session.quota); may be negative
+    # when those were committed after the walk's mark.
+    walked_bytes: int
     walked_files: int
     mark: QuotaMark  # the committed counters read before that walk
     nbytes: int  # bytes asked now (added to what this reservation holds)

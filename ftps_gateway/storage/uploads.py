@@ -10,6 +10,11 @@ hashing the bytes already there) and ``commit`` (the rest of the sha256, fsync,
 rename). ``buffer``/``received`` and ``discard`` are what the loop itself calls: a
 write into the page cache, a rename and a close (a discarded temporary's unlink,
 which frees its blocks, is handed back as ``Discarded`` to run elsewhere).
+
+Quotas: an upload may carry an ``UploadQuota`` (``session.quota``: the room reserved
+for it, grown in chunks as it writes); a write past what it grants raises
+``QuotaExceededError``, and the upload tells it once how it ended (``UploadEnd``:
+committed over what, kept as a partial, or removed), from whichever thread ended it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import os
 import secrets
 import stat
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from ftps_gateway.storage import vfs
 from ftps_gateway.storage.hashlane import UploadDigest
@@ -74,6 +79,43 @@ class QuotaExceededError(Exception):
     def __init__(self, scope: str) -> None:
         self.scope = scope
         super().__init__(scope)
+
+
+class UploadEnd(NamedTuple):
+    """How an upload ended: what its quota counts as committed (``UploadQuota``)."""
+
+    committed: bool
+    size: int  # the committed file's bytes, or the kept partial's (0: removed)
+    # Bytes of the regular file the commit replaced; None: there was none (the
+    # upload added a file). Measured just before the rename.
+    replaced: int | None
+    continued: int  # bytes of an earlier partial the upload continued (on disk before)
+
+
+class UploadQuota(Protocol):
+    """The room an upload may fill, reserved as it grows (``session.quota``).
+
+    ``granted``, ``want`` and ``prefetch`` are called on the IO loop (their answers
+    arrive there); ``ended`` once, from the thread that ended the upload.
+    """
+
+    @property
+    def granted(self) -> int:
+        """The size the upload may reach now."""
+        ...
+
+    def want(self, size: int, done: Callable[[str | None], None]) -> None:
+        """Make the upload's room at least ``size``; ``done(None)`` once it is, or
+        ``done(scope)`` naming the full scope (the upload must stop)."""
+        ...
+
+    def prefetch(self, size: int) -> None:
+        """The upload has reached ``size``: ask for more ahead, if it is due."""
+        ...
+
+    def ended(self, end: UploadEnd) -> None:
+        """The upload was committed or discarded (any thread; once)."""
+        ...
 
 
 class AtomicUpload:
@@ -136,8 +178,13 @@ class AtomicUpload:
         self.quota_scope = quota_scope
         self.may_replace = may_replace
         self.over_quota = False
+        # The room reserved for it (set by the opener once it is known); None: only
+        # ``max_size`` limits it.
+        self.quota: UploadQuota | None = None
+        self.continued = 0  # bytes of an earlier partial this upload continues
         self.sha256: str | None = None  # hex sha256 of the whole file, once committed
         self._committed = False
+        self._ended = False
         self._digest = UploadDigest(lane, wake, digest=digest)
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         self._fd = os.open(self.temp, flags, 0o640)
@@ -147,6 +194,9 @@ class AtomicUpload:
             os.close(self._fd)
             self._fd = -1
             raise UploadBusyError(str(final)) from None
+        # What the temporary held when this upload took it (a kept partial, a
+        # crash's leftover): a quota walk made before now counted those bytes.
+        self.found_size = os.fstat(self._fd).st_size
         self._hashed = 0  # leading bytes already hashed while seeding
         try:
             self.size = self._position(restart, append)
@@ -185,6 +235,8 @@ class AtomicUpload:
         self._check_quota(offset)
         os.ftruncate(self._fd, offset)
         os.lseek(self._fd, offset, os.SEEK_SET)
+        if partial is not None:
+            self.continued = offset
         return offset
 
     def _partial_size(self) -> int | None:
@@ -228,7 +280,8 @@ class AtomicUpload:
         return copied
 
     def _check_quota(self, size: int) -> None:
-        if self.max_size is not None and size > self.max_size:
+        limit = self.max_size if self.quota is None else self.quota.granted
+        if limit is not None and size > limit:
             self.over_quota = True
             raise QuotaExceededError(self.quota_scope)
 
@@ -280,9 +333,11 @@ class AtomicUpload:
         fails if it exists: no race between the permission check and now can
         overwrite someone's file.
         """
+        replaced: int | None = None
         try:
             sync_file(self._fd)
             if self.may_replace:
+                replaced = regular_size(self.final)
                 os.replace(self.temp, self.final)
             else:
                 os.link(self.temp, self.final, follow_symlinks=False)
@@ -294,6 +349,10 @@ class AtomicUpload:
             raise
         self._committed = True
         self._close_fd()
+        self._end(
+            UploadEnd(committed=True, size=self.size, replaced=replaced,
+                      continued=self.continued)
+        )  # fmt: skip
         # Last: the lane hashed along during the fsync; the rest is in memory.
         self.sha256 = self._digest.finish()
 
@@ -317,14 +376,28 @@ class AtomicUpload:
         if keep is None:
             keep = self.retention_seconds > 0 and not self.over_quota
         leftover = None
+        kept = 0
         if self._committed:
             keep = True
-        elif not keep or os.fstat(self._fd).st_size == 0:
+        elif not keep or (kept := os.fstat(self._fd).st_size) == 0:
+            kept = 0
             leftover = self._set_aside() if defer_unlink else None
             if leftover is None:
                 self._unlink_temp()
         self._close_fd()
+        self._end(
+            UploadEnd(committed=False, size=kept, replaced=None,
+                      continued=self.continued)
+        )  # fmt: skip
         return leftover
+
+    def _end(self, end: UploadEnd) -> None:
+        """Tell the quota how the upload ended (once)."""
+        if self._ended:
+            return
+        self._ended = True
+        if self.quota is not None:
+            self.quota.ended(end)
 
     def _set_aside(self) -> Discarded | None:
         """Rename the temporary to a name of its own; None if that failed."""
@@ -349,6 +422,16 @@ class AtomicUpload:
     def _unlink_temp(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.temp.unlink()
+
+
+def regular_size(path: Path) -> int | None:
+    """The size of the regular file at ``path`` (a link is not one); None if there
+    is none."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
 class Discarded:

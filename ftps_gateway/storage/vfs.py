@@ -463,6 +463,11 @@ class QuotaScope:
     roots: tuple[Path, ...]
     max_bytes: int | None
     max_files: int | None
+    # What the shared state counts it under (``session.state``): the user, or the
+    # mount's source folder, which is one scope whoever mounts it and wherever
+    # ("mount /finance" may be a different folder for another group or user, and
+    # one folder may be mounted at two paths).
+    key: str = ""
 
 
 # --- the mount table ------------------------------------------------------------------
@@ -628,12 +633,14 @@ class MountTable:
         if mount.max_bytes is not None or mount.max_files is not None:
             scopes.append(
                 QuotaScope(f"mount {mount.virtual}", (mount.source,),
-                           mount.max_bytes, mount.max_files)
+                           mount.max_bytes, mount.max_files,
+                           f"mount {os.path.normpath(mount.source)}")
             )  # fmt: skip
         max_bytes, max_files = self.user_quota
         if mount.personal and (max_bytes is not None or max_files is not None):
             roots = tuple(m.source for m in self.mounts if m.personal)
-            scopes.append(QuotaScope(f"user {self.user}", roots, max_bytes, max_files))
+            scopes.append(QuotaScope(f"user {self.user}", roots, max_bytes, max_files,
+                                     f"user {self.user}"))  # fmt: skip
         return scopes
 
     def _tree(self, mount: Mount) -> HomeTree:
