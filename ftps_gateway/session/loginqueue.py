@@ -13,12 +13,20 @@ in milliseconds, and 25 addresses pushed every partner's login past the login ti
   refused: parallel connections of one partner (rclone, lftp mirror, a NAT'd office)
   log in together, and once the first attempt succeeds the others are answered from
   the recent-login cache without a verification of their own.
-- **Round robin across keys.** Keys take turns; a key goes to the back after each
-  verification, so an attempt waits behind at most one attempt per other key.
-  Partners first: a key that logged in successfully in the last ``KNOWN_SECONDS``
-  (and failed no verification since) is served before unknown keys. A flood from many
-  fresh addresses then delays a returning partner by the verifications already running,
-  not by one per attacking address (measured in decision 0006).
+- **Known partners, then clean addresses, then failing ones.** A key that logged in
+  successfully in the last ``KNOWN_SECONDS`` (and failed no verification since) is
+  served before anyone else. Next come *clean* keys, with no failed verification in
+  the last ``FAILED_SECONDS``; last the keys that failed lately, round robin (a key goes
+  to the back after each verification). A flood's addresses all land in the last tier
+  with their first failure, so they stop delaying anyone who has not failed, except
+  on every ``FAILED_SHARE``-th turn, which goes to a failed key (a partner who
+  mistyped once still gets in while fresh addresses keep arriving).
+- **Clean keys: newest and oldest take turns.** A flood arrives as a burst of fresh
+  addresses; a partner who arrives during it would wait behind one verification per
+  burst address in arrival order (14-24 s for 64 addresses, decision 0006). Serving
+  the newest clean key every other turn puts that partner next (~0.3 s), and serving
+  the oldest on the other turns bounds anyone's wait to twice the plain order, so a
+  botnet that keeps arriving fresh cannot starve the keys that came first.
 - **Bounded.** At most ``max_waiting`` attempts wait in all. When that is full, an
   attempt from a key with nothing waiting takes the place of the newest attempt of the
   key with the longest line (a known key's, of any unknown key's line); otherwise it is
@@ -73,6 +81,11 @@ MAX_WAITING = 128
 MAX_PER_KEY = 16
 # How long a successful login makes its key a known partner's (served first).
 KNOWN_SECONDS = 7 * 86_400
+# How long a failed verification puts its key behind clean keys, and the failed keys'
+# share of turns while clean keys wait (one in four: a flood's failing addresses get a
+# quarter of the verifications, a partner who mistyped is never starved).
+FAILED_SECONDS = 600.0
+FAILED_SHARE = 4
 # Keys remembered as known, and keys whose recent failures are counted; beyond it the
 # stalest are forgotten, so a spray from many addresses cannot grow either table.
 MAX_KNOWN_KEYS = 10_000
@@ -247,13 +260,18 @@ class LoginQueue:
         self._max_waiting = max_waiting
         self._max_per_key = max_per_key
         self._lines: dict[str, _Line] = {}
-        # Keys whose next attempt waits for a thread: known partners, then the rest.
+        # Keys whose next attempt waits for a thread: known partners, then clean keys
+        # (served newest and oldest in turn), then keys that failed lately.
         self._known_ring: deque[_Line] = deque()
-        self._ring: deque[_Line] = deque()
+        self._clean: deque[_Line] = deque()
+        self._failed_ring: deque[_Line] = deque()
+        self._newest_next = True
+        self._turn = 0  # turns given, for the failed keys' share
         self._waiting = 0
         self._running = 0
         self._known = _Expiring(KNOWN_SECONDS, MAX_KNOWN_KEYS, clock)
         self._failures = _Failures(MAX_SCORED_KEYS, clock)
+        self._failed_lately = _Expiring(FAILED_SECONDS, MAX_SCORED_KEYS, clock)
         self._closed = False
 
     # --- what the metrics and tests read
@@ -382,23 +400,42 @@ class LoginQueue:
     # --- turns
 
     def _ring_up(self, line: _Line) -> None:
-        """Put ``line`` at the back of its ring if its next attempt needs a turn."""
+        """Put ``line`` at the back of its tier if its next attempt needs a turn."""
         if line.in_ring or line.running is not None or not line.waiting:
             return
         line.in_ring = True
-        (self._known_ring if line.key in self._known else self._ring).append(line)
+        if line.key in self._known:
+            self._known_ring.append(line)
+        elif line.key in self._failed_lately:
+            self._failed_ring.append(line)
+        else:
+            self._clean.append(line)
 
     def _next_line(self) -> _Line | None:
-        for ring in (self._known_ring, self._ring):
-            while ring:
-                line = ring.popleft()
+        """The line whose attempt goes next: known keys, then clean keys (newest and
+        oldest in turn), then failed keys, except that every ``FAILED_SHARE``-th turn
+        goes to a failed key first (a partner who mistyped once is not starved by a
+        stream of fresh addresses). Entries whose line has nothing to run are
+        dropped."""
+        self._turn += 1
+        tiers = [self._known_ring, self._clean, self._failed_ring]
+        if self._turn % FAILED_SHARE == 0:
+            tiers = [self._known_ring, self._failed_ring, self._clean]
+        for tier in tiers:
+            while tier:
+                if tier is self._clean and self._newest_next:
+                    line = tier.pop()
+                else:
+                    line = tier.popleft()
                 line.in_ring = False
                 if line.waiting and line.running is None:
+                    if tier is self._clean:
+                        self._newest_next = not self._newest_next
                     return line
         return None
 
     def _dispatch(self) -> None:
-        """Give free threads the next attempts, round robin (known keys first)."""
+        """Give free threads the next attempts, tier by tier (``_next_line``)."""
         while self._running < self._threads and not self._closed:
             line = self._next_line()
             if line is None:
@@ -440,15 +477,20 @@ class LoginQueue:
             _tell(attempt, Verdict(accepted=True, verified=True))
             self._answer_from_cache(line)
         elif attempt.scored:
-            self._known.discard(line.key)
+            self._failed(line.key)
             self._failures.add(line.key)
             self._score(line.key, attempt)
         else:  # a safe network, or the defender is off: nothing to score
-            self._known.discard(line.key)
+            self._failed(line.key)
             _tell(attempt, Verdict(accepted=False, verified=True))
         self._ring_up(line)
         self._forget_if_idle(line)
         self._dispatch()
+
+    def _failed(self, key: str) -> None:
+        """A verification of ``key`` failed: no longer known, behind clean keys."""
+        self._known.discard(key)
+        self._failed_lately.add(key)
 
     def _score(self, key: str, attempt: _Attempt) -> None:
         def scored(ban: Ban | None) -> None:

@@ -315,3 +315,54 @@ def test_a_safe_address_is_never_reported_for_a_ban(
     verdict = passwords.release(loop, "s.1")
     assert verdict == Verdict(False, True)
     assert bans.reported == []
+
+
+def test_a_newcomer_during_a_burst_goes_next_and_the_first_still_get_turns(
+    loop: Loop, passwords: Passwords, make_queue: Callable[..., LoginQueue]
+) -> None:
+    """Clean keys are served newest and oldest in turn: a partner arriving behind a
+    burst of fresh addresses goes next, and the burst's first keep every other turn."""
+    login_queue = make_queue()
+    burst = [f"k{n}.1" for n in range(6)]
+    for name in burst:
+        passwords.submit(login_queue, name, budget=UNLIMITED)
+    passwords.submit(login_queue, "partner.1", accept=True, budget=UNLIMITED)
+    # k0 took the free thread at once; the partner came in behind k1..k5.
+    order = ["k0.1", "k1.1", "partner.1", "k2.1", "k5.1", "k3.1", "k4.1"]
+    for name in order:
+        passwords.release(loop, name)
+    assert passwords.started == order
+    assert passwords.verdicts["partner.1"].accepted
+
+
+def test_a_key_that_failed_waits_behind_clean_keys(
+    loop: Loop, passwords: Passwords, make_queue: Callable[..., LoginQueue]
+) -> None:
+    """A failed verification puts its key behind every key that has not failed, even
+    ones that arrived after its next attempt."""
+    login_queue = make_queue()
+    passwords.submit(login_queue, "a.1")
+    passwords.submit(login_queue, "a.2")
+    passwords.submit(login_queue, "b.1")
+    passwords.release(loop, "a.1")  # a failed: a.2 now waits behind clean keys
+    passwords.submit(login_queue, "c.1")
+    for name in ("b.1", "c.1", "a.2"):
+        passwords.release(loop, name)
+    assert passwords.started == ["a.1", "b.1", "c.1", "a.2"]
+
+
+def test_a_key_that_failed_still_gets_a_share_of_turns(
+    loop: Loop, passwords: Passwords, make_queue: Callable[..., LoginQueue]
+) -> None:
+    """While fresh keys keep arriving, every fourth turn goes to a key that failed:
+    a partner who mistyped once is not starved by a stream of new addresses."""
+    login_queue = make_queue()
+    passwords.submit(login_queue, "partner.1", budget=UNLIMITED)
+    passwords.submit(login_queue, "partner.2", accept=True, budget=UNLIMITED)
+    for n in range(6):
+        passwords.submit(login_queue, f"k{n}.1", budget=UNLIMITED)
+    passwords.release(loop, "partner.1")  # mistyped: partner.2 waits as a failed key
+    for name in ("k0.1", "k5.1", "partner.2"):
+        passwords.release(loop, name)
+    assert passwords.started == ["partner.1", "k0.1", "k5.1", "partner.2"]
+    assert passwords.verdicts["partner.2"].accepted
