@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from ftps_gateway.audit import AuditLog
     from ftps_gateway.config import GatewayConfig
-    from ftps_gateway.service.hooks import SpoolAdmin
+    from ftps_gateway.service.hookspool import SpoolAdmin
     from ftps_gateway.session.state import StateAdmin
 
 logger = logging.getLogger("ftps_gateway")

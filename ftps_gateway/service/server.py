@@ -44,7 +44,8 @@ from ftps_gateway.policy.netpolicy import (
 from ftps_gateway.policy.passwords import PasswordVerifier, RecentLogins
 from ftps_gateway.service import lifecycle, sdnotify
 from ftps_gateway.service.admin import RELOAD_TIMEOUT_SECONDS, AdminServer
-from ftps_gateway.service.hooks import HookDispatcher, SpoolAdmin, spool_root
+from ftps_gateway.service.hooks import HookDispatcher
+from ftps_gateway.service.hookspool import SpoolAdmin, spool_root
 from ftps_gateway.service.sharedstate import MAX_MESSAGE_BYTES, ChannelState
 from ftps_gateway.service.watchdog import LoopWatchdog
 from ftps_gateway.session.loginqueue import LoginQueue

@@ -18,7 +18,7 @@ them. What must be shared is shared explicitly:
 - signals: SIGTERM drains every worker, SIGHUP reloads (validated here first);
 - the admin socket and the HTTP endpoint live here;
 - hook events: each worker spools and delivers its own (``hooks``); ``hooks
-  list|retry`` here work on the spool files.
+  list|retry`` here work on the spool files (``hookspool.SpoolAdmin``).
 A worker that dies is restarted; what it held (login slots, reservations) is released.
 """
 
@@ -44,7 +44,7 @@ from ftps_gateway.errors import StartupError
 from ftps_gateway.metrics import ClusterSeries
 from ftps_gateway.service import lifecycle, sdnotify, sharedstate
 from ftps_gateway.service.admin import AdminServer
-from ftps_gateway.service.hooks import SpoolAdmin, spool_root
+from ftps_gateway.service.hookspool import SpoolAdmin, spool_root
 from ftps_gateway.service.server import GatewayServer, WorkerRole
 from ftps_gateway.tls.certificates import certificate_not_after
 

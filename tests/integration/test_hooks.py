@@ -26,7 +26,7 @@ import pytest
 import trustme
 
 from ftps_gateway import cli
-from ftps_gateway.service.hooks import signature
+from ftps_gateway.service.hookdelivery import signature
 from support.credentials import PASSWORD_HASH
 from support.gateway import RunningGateway
 from support.hookreceiver import HookReceiver

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ftps_gateway import cli
-from ftps_gateway.service.hooks import SpoolAdmin
+from ftps_gateway.service.hookspool import SpoolAdmin
 from support.configs import write_config
 from support.hookreceiver import HookReceiver
 from support.metrics import scrape

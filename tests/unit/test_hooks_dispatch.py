@@ -18,15 +18,13 @@ from ftps_gateway.audit import AuditLog
 from ftps_gateway.config import GatewayConfig, HookSettings
 from ftps_gateway.errors import StartupError
 from ftps_gateway.metrics import GatewayMetrics
-from ftps_gateway.service import hooks
 from ftps_gateway.service.hooks import (
     DELIVERY_THREADS,
-    Entry,
     HookDispatcher,
-    SpoolAdmin,
     backoff_seconds,
     event_matches,
 )
+from ftps_gateway.service.hookspool import Entry, SpoolAdmin, SpoolFolder, spool_root
 from support.configs import write_config
 
 FALSE = shutil.which("false") or "/bin/false"
@@ -166,7 +164,7 @@ def test_close_spools_everything_handed_over_and_a_restart_recovers_it(
     assert 1 <= len(segments) < 300  # batched: one fsync pair per segment
     assert oct(segments[0].stat().st_mode & 0o777) == "0o600"
     assert oct(folder.stat().st_mode & 0o777) == "0o700"
-    listing = SpoolAdmin(hooks.spool_root(cfg)).listing()
+    listing = SpoolAdmin(spool_root(cfg)).listing()
     assert listing["queue_total"] == 300
     assert [item["id"] for item in listing["queue"]] == [f"id-{n}" for n in range(300)]
     (folder / "tmp" / "leftover.json").write_text("{half")  # a crash mid-write
@@ -190,7 +188,7 @@ def test_done_entries_and_failed_attempts_survive_a_restart(
     attempts and its next attempt; a segment with nothing left is removed."""
     cfg = _config(tmp_path, cert_files)
     dispatcher = _dispatcher(cfg)
-    spool = hooks.SpoolFolder(dispatcher.folder)
+    spool = SpoolFolder(dispatcher.folder)
     segment = spool.write_segment(
         [{"hook": "web", "event": _event(n), "queued_at": 1.0} for n in range(3)]
     )
@@ -265,7 +263,7 @@ def test_spool_admin_lists_and_retries_dead_letters(
                   attempts=20, last_error="HTTP 500")  # fmt: skip
     record = entry.record() | {"dead_at": 2.0}
     (dispatcher.folder / "dead" / f"{entry.name}.json").write_text(json.dumps(record))
-    admin = SpoolAdmin(hooks.spool_root(cfg))
+    admin = SpoolAdmin(spool_root(cfg))
     listing = admin.listing()
     assert (listing["queue_total"], listing["dead_total"]) == (0, 1)
     (shown,) = listing["dead"]
