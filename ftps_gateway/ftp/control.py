@@ -41,7 +41,7 @@ from pyftpdlib.log import logger as pyftpdlib_logger
 from ftps_gateway.ftp import replies
 from ftps_gateway.ftp.authorizer import GatewayAuthorizer
 from ftps_gateway.ftp.data import DataHandler
-from ftps_gateway.ftp.datapath import DataPathMixin
+from ftps_gateway.ftp.datapath import TRANSFER_COMMANDS, DataPathMixin
 from ftps_gateway.ftp.filesystem import GatewayFS
 from ftps_gateway.ftp.fileverbs import FileVerbsMixin
 from ftps_gateway.ftp.hashverbs import HASH_COMMANDS, HashVerbsMixin
@@ -505,6 +505,10 @@ class ControlHandler(
         if cmd in PASSIVE_COMMANDS and not self._prot:
             self.events.data_command_refused("prot-p-required")
             self.respond(replies.PROT_P_REQUIRED)
+            return
+        if cmd in TRANSFER_COMMANDS and self.transfer_busy():  # one at a time
+            self.events.note("transfer_refused", command=cmd, reason="busy")
+            self.respond(replies.TRANSFER_IN_PROGRESS)
             return
         super().process_command(cmd, *args, **kwargs)
 

@@ -117,6 +117,22 @@ class DataPathMixin:
     def _transfer_queued(self) -> bool:
         return self._in_dtp_queue is not None or self._out_dtp_queue is not None
 
+    def transfer_busy(self) -> bool:
+        """A transfer already owns the data path: begun on the data connection, or
+        queued for it (150 sent, no connection yet).
+
+        pyftpdlib hands a second transfer command the same connection (``125``) or
+        the same queue slot, replacing the first transfer's file object: an upload
+        orphaned that way kept its quota reservation, its temporary file, its lock
+        and its descriptor for the worker's life (under ``quota_files = 1`` the
+        user could upload nothing more), and the bytes still arriving for it went
+        into the second file. So a second one is refused (control.py).
+        """
+        channel = self.data_channel
+        if channel is not None and (channel.receive or channel.cmd is not None):
+            return True
+        return self._transfer_queued()
+
     # --- PASV / EPSV
 
     def _make_epasv(self, extmode: bool = False) -> None:

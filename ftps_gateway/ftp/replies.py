@@ -123,6 +123,8 @@ RESTART_BEYOND_DATA: Final = "554 Restart position beyond the data there is to r
 NOT_A_FILE: Final = "550 Not a file."
 CANNOT_CREATE: Final = "550 Can't create file."
 DATA_ALREADY_OPEN: Final = "125 Data connection already open. Transfer starting."
+# A transfer command while another transfer owns the data path (datapath.transfer_busy).
+TRANSFER_IN_PROGRESS: Final = "450 Another transfer is in progress on this session."
 OPENING_DATA: Final = "150 File status okay. About to open data connection."
 UPLOAD_CUT: Final = "426 Connection closed; transfer aborted."
 TRANSFER_ABORTED: Final = "426 Transfer aborted."

@@ -433,6 +433,20 @@ class UploadReservation:
 
     # --- the end
 
+    def may_keep(self, size: int, continued: int) -> bool:
+        """May the upload stay as a partial of ``size`` bytes (``continued`` of them
+        an earlier partial's)? See ``storage.uploads.UploadQuota``.
+
+        Its grant was decided with the *credit* (the file it replaces, the partial
+        it continues) taken off the walk; a kept partial leaves that file in place
+        and counts ``size - continued`` more. That fits only if it is within the
+        grant less the credit; a partial that added nothing always stays (it is
+        no larger than it was). Otherwise it is removed: the client resumes from
+        the file's size (SIZE answers it), losing only this attempt's bytes.
+        """
+        added = size - continued
+        return added <= 0 or added <= self._granted - self._credit.nbytes
+
     def ended(self, end: UploadEnd) -> None:
         """The upload ended: release the reservation, on the loop (any thread)."""
         self._ended = True

@@ -117,6 +117,12 @@ class UploadQuota(Protocol):
         """The upload was committed or discarded (any thread; once)."""
         ...
 
+    def may_keep(self, size: int, continued: int) -> bool:
+        """May the upload, ended uncommitted, stay as a partial of ``size`` bytes
+        (``continued`` of them an earlier partial's)? Only if its reservation
+        covered it beside the file it meant to replace, which stays."""
+        ...
+
 
 class AtomicUpload:
     """An upload in progress: a hidden temporary file next to its final name.
@@ -197,13 +203,19 @@ class AtomicUpload:
         # What the temporary held when this upload took it (a kept partial, a
         # crash's leftover): a quota walk made before now counted those bytes.
         self.found_size = os.fstat(self._fd).st_size
+        # The temporary holds the user's partial (not a copy made now): a failed
+        # open leaves it as it was, and only it.
+        self._holds_partial = self.found_size > 0
         self._hashed = 0  # leading bytes already hashed while seeding
         try:
             self.size = self._position(restart, append)
             if self._digest.computing and self.size > self._hashed:
                 self._hash_existing(self.size)
         except BaseException:
-            self.discard(keep=True)
+            # A partial stays as found; a copy of the final file made for this
+            # resume (REST past its end) goes: nothing reserved it, and kept it
+            # doubled the file on disk, uncounted, for the partial's retention.
+            self.discard(keep=self._holds_partial)
             raise
 
     def _hash_existing(self, size: int) -> None:
@@ -223,6 +235,7 @@ class AtomicUpload:
 
     def _position(self, restart: int | None, append: bool) -> int:
         partial = self._partial_size()
+        self._holds_partial = partial is not None
         if restart is None and not append:
             os.ftruncate(self._fd, 0)
             return 0
@@ -362,7 +375,10 @@ class AtomicUpload:
         """Drop the data, or keep it as a resumable partial.
 
         ``keep`` defaults to: partials are kept (retention > 0), the upload wrote
-        something and did not hit a quota (quota refusals leave nothing behind).
+        something and did not hit a quota (quota refusals leave nothing behind),
+        and, under a quota, its reservation covers the partial beside the file it
+        was to replace (``UploadQuota.may_keep``): an overwrite, APPE or REST cut
+        short otherwise left file and partial together past the quota.
 
         With ``defer_unlink`` a temporary to remove is renamed to a unique hidden
         name and returned (``Discarded``): unlinking a large file frees its blocks,
@@ -375,6 +391,9 @@ class AtomicUpload:
         self._digest.cancel()
         if keep is None:
             keep = self.retention_seconds > 0 and not self.over_quota
+            if keep and self.quota is not None:
+                size = os.fstat(self._fd).st_size
+                keep = self.quota.may_keep(size, self.continued)
         leftover = None
         kept = 0
         if self._committed:
