@@ -14,10 +14,12 @@ then remembers, imports, first-use caches) it zeroes the counters
 (``callgrind_control -z``), runs N sessions one after another (connect, AUTH TLS,
 login, PROT P, EPSV, RETR 4 KiB, QUIT; the bench client, TLS 1.3), dumps
 (``callgrind_control -d``) and prints instructions per session, and the functions
-with the most inclusive instructions per session.
+with the most inclusive instructions per session. ``--uploads`` counts 4 KiB STORs in
+one session instead (PASV, resumed data TLS, 226; bench.py's uploads row).
 
     .venv/bin/python bench/session_cost.py                 # 100 sessions each
     .venv/bin/python bench/session_cost.py --sessions 50 --top 40 --keep /tmp/cg
+    .venv/bin/python bench/session_cost.py --uploads --sessions 200   # per upload
 
 Slow (valgrind runs the server ~50x slower): about a minute per 100 sessions.
 """
@@ -36,10 +38,14 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench as driver
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 WARMUP_SESSIONS = 5
 
@@ -69,6 +75,15 @@ def run_sessions(endpoint: driver.Endpoint, count: int) -> None:
             raise driver.BenchError("a short RETR")
 
 
+def run_uploads(endpoint: driver.Endpoint, count: int) -> None:
+    """``count`` 4 KiB STORs in one session, as bench.py's uploads row does."""
+    ftp = driver.login(endpoint, driver.client_context(endpoint.cafile))
+    payload = os.urandom(driver.SMALL_BYTES)
+    for index in range(count):
+        ftp.storbinary(f"STOR cost-{index}.bin", driver._Reader(payload))  # noqa: SLF001
+    ftp.quit()
+
+
 def _valgrind_pids(root: int) -> list[int]:
     return driver.process_tree(root)
 
@@ -83,16 +98,20 @@ def _control(option: str, pid: int) -> None:
 
 
 def measure(
-    server: driver.Server, out_dir: Path, name: str, sessions: int
+    server: driver.Server,
+    out_dir: Path,
+    name: str,
+    sessions: int,
+    run: Callable[[driver.Endpoint, int], None] = run_sessions,
 ) -> tuple[int, list[Path]]:
-    """Zero, run ``sessions``, dump; return (instructions, the dump files)."""
+    """Zero, ``run`` ``sessions`` units, dump; return (instructions, the dumps)."""
     assert server.pid is not None
-    run_sessions(server.endpoint, WARMUP_SESSIONS)
+    run(server.endpoint, WARMUP_SESSIONS)
     time.sleep(1.0)  # let the warm-up's closes and audit writes settle
     pids = _valgrind_pids(server.pid)
     for pid in pids:
         _control("-z", pid)
-    run_sessions(server.endpoint, sessions)
+    run(server.endpoint, sessions)
     time.sleep(1.0)
     before = set(out_dir.glob(f"{name}.*"))
     for pid in pids:
@@ -154,8 +173,10 @@ def _costs(dump: Path) -> tuple[dict[str, int], dict[str, int]]:
     return own, inclusive
 
 
-def breakdown(dumps: list[Path], sessions: int, count: int) -> list[str]:
-    """Instructions per session by library (own code), then OpenSSL calls (inclusive)."""
+def breakdown(
+    dumps: list[Path], sessions: int, count: int, unit: str = "session"
+) -> list[str]:
+    """Instructions per unit by library (own code), then OpenSSL calls (inclusive)."""
     by_library: dict[str, int] = {}
     api: dict[str, int] = {}
     for dump in dumps:
@@ -165,10 +186,10 @@ def breakdown(dumps: list[Path], sessions: int, count: int) -> list[str]:
         for function, instructions in inclusive.items():
             if _API.match(function):
                 api[function] = api.get(function, 0) + instructions
-    lines = ["  by library (own code), M instructions per session:"]
+    lines = [f"  by library (own code), M instructions per {unit}:"]
     for library, instructions in sorted(by_library.items(), key=lambda kv: -kv[1])[:8]:
         lines.append(f"    {instructions / sessions / 1e6:8.3f}  {library}")
-    lines.append("  OpenSSL calls (inclusive), M instructions per session:")
+    lines.append(f"  OpenSSL calls (inclusive), M instructions per {unit}:")
     for function, instructions in sorted(api.items(), key=lambda kv: -kv[1])[:count]:
         lines.append(f"    {instructions / sessions / 1e6:8.3f}  {function}")
     return lines
@@ -179,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=100)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--uploads",
+        action="store_true",
+        help="count 4 KiB STORs in one session instead (--sessions of them)",
+    )
     parser.add_argument("--top", type=int, default=15, help="OpenSSL calls to list")
     parser.add_argument("--keep", type=Path, help="keep the callgrind dumps here")
     parser.add_argument("--only", choices=("gateway", "pyftpdlib"))
@@ -208,12 +234,14 @@ def main(argv: list[str] | None = None) -> int:
                     space, wrapper=callgrind_wrapper(out_dir, tag, children=False)
                 )
             servers.append(server)
-            total, dumps = measure(server, out_dir, tag, args.sessions)
+            run = run_uploads if args.uploads else run_sessions
+            unit = "upload" if args.uploads else "session"
+            total, dumps = measure(server, out_dir, tag, args.sessions, run)
             print(
-                f"{name}: {total / args.sessions / 1e6:.2f} M instructions per session"
-                f" ({args.sessions} sessions, {len(dumps)} process(es))"
+                f"{name}: {total / args.sessions / 1e6:.2f} M instructions per {unit}"
+                f" ({args.sessions} {unit}s, {len(dumps)} process(es))"
             )
-            for line in breakdown(dumps, args.sessions, args.top):
+            for line in breakdown(dumps, args.sessions, args.top, unit):
                 print(line)
             driver.stop_server(server)
     except driver.BenchError as err:

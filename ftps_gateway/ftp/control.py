@@ -471,7 +471,12 @@ class ControlHandler(
                 self.events.note("path_refused", command=cmd, reason=str(refusal))
                 self.respond(replies.INVALID_PATH)
                 return
-        super().pre_process_command(line, cmd, arg)
+        access = self.file_access
+        if access is None:
+            super().pre_process_command(line, cmd, arg)
+            return
+        with access.remembering():  # each path located once per command (0013)
+            super().pre_process_command(line, cmd, arg)
 
     def _takes_path(self, cmd: str, arg: str) -> bool:
         """Will pyftpdlib map ``arg`` as a path (so it must be a usable one)?"""

@@ -17,11 +17,9 @@ pyftpdlib answers ``550 Permission denied.``; the session audits the reason.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
-import threading
 from typing import TYPE_CHECKING, Any
 
 from pyftpdlib.filesystems import AbstractedFS
@@ -31,7 +29,7 @@ from ftps_gateway.storage import vfs
 from ftps_gateway.storage.renames import rename_noreplace
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    import contextlib
 
 # What ftp2fs returns for a refused virtual path: pyftpdlib's own validpath() check
 # then answers 550 instead of raising.
@@ -47,39 +45,26 @@ class GatewayFS(AbstractedFS):
         super().__init__("/", cmd_channel)
         self.access: FileAccess = cmd_channel.file_access
         self.table: vfs.MountTable = self.access.table
-        self._rendering = threading.local()  # a listing's own location cache
 
     def _locate_absolute(self, path: str) -> vfs.Location:
-        """``table.locate("/", path)``; remembered for the listing being rendered.
+        """``table.locate("/", path)``; remembered for the listing being rendered
+        or the command being handled (``FileAccess.remembering``).
 
         A LIST line asks for one entry's location four times (visibility, mount
         point, virtual folder, real path), each a ``realpath`` of every component:
         20,000 entries cost ~36 lstat calls each. Within one listing (one thread,
         one moment) the answer is the same, so it is computed once.
         """
-        cache: dict[str, vfs.Location] | None = getattr(
-            self._rendering, "locations", None
-        )
-        if cache is None:
-            return self.table.locate("/", path)
-        location = cache.get(path)
-        if location is None:
-            location = cache[path] = self.table.locate("/", path)
-        return location
+        return self.access.locate_from("/", path)
 
-    @contextlib.contextmanager
-    def _one_listing(self) -> Iterator[None]:
-        self._rendering.locations = {}
-        try:
-            yield
-        finally:
-            self._rendering.locations = None
+    def _one_listing(self) -> contextlib.AbstractContextManager[None]:
+        return self.access.remembering()
 
     # --- path mapping
 
     def locate(self, path: str) -> vfs.Location:
         """Map a client path (relative to the cwd); raises vfs.PathRefused."""
-        return self.table.locate(self.cwd, path)
+        return self.access.locate_from(self.cwd, path)
 
     def check_virtual(self, path: str) -> str:
         """Normalize a client path against the cwd; raises vfs.PathRefused."""
@@ -108,7 +93,7 @@ class GatewayFS(AbstractedFS):
         if path == _REFUSED:
             return False
         try:
-            self.table.locate("/", path)
+            self.access.locate_from("/", path)
         except vfs.PathRefused:
             return False
         return True

@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -44,7 +45,6 @@ from ftps_gateway.storage.uploads import (
     QuotaExceededError,
     RestartOutOfRangeError,
     UploadBusyError,
-    regular_size,
 )
 
 if TYPE_CHECKING:
@@ -368,10 +368,16 @@ class FileVerbsMixin:
             # The quota walks first (every file under the scopes' folders): what
             # the upload replaces is measured after them, so they counted it.
             walks = plan.walk() if plan is not None else {}
-            exists = os.path.lexists(real)
-            if exists and not fs.isfile(location.virtual):
+            # One lstat answers the usual cases (nothing there, a regular file);
+            # anything else (a link) is asked of the filesystem floor.
+            try:
+                there: os.stat_result | None = os.lstat(real)
+            except FileNotFoundError:
+                there = None
+            regular = there is not None and stat.S_ISREG(there.st_mode)
+            if there is not None and not regular and not fs.isfile(location.virtual):
                 raise NotAFileError(location.virtual)
-            replaced = regular_size(real)
+            replaced = there.st_size if there is not None and regular else None
             upload = AtomicUpload(
                 real, location.virtual, owner,
                 restart=restart, append=append,

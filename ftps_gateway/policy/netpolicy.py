@@ -7,6 +7,7 @@ nothing and is allowed nowhere.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import re
@@ -127,6 +128,12 @@ def strip_mapped(ip: str) -> str:
     return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
+# Parsed addresses are immutable, and a session parses its own few again and again
+# (four per 4 KiB upload: the passive holder, the 227 address; docs/decisions/0013).
+PARSED_ADDRESSES_KEPT = 1024
+
+
+@functools.lru_cache(maxsize=PARSED_ADDRESSES_KEPT)
 def parse_ip(value: str) -> IPAddress | None:
     """Parse a peer address as the socket layer reports it; None if it does not parse.
 

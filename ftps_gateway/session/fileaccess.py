@@ -19,9 +19,11 @@ Protocol-neutral: no pyftpdlib, no replies. Imports the storage and config floor
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
+import threading
 from typing import TYPE_CHECKING, NamedTuple
 
 from ftps_gateway.config.tree import plan_tree
@@ -29,6 +31,8 @@ from ftps_gateway.storage import vfs
 from ftps_gateway.storage.uploads import partial_size
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ftps_gateway.config import GatewayConfig
 
 logger = logging.getLogger("ftps_gateway")
@@ -109,6 +113,8 @@ class FileAccess:
         self.table = table
         self.username = username
         self.retention_seconds = retention_seconds
+        # Locations remembered while one command (or one listing) runs, per thread.
+        self._remembered = threading.local()
 
     @classmethod
     def for_user(cls, config: GatewayConfig, username: str) -> FileAccess:
@@ -138,7 +144,48 @@ class FileAccess:
 
     def locate(self, virtual: str) -> vfs.Location:
         """Map a normalized virtual path; raises ``vfs.PathRefused``."""
-        return self.table.locate("/", virtual)
+        return self.locate_from("/", virtual)
+
+    def locate_from(self, cwd: str, path: str) -> vfs.Location:
+        """``table.locate(cwd, path)``, remembered within ``remembering``.
+
+        Each ``locate`` resolves every component on the disk (``realpath``: an
+        ``lstat`` per component). One STOR asked four times for the same path
+        (pyftpdlib's ``ftp2fs`` and ``validpath``, the gate, the verb), about 30
+        ``lstat`` and a fifth of the IO loop's Python time per 4 KiB upload
+        (docs/decisions/0013). A refusal is not remembered (it raises each time).
+        """
+        cache: dict[str, vfs.Location] | None = getattr(
+            self._remembered, "locations", None
+        )
+        if cache is None:
+            return self.table.locate(cwd, path)
+        # Keyed by the normalized path: pyftpdlib asks with the client's relative
+        # text first, then with the absolute path it made of it.
+        virtual = self.table.normalize(cwd, path)
+        location = cache.get(virtual)
+        if location is None:
+            location = cache[virtual] = self.table.locate("/", virtual)
+        return location
+
+    @contextlib.contextmanager
+    def remembering(self) -> Iterator[None]:
+        """Within this block (in this thread), each path is located once.
+
+        For one moment of one thread: a command's checks and its use on the loop,
+        or one listing rendered off the loop. The answer could only differ if the
+        tree changed in between, and the use that follows a check could meet that
+        change anyway; every disk touch still goes through the location it was
+        checked with. Nested blocks share the outer one's memory.
+        """
+        if getattr(self._remembered, "locations", None) is not None:
+            yield
+            return
+        self._remembered.locations = {}
+        try:
+            yield
+        finally:
+            self._remembered.locations = None
 
     # --- decisions
 

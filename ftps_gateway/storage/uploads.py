@@ -234,11 +234,12 @@ class AtomicUpload:
         return self._fd < 0
 
     def _position(self, restart: int | None, append: bool) -> int:
+        if restart is None and not append:
+            if self.found_size:  # a new temporary is empty: no truncate to journal
+                os.ftruncate(self._fd, 0)
+            return 0
         partial = self._partial_size()
         self._holds_partial = partial is not None
-        if restart is None and not append:
-            os.ftruncate(self._fd, 0)
-            return 0
         base = partial
         if base is None:
             base = self._seed_from_final(restart)
@@ -350,7 +351,9 @@ class AtomicUpload:
         try:
             sync_file(self._fd)
             if self.may_replace:
-                replaced = regular_size(self.final)
+                # Only a quota counts what was replaced (an lstat less without one).
+                if self.quota is not None:
+                    replaced = regular_size(self.final)
                 os.replace(self.temp, self.final)
             else:
                 os.link(self.temp, self.final, follow_symlinks=False)
