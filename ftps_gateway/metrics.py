@@ -738,11 +738,11 @@ class GatewayMetrics:
         """
         readings = dict(self._scrape_time.readings())
         for name, mode in _WORKER_SCRAPE_TIME.items():
-            value = readings.get(name)
+            if name not in readings:
+                continue
+            value = readings[name]
             gauge = self._published.get(name)
             if gauge is None:
-                if value is None:
-                    continue
                 gauge = self._published[name] = Gauge(
                     f"{PREFIX}{name}", _SCRAPE_TIME_HELP[name],
                     multiprocess_mode=mode, registry=None,
@@ -822,39 +822,38 @@ class _ScrapeTimeGauges(Collector):
     def collect(self) -> Iterable[Metric]:
         """Yield the gauges whose sources are set and answered."""
         for name, value in self.readings():
-            yield GaugeMetricFamily(
-                f"{PREFIX}{name}", _SCRAPE_TIME_HELP[name], value=value
-            )
+            if value is not None:
+                yield GaugeMetricFamily(
+                    f"{PREFIX}{name}", _SCRAPE_TIME_HELP[name], value=value
+                )
 
-    def readings(self) -> Iterator[tuple[str, float]]:
-        """(name after the prefix, value) of each gauge whose source answered."""
-        ports = self._read("passive ports", self.passive_ports)
-        if ports is not None:
-            in_use, total = ports
+    def readings(self) -> Iterator[tuple[str, float | None]]:
+        """(name after the prefix, value) of each gauge whose source is set; the
+        value is None when the source failed."""
+        if self.passive_ports is not None:
+            ports = self._read("passive ports", self.passive_ports)
+            in_use, total = ports if ports is not None else (None, None)
             yield "passive_ports_in_use", in_use
             # Not clamped at 0: a worker that borrowed ports of another worker's
             # share holds more than its own share, and the sum over workers is
             # exact only this way.
-            yield "passive_ports_free", total - in_use
-        bans = self._read("bans", self.bans)
-        if bans is not None:
-            yield "bans_active", bans
-        waiting = self._read("login queue", self.login_queue)
-        if waiting is not None:
-            yield "login_queue_waiting", waiting
-        expiry = self._read("certificate expiry", self.certificate_expiry)
-        if expiry is not None:
+            free = None if in_use is None or total is None else total - in_use
+            yield "passive_ports_free", free
+        if self.bans is not None:
+            yield "bans_active", self._read("bans", self.bans)
+        if self.login_queue is not None:
+            yield "login_queue_waiting", self._read("login queue", self.login_queue)
+        if self.certificate_expiry is not None:
+            expiry = self._read("certificate expiry", self.certificate_expiry)
             seconds = expiry.timestamp() if isinstance(expiry, datetime) else expiry
             yield "tls_certificate_expiry_timestamp_seconds", seconds
-        queue = self._read("hook queue", self.hooks)
-        if queue is not None:
-            depth, age = queue
+        if self.hooks is not None:
+            queue = self._read("hook queue", self.hooks)
+            depth, age = queue if queue is not None else (None, None)
             yield "hook_events_queued", depth
             yield "hook_oldest_queued_age_seconds", age
 
-    def _read(self, what: str, source: Callable[[], _T] | None) -> _T | None:
-        if source is None:
-            return None
+    def _read(self, what: str, source: Callable[[], _T]) -> _T | None:
         try:
             return source()
         except Exception:

@@ -71,15 +71,28 @@ class Workers(GatewayProcess):
         (folder,) = self.run.glob("metrics-*")
         return folder
 
-    def session(self, index: int) -> tuple[ReusingFTP_TLS, int]:
-        """A logged-in session from 127.0.2.``index`` and the PID of its worker."""
-        ftp = ReusingFTP_TLS(
-            context=ssl.create_default_context(cafile=str(self.ca_file)), timeout=30
-        )
-        ftp.connect("127.0.0.1", self.port, source_address=(f"127.0.2.{index}", 0))
-        ftp.login("acme", PASSWORD)
+    def session(self, index: int, on: int | None = None) -> tuple[ReusingFTP_TLS, int]:
+        """A logged-in session from 127.0.2.``index`` and the PID of its worker.
+
+        ``on``: the worker that must take it (the others are stopped meanwhile, so
+        only it can accept; the kernel's own spread is not certain).
+        """
+        others = [pid for pid in self.pids()[1:] if on is not None and pid != on]
+        for pid in others:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            ftp = ReusingFTP_TLS(
+                context=ssl.create_default_context(cafile=str(self.ca_file)),
+                timeout=30,
+            )
+            ftp.connect("127.0.0.1", self.port, source_address=(f"127.0.2.{index}", 0))
+            ftp.login("acme", PASSWORD)
+        finally:
+            for pid in others:
+                os.kill(pid, signal.SIGCONT)
         ftp.prot_p()
         owner = connection_owner(self.pids()[1:], ftp.sock.getsockname(), self.port)
+        assert on is None or owner == on
         return ftp, owner
 
 
@@ -94,13 +107,10 @@ def workers(tmp_path: Path, cert_files: tuple[Path, Path, Path]) -> Iterator[Wor
 
 
 def _spread(workers: Workers, count: int) -> list[tuple[ReusingFTP_TLS, int]]:
-    """At least ``count`` sessions, with both workers serving some (the kernel
-    spreads connections; more are opened until it has)."""
-    sessions: list[tuple[ReusingFTP_TLS, int]] = []
-    while len(sessions) < count or len({owner for _, owner in sessions}) < 2:
-        assert len(sessions) < 40, "the kernel gave every connection to one worker"
-        sessions.append(workers.session(len(sessions) + 1))
-    return sessions
+    """``count`` sessions, taken by the two workers in turn."""
+    pids = workers.pids()[1:]
+    assert len(pids) == 2
+    return [workers.session(index + 1, on=pids[index % 2]) for index in range(count)]
 
 
 def _families(text: str) -> dict[str, tuple[str, str, set[tuple[str, tuple]]]]:
