@@ -13,16 +13,18 @@ Several worker processes (issue 8; decision 0012): every series here is a counte
 a histogram or a gauge whose per-process values add up (sessions active, passive ports
 in use) or whose maximum is the figure (the oldest hook event), so the workers' values
 combine without knowing each other. A worker's ``GatewayMetrics(worker=True)`` runs in
-prometheus-client's multiprocess mode (the supervisor sets ``PROMETHEUS_MULTIPROC_DIR``
-in the worker's environment, so it holds before the first import): each counter,
-histogram and gauge writes its value into the worker's mmap files as it changes, and
-the supervisor's ``/metrics`` reads them at scrape time (``service.workermetrics``).
-Gauges say how they combine (``multiprocess_mode``, a "live" mode so a dead worker's
-gauges go with it); the scrape-time values (passive ports, login queue, hook queue)
-are written into such gauges when the supervisor asks, just before it reads
-(``publish_scrape_time``). What every worker would report alike (``REPORTED_ONCE``:
-build info, reloads, bans, the certificate's expiry) is left out of a worker: the
-supervisor reports it once. ``process_*`` series stay out of the workers' sum.
+prometheus-client's multiprocess mode (``keep_values_in(folder)``, called once before
+any metric exists): each counter, histogram and gauge writes its value into the
+worker's mmap files as it changes, and the supervisor's ``/metrics`` reads them at
+scrape time (``service.workermetrics``). Gauges say how they combine
+(``multiprocess_mode``, always a "live" mode so a dead worker's gauges go with it);
+the values read from their owners (passive ports, login queue, hook queue) are
+written into such gauges by the worker's IO loop at start and every
+``PUBLISH_SECONDS`` (``publish_scrape_time``). What every worker would report alike
+(``REPORTED_ONCE``: build info, reloads, bans, the certificate's expiry) is left out
+of a worker: the supervisor reports it once. ``process_*`` series stay out of the
+workers' sum. A single process (and every in-thread test gateway) keeps its values
+in memory, in its own registry.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import platform
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -43,6 +46,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    values,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -189,6 +193,9 @@ TRANSFER_SECONDS_BUCKETS: Final = (
 
 _MAX_LOGGED_LABEL_CHARS: Final = 64
 
+# prometheus-client's folder for a process's mmap files (multiprocess mode).
+MULTIPROCESS_VARIABLE: Final = "PROMETHEUS_MULTIPROC_DIR"
+
 # Families one process reports for the whole gateway (a single server, or the
 # supervisor of workers): every worker would report the same value, and a sum would
 # count it once per worker. A worker's ``GatewayMetrics`` has none of them.
@@ -219,16 +226,51 @@ _SCRAPE_TIME_HELP: Final = {
         "Age of the oldest hook event waiting for delivery (0: none)."
     ),
 }
-# The ones a worker writes into gauges when the supervisor scrapes
-# (``publish_scrape_time``), and how the supervisor combines the workers' values
-# (prometheus-client's ``multiprocess_mode``; "live": a dead worker's value goes).
+# The ones a worker writes into gauges (``publish_scrape_time``), and how the
+# supervisor combines the workers' values (prometheus-client's ``multiprocess_mode``).
+# Always a "live" mode: ``mark_process_dead`` removes only live gauges' files, so a
+# dead worker's ports, queue and hook backlog go with it (its replacement reports its
+# own). Not "mostrecent": each worker holds a different part of the figure.
 _WORKER_SCRAPE_TIME: Final[dict[str, Literal["livesum", "livemax"]]] = {
-    "passive_ports_in_use": "livesum",
+    "passive_ports_in_use": "livesum",  # each worker owns a disjoint share
     "passive_ports_free": "livesum",  # each worker's free share of the range
-    "login_queue_waiting": "livesum",
-    "hook_events_queued": "livesum",
+    "login_queue_waiting": "livesum",  # each worker has its own queue
+    "hook_events_queued": "livesum",  # each worker has its own spool
     "hook_oldest_queued_age_seconds": "livemax",  # the oldest of all workers'
 }
+
+
+def keep_values_in(folder: str | None) -> None:
+    """Choose, for this whole process, where metric values live: ``None`` in memory
+    (one process, the supervisor, tests), else in mmap files in ``folder`` (a worker).
+
+    prometheus-client picks its value class (``values.ValueClass``) once, when
+    ``prometheus_client.values`` is first imported, from ``PROMETHEUS_MULTIPROC_DIR``
+    (0.26; every metric then calls ``values.ValueClass`` when it is created). Left
+    to that, the mode would depend on whether the variable was set before some import,
+    and an operator's stray variable would put a single server into files. So the
+    class is set here, explicitly, before any ``GatewayMetrics`` exists. A worker's
+    variable is set too: ``MmapedValue`` reads its folder from it when it opens a file;
+    in memory it is removed (prometheus-client would warn on label removal, and no
+    child process inherits it by accident).
+    """
+    if folder is None:
+        values.ValueClass = values.MutexValue
+        os.environ.pop(MULTIPROCESS_VARIABLE, None)
+        return
+    os.environ[MULTIPROCESS_VARIABLE] = folder
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def _values_in_files() -> bool:
+    """Whether this process's metrics write into multiprocess files."""
+    return values.ValueClass is not values.MutexValue
+
+
+# How often a worker writes its owner-read gauges (``_WORKER_SCRAPE_TIME``) into its
+# files: they are at most this old at a scrape; each write costs ~15 us on the loop
+# (decision 0012). Every other series is written when it changes.
+PUBLISH_SECONDS: Final = 1.0
 
 _T = TypeVar("_T")
 
@@ -379,7 +421,17 @@ class GatewayMetrics:
             worker: one worker of several, in prometheus-client's multiprocess mode
                 (its values land in the supervisor's files): without the
                 ``REPORTED_ONCE`` series, the supervisor reports those.
+
+        Raises:
+            RuntimeError: the process's value store (``keep_values_in``) does not
+                match ``worker``: a worker's counts would reach no ``/metrics``, or a
+                single server's would land in files nobody reads.
         """
+        if worker != _values_in_files():
+            raise RuntimeError(
+                "metrics: a worker needs keep_values_in(folder), any other process "
+                "keep_values_in(None), before its GatewayMetrics"
+            )
         self.registry = CollectorRegistry()
         self._lock = threading.Lock()
         self._warned: set[str] = set()
@@ -391,6 +443,7 @@ class GatewayMetrics:
             f"{PREFIX}sessions_active",
             "Control sessions open now.",
             registry=registry,
+            # Each worker counts its own sessions; a dead worker's are closed.
             multiprocess_mode="livesum",
         )
         self._sessions = Counter(
@@ -463,6 +516,7 @@ class GatewayMetrics:
             f"{PREFIX}io_loop_stalled",
             "1 while the IO loop is stalled (summed over workers: how many are).",
             registry=registry,
+            # The sum is how many workers are stalled; a dead one is not.
             multiprocess_mode="livesum",
         )
         # REPORTED_ONCE: not in a worker (its files would add them up).
@@ -728,13 +782,13 @@ class GatewayMetrics:
         )
 
     def publish_scrape_time(self) -> None:
-        """Write the scrape-time values into gauges (a worker, multiprocess mode).
+        """Write the owner-read values into gauges (a worker, multiprocess mode).
 
-        The supervisor asks for this over the state channel just before it reads the
-        workers' files, so the values are as fresh as the scrape. Only the worker's own
-        sources are written (``_WORKER_SCRAPE_TIME``); a source never set makes no
-        series (as in one process); one that fails writes NaN (a file cannot drop a
-        series, and NaN is not a stale figure). Runs on the worker's IO loop.
+        The worker's IO loop calls this at start (so the first scrape has them) and
+        every ``PUBLISH_SECONDS``. Only the worker's own sources are written
+        (``_WORKER_SCRAPE_TIME``); a source never set makes no series (as in one
+        process); one that fails writes NaN (a file cannot drop a series, and NaN is
+        not a stale figure).
         """
         readings = dict(self._scrape_time.readings())
         for name, mode in _WORKER_SCRAPE_TIME.items():

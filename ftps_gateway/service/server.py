@@ -35,7 +35,7 @@ from ftps_gateway.errors import GatewayError, StartupError
 from ftps_gateway.ftp.control import ControlHandler
 from ftps_gateway.ftp.loop import LoopWaker, MessagePort, TimerScheduler
 from ftps_gateway.ftp.passive import worker_ports
-from ftps_gateway.metrics import GatewayMetrics
+from ftps_gateway.metrics import PUBLISH_SECONDS, GatewayMetrics
 from ftps_gateway.policy.netpolicy import (
     AccessList,
     PassiveAddressPolicy,
@@ -281,7 +281,7 @@ class GatewayServer:
             (self.implicit_listeners if implicit else self.listeners).append(listener)
 
     def _start_monitoring(self) -> None:
-        """Metrics gauges read at scrape time, and the HTTP endpoint (a worker's:
+        """Metrics gauges read at scrape time, and the HTTP endpoint (a worker's is
         the supervisor's, which reads the workers' metrics files; workermetrics)."""
         metrics = self.gateway.metrics
         metrics.track_passive_ports(self._passive_ports)
@@ -291,11 +291,11 @@ class GatewayServer:
         if self.hooks is not None:
             metrics.track_hooks(self.hooks.snapshot)
         if self.worker is not None:
-            channel = self._channel
-            if channel is None:
-                raise AssertionError("a worker without its channel")
-            metrics.publish_scrape_time()  # every series is there before serving
-            channel.on_scrape = metrics.publish_scrape_time  # fresh at each scrape
+            # The owner-read gauges into this worker's metrics files: now, so the
+            # first scrape has every series, then every PUBLISH_SECONDS (the other
+            # series are written as they change; decision 0012).
+            metrics.publish_scrape_time()
+            self.ioloop.call_every(PUBLISH_SECONDS, metrics.publish_scrape_time)
             return
         self.health = lifecycle.health_endpoint(self.config, metrics, self.readiness)
         if self.health is not None:

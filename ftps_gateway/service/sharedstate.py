@@ -26,10 +26,9 @@ killed with SIGKILL never leaks a partner's slots. Without the supervisor a work
 fails closed (every address banned, every login over the limit) and, through
 ``PR_SET_PDEATHSIG`` or ``ChannelState.lost``, stops so a fresh one can take its place.
 
-A scrape of the supervisor's ``/metrics`` asks every worker here to write its
-scrape-time gauges into its metrics files first (``scrape``; the files themselves are
-prometheus-client's, see ``workermetrics``), and a worker's loop watchdog says when
-its IO loop stalls and turns again (``/readyz`` lists it).
+A worker's loop watchdog says here when its IO loop stalls and turns again
+(``/readyz`` lists it). Metrics do not travel here: each worker writes them into
+prometheus-client's multiprocess files (``workermetrics``, decision 0012).
 """
 
 from __future__ import annotations
@@ -73,10 +72,6 @@ MAX_ITEMS_PER_MESSAGE = 500
 # (the worker then fails closed and is restarted): bans are rare, answers small.
 MAX_QUEUED_MESSAGES = 10_000
 SYNC_TIMEOUT_SECONDS = 30.0  # a new worker waits this long for the ban list
-# A scrape waits this long for the workers' scrape-time gauges, then reads the files
-# as they are (a worker answers within a turn of its IO loop, ~1 ms; Prometheus's
-# default scrape timeout is 10 s).
-SCRAPE_TIMEOUT_SECONDS = 1.0
 
 # Request names on the wire.
 OP_LOGIN = "login"
@@ -138,8 +133,6 @@ class StateService:
         # worker index -> when (monotonic, here) its IO loop stopped turning
         self.loop_stalls: dict[int, float] = {}
         self._lock = threading.Lock()
-        self._answered = threading.Condition(self._lock)  # a worker's "scraped"
-        self._scrapes = 0
         self._peers: set[_Peer] = set()
         self._handlers: dict[str, Callable[[list[Any], _Peer, _Batch], None]] = {
             OP_LOGIN: self._login,
@@ -183,43 +176,10 @@ class StateService:
                 else:
                     peer.put({"bans": [fields]})
 
-    def scrape(self, timeout: float = SCRAPE_TIMEOUT_SECONDS) -> list[int]:
-        """Have every worker write its scrape-time gauges; wait until they have.
-
-        Workers whose IO loop is stalled are not asked (it would only wait), nor
-        those still receiving their ban list.
-
-        Returns:
-            The workers that did not answer within ``timeout``.
-        """
-        with self._lock:
-            self._scrapes += 1
-            number = self._scrapes
-            asked = [
-                peer
-                for peer in self._peers
-                if peer.held_back is None and peer.worker not in self.loop_stalls
-            ]
-            for peer in asked:
-                peer.put({"scrape": number})
-        deadline = time.monotonic() + timeout
-        with self._answered:
-            while True:
-                late = [p for p in asked if p.scraped < number and p in self._peers]
-                left = deadline - time.monotonic()
-                if not late or left <= 0:
-                    return sorted(peer.worker for peer in late)
-                self._answered.wait(left)
-
     def _serve(self, peer: _Peer) -> None:
         try:
             while message := peer.conn.recv(MAX_MESSAGE_BYTES):
                 request = json.loads(message)
-                if "scraped" in request:  # the answer to ``scrape``
-                    with self._answered:
-                        peer.scraped = max(peer.scraped, int(request["scraped"]))
-                        self._answered.notify_all()
-                    continue
                 if "loop" in request:  # the watchdog's push: no answer
                     self._loop_report(peer.worker, float(request["loop"]))
                     continue
@@ -234,9 +194,8 @@ class StateService:
         except (OSError, ValueError, KeyError, TypeError):
             logger.exception("shared-state channel of worker %d failed", peer.worker)
         finally:
-            with self._answered:
+            with self._lock:
                 self._peers.discard(peer)
-                self._answered.notify_all()  # a scrape waits for it no longer
             peer.close()
             self.loop_stalls.pop(peer.worker, None)
             self._release(peer.held)
@@ -374,7 +333,6 @@ class _Peer:
         self.worker = worker
         self.held = _Held()
         self.held_back: list[list[Any]] | None = None
-        self.scraped = 0  # the last scrape it answered
         self._queue: queue.Queue[bytes | None] = queue.Queue(MAX_QUEUED_MESSAGES)
         self._writer = threading.Thread(
             target=self._write, name=f"state-{worker}-out", daemon=True
@@ -479,8 +437,6 @@ class ChannelState:
         self._port: Port | None = None
         self._soon: Callable[[Callable[[], None]], object] | None = None
         self._flush_scheduled = False
-        # Writes the worker's scrape-time gauges when the supervisor scrapes.
-        self.on_scrape: Callable[[], None] | None = None
 
     # --- set-up
 
@@ -619,13 +575,11 @@ class ChannelState:
         if self.broken or not batch:
             return
         for chunk in _chunks(batch):
-            self._send(_encode({"ops": list(chunk)}))
-
-    def _send(self, data: bytes) -> None:
-        if self._port is not None:
-            self._port.send_message(data)
-        else:
-            self.conn.sendall(data)
+            data = _encode({"ops": list(chunk)})
+            if self._port is not None:
+                self._port.send_message(data)
+            else:
+                self.conn.sendall(data)
 
     def handle_message(self, data: bytes) -> None:
         """A message from the supervisor (called by the port, on the loop)."""
@@ -650,19 +604,7 @@ class ChannelState:
             else:
                 for ban in bans:
                     self.replica.apply(ban)
-        if "scrape" in message:
-            self._scraped(int(message["scrape"]))
         return bool(message.get("synced"))
-
-    def _scraped(self, number: int) -> None:
-        """The supervisor scrapes: write the scrape-time gauges, then say so."""
-        if self.on_scrape is not None:
-            try:
-                self.on_scrape()
-            except Exception:
-                logger.exception("writing the scrape-time metrics failed")
-        if not self.broken:
-            self._send(_encode({"scraped": number}))
 
     def lost(self) -> None:
         """The supervisor is gone: fail closed, answer what waits, then stop.

@@ -33,11 +33,12 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftps_gateway.audit import AuditLog
 from ftps_gateway.errors import StartupError
-from ftps_gateway.metrics import GatewayMetrics
+from ftps_gateway.metrics import GatewayMetrics, keep_values_in
 from ftps_gateway.service import lifecycle, sdnotify, sharedstate
 from ftps_gateway.service.admin import AdminServer
 from ftps_gateway.service.hookspool import SpoolAdmin, spool_root
@@ -101,7 +102,7 @@ class Supervisor:
         own.track_passive_ports(lambda: (0, 0))
         own.track_login_queue(lambda: 0)
         own.track_hooks(lambda: (0, 0.0))
-        self.metrics = WorkerMetrics(own, self.state.scrape)
+        self.metrics = WorkerMetrics(own)
         self._lock = threading.Lock()  # reload from the admin thread vs signals
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
         self._stopping = False
@@ -279,8 +280,10 @@ def build_worker(args: Any, config: GatewayConfig) -> GatewayServer:
         return [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd]
 
     _die_with_parent()
-    if not os.environ.get(ENVIRONMENT):  # its counts would reach no /metrics
+    folder = os.environ.get(ENVIRONMENT)
+    if not folder or not Path(folder).is_dir():  # its counts would reach no /metrics
         raise StartupError(f"a worker needs {ENVIRONMENT} from its supervisor")
+    keep_values_in(folder)  # before its GatewayMetrics: values into the files
     role = WorkerRole(
         index=args.index,
         count=args.count,

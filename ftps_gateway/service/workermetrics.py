@@ -1,7 +1,7 @@
 """The supervisor's ``/metrics``: every worker's series, read at scrape time from
 prometheus-client's multiprocess files, and the series the supervisor reports itself.
 
-Why this shape (docs/decisions/0012-metrics-across-workers.md has the measurements):
+Why this shape (docs/decisions/0012-metrics-multiprocess.md has the measurements):
 workers used to render their registry every 2 s and push the text over the state
 channel; the supervisor parsed and added up the last texts. A scrape right after
 start had no worker samples, and every value was up to 2 s old. prometheus-client's
@@ -9,21 +9,20 @@ multiprocess mode does the job without a push: each worker's counters, histogram
 gauges write their value into the worker's own mmap files as they change
 (``metrics.GatewayMetrics(worker=True)``), and a scrape reads the files.
 
-- **The folder** (``PROMETHEUS_MULTIPROC_DIR``): one per supervisor run, made when it
-  starts (in systemd's ``RUNTIME_DIRECTORY``, a tmpfs, when there is one; else the
-  temp dir) and removed when it stops; the supervisor hands it to each worker in its
-  environment, so it holds before the worker's first prometheus import.
+- **The folder** (``PROMETHEUS_MULTIPROC_DIR``): one per supervisor run, private
+  (mode 0700, ``mkdtemp``), made when it starts (in systemd's ``RUNTIME_DIRECTORY``,
+  a tmpfs, when there is one; else the temp dir) and removed when it stops; the
+  supervisor hands it to each worker in its environment, and the worker selects
+  the file-backed value class explicitly (``metrics.keep_values_in``).
 - **A dead worker** (``worker_gone``): its gauges go (``mark_process_dead``; every
   worker gauge has a "live" mode), its counters and histograms stay, folded into
   ``counter_gone.db`` and ``histogram_gone.db``: Prometheus counters must never go
   backwards, and the folder holds at most one file per worker and kind, however often
   workers restart. Folding and reading hold one lock, so no scrape sees a dead
   worker's counts twice or not at all.
-- **Scrape-time gauges** (passive ports, login queue, hook queue): read from their
-  owners in each worker. Before reading the files, a scrape asks every worker over
-  the state channel to write them (``StateService.scrape``, answered on the worker's
-  IO loop within a turn); a worker that does not answer in time (a stalled loop) is
-  read as it last wrote.
+- **Owner-read gauges** (passive ports, login queue, hook queue): each worker's IO
+  loop writes them at start and every ``metrics.PUBLISH_SECONDS``; nothing about
+  metrics travels over the state channel, and a scrape never waits for a worker.
 - **What the supervisor reports itself** (``metrics.REPORTED_ONCE``: build info,
   config reloads, bans, the certificate's expiry; a cluster node's Redis series): from
   its own ``GatewayMetrics``, which also gives ``/metrics`` its shape: every worker
@@ -47,9 +46,10 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ftps_gateway.errors import StartupError
+from ftps_gateway.metrics import MULTIPROCESS_VARIABLE
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Iterable, Mapping
 
     from prometheus_client.core import Metric
     from prometheus_client.samples import Sample
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ftps_gateway")
 
-ENVIRONMENT = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client reads it at import
+ENVIRONMENT = MULTIPROCESS_VARIABLE  # the folder, in a worker's environment
 FOLDED = ("counter", "histogram")  # what a dead worker leaves behind (never gauges)
 _GONE = "gone"  # counter_gone.db: the dead workers' counts, folded together
 
@@ -68,17 +68,14 @@ SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 class WorkerMetrics(Collector):
     """``/metrics`` of a supervisor: the workers' files and the supervisor's own."""
 
-    def __init__(self, own: GatewayMetrics, ask_workers: Callable[[], object]) -> None:
+    def __init__(self, own: GatewayMetrics) -> None:
         """Nothing is made on disk until ``open``.
 
         Args:
             own: the supervisor's metrics: the ``REPORTED_ONCE`` and cluster series,
                 and the shape of every worker series (at zero).
-            ask_workers: has every worker write its scrape-time gauges; returns once
-                they have (or its timeout passed).
         """
         self.own = own
-        self._ask_workers = ask_workers
         self._lock = threading.Lock()  # reading the files vs folding a dead worker's
         self.folder: Path | None = None
         self.registry = CollectorRegistry()
@@ -139,7 +136,6 @@ class WorkerMetrics(Collector):
 
     def collect(self) -> Iterable[Metric]:
         """The supervisor's families, each worker series with the workers' values."""
-        self._ask_workers()
         with self._lock:
             files = [str(f) for f in self.folder.glob("*.db")] if self.folder else []
             theirs = {family.name: family for family in _merge(files, accumulate=True)}

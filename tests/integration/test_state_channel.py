@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import select
 import socket
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -217,41 +216,6 @@ def test_many_requests_leave_in_messages_a_socket_takes() -> None:
     assert sizes == [500, 500, 200]
     supervisor_end.close()
     worker_end.close()
-
-
-def test_a_scrape_waits_until_every_worker_wrote_its_gauges(
-    service: tuple[LocalState, StateService],
-) -> None:
-    """scrape() returns once each worker has run its on_scrape; a worker that does
-    not answer is waited for only until the timeout, a stalled one not at all."""
-    _, supervisor = service
-    one, two = Worker(supervisor, 0), Worker(supervisor, 1)
-    wrote: list[int] = []
-    one.state.on_scrape = lambda: wrote.append(0)
-    two.state.on_scrape = lambda: wrote.append(1)
-    late: list[list[int]] = []
-    scraping = threading.Thread(target=lambda: late.append(supervisor.scrape(30)))
-    scraping.start()
-    one.pump(lambda: 0 in wrote)
-    two.pump(lambda: 1 in wrote)
-    scraping.join(30)
-    assert late == [[]]
-    assert sorted(wrote) == [0, 1]
-    # Worker 1 is not pumped now: only worker 0 answers.
-    scraping = threading.Thread(target=lambda: late.append(supervisor.scrape(1.0)))
-    scraping.start()
-    one.pump(lambda: len(wrote) == 3)
-    scraping.join(30)
-    assert late[-1] == [1]
-    # A stalled worker is not asked (its loop would not answer).
-    supervisor.loop_stalls[1] = time.monotonic()
-    scraping = threading.Thread(target=lambda: late.append(supervisor.scrape(30)))
-    scraping.start()
-    one.pump(lambda: len(wrote) == 4)
-    scraping.join(30)
-    assert late[-1] == []
-    one.close()
-    two.close()
 
 
 def _ops(data: bytes) -> list[Any]:

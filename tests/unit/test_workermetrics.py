@@ -1,9 +1,10 @@
 """WorkerMetrics: the supervisor's /metrics over real multiprocess files.
 
 Each "worker" here is a real Python process in prometheus-client's multiprocess mode
-(``PROMETHEUS_MULTIPROC_DIR`` set before its first import, as the supervisor does)
-that counts with ``GatewayMetrics(worker=True)`` and exits; the test process reads
-the files the way the supervisor does.
+(``keep_values_in(folder)``, as a worker does; prometheus-client is imported before,
+without the variable, so the mode cannot come from import order) that counts with
+``GatewayMetrics(worker=True)`` and exits; the test process reads the files the way
+the supervisor does.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ P = "ftps_gateway_"
 
 WORKER = """
 import os
-from ftps_gateway.metrics import GatewayMetrics
+import sys
+import prometheus_client  # first, without the variable: memory values chosen
+from ftps_gateway.metrics import GatewayMetrics, keep_values_in
 
+keep_values_in(sys.argv[1])
 m = GatewayMetrics(worker=True, process_metrics=False)
 for _ in range({logins}):
     m.session_opened()
@@ -47,8 +51,8 @@ def _worker(folder: Path, logins: int, in_use: int, age: float) -> int:
     """Run one worker process to its end; its PID."""
     script = WORKER.format(logins=logins, in_use=in_use, age=age)
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        env={ENVIRONMENT: str(folder), "PATH": "/usr/bin:/bin"},
+        [sys.executable, "-c", textwrap.dedent(script), str(folder)],
+        env={"PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         check=True,
@@ -73,7 +77,7 @@ def supervisor(tmp_path: Path) -> WorkerMetrics:
     own = GatewayMetrics(process_metrics=False)
     own.track_passive_ports(lambda: (0, 0))
     own.track_login_queue(lambda: 0)
-    metrics = WorkerMetrics(own, lambda: None)
+    metrics = WorkerMetrics(own)
     metrics.open()
     return metrics
 
@@ -128,19 +132,53 @@ def test_workers_add_up_and_a_dead_one_keeps_its_counts(
     assert names == ["counter_gone.db", "histogram_gone.db"]
 
 
-def test_a_worker_makes_none_of_what_the_supervisor_reports() -> None:
-    """A worker creates no build, reload or reload-time series (a reload counted
-    there is a no-op); a single process has them."""
-    worker = GatewayMetrics(worker=True, process_metrics=False)
+def test_a_single_process_reports_what_workers_leave_out() -> None:
+    """A single process has the build, reload and reload-time series (the workers'
+    files have none: see the first test)."""
     single = GatewayMetrics(process_metrics=False)
-    for metrics in (worker, single):
-        metrics.config_reloaded("ok")
-    assert not {f.name for f in worker.families()} & REPORTED_ONCE
+    single.config_reloaded("ok")
     assert {f.name for f in single.families()} & REPORTED_ONCE == {
         f"{P}build_info",
         f"{P}config_reloads",
         f"{P}config_last_reload_success_timestamp_seconds",
     }
+
+
+STRAY = """
+import sys
+import prometheus_client  # the variable is set: prometheus picks file values
+from ftps_gateway.metrics import GatewayMetrics, keep_values_in
+
+try:
+    GatewayMetrics(process_metrics=False)
+except RuntimeError:
+    print("refused")
+keep_values_in(None)
+m = GatewayMetrics(process_metrics=False)
+m.login("ok")
+try:
+    GatewayMetrics(worker=True, process_metrics=False)
+except RuntimeError:
+    print("refused")
+"""
+
+
+def test_the_value_store_is_chosen_explicitly_not_by_import_order(
+    tmp_path: Path,
+) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR set before prometheus-client's import, a single
+    process still keeps its values in memory once it says so (no file appears), and
+    a GatewayMetrics whose role does not match the store is refused."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(STRAY)],
+        env={ENVIRONMENT: str(tmp_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert done.stdout.split() == ["refused", "refused"]
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_folder_goes_on_close(supervisor: WorkerMetrics) -> None:
