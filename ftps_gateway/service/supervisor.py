@@ -158,8 +158,12 @@ class Supervisor:
     def run(self) -> int:
         """Start the workers and watch them until stopped; the exit code."""
         self.metrics.open()
-        for index in range(self.count):
-            self._start(index)
+        try:
+            for index in range(self.count):
+                self._start(index)
+        except BaseException:
+            self.metrics.close()  # the folder never outlives a failed start
+            raise
         self.admin.start()
         if self.health is not None:
             self.health.start()  # logs where it serves

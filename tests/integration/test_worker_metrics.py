@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -196,6 +197,7 @@ def test_counts_from_both_workers_add_up_at_once(workers: Workers) -> None:
     """Sessions spread over both workers: the first scrape after them has exact
     totals (no push to wait for); the owner-read gauges (passive ports held by EPSV)
     follow within PUBLISH_SECONDS."""
+    assert stat.S_IMODE(workers.folder().stat().st_mode) == 0o700  # private
     sessions = _spread(workers, 6)
     count = len(sessions)
     for index, (ftp, _) in enumerate(sessions):
