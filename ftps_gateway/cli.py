@@ -274,6 +274,7 @@ def _line_handler(path: Path | None, stream: TextIO | None) -> logging.Handler:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from ftps_gateway.metrics import keep_values_in  # noqa: PLC0415
     from ftps_gateway.service import supervisor as workers  # noqa: PLC0415 - keep other verbs light
 
     prepared: demo.Demo | None = None
@@ -284,6 +285,10 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         cfg = config.load(args.config)
     configure_logging(cfg.log_level, args.debug, cfg.audit_file, cfg.xferlog_file)
+    # This process keeps its metrics in memory (a stray PROMETHEUS_MULTIPROC_DIR in
+    # the environment must not put it into files); workers get their folder from
+    # the supervisor (decision 0012).
+    keep_values_in(None)
     count = workers.worker_count(cfg)
     if count > 1 and cfg.source is not None:
         supervisor = workers.Supervisor(cfg, count)

@@ -9,33 +9,36 @@ units are spelled out (``_seconds``, ``_bytes``). Every label takes its value fr
 fixed vocabulary below; anything else is counted as ``other`` (and logged once), so a
 caller's bug or a peer-controlled string cannot create unbounded series.
 
-Several worker processes (issue 8): every series here is a counter, a histogram or a
-gauge whose per-process values add up (sessions active, passive ports in use), so a
-sum across workers is the gateway's figure. Two ways to get there, neither built yet:
-
-- prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before the
-  first import, a ``MultiProcessCollector`` on the scraping side). Counters and
-  histograms then sum by themselves; ``sessions_active`` needs
-  ``multiprocess_mode="livesum"`` and ``build_info`` ``"max"``; the scrape-time
-  callbacks (``_ScrapeTimeGauges``) do not exist in that mode and move to the parent.
-- or each worker keeps this registry and the parent scrapes them over a pipe and adds
-  the samples (simple, since nothing here is a ratio or an average).
-
-Either way, what all workers share (bans, the certificate, config reloads and their
-timestamp, build info) must be reported by one process only, or a sum would count
-it once per worker; ``process_*`` series stay per process (a ``worker`` label).
+Several worker processes (issue 8; decision 0012): every series here is a counter,
+a histogram or a gauge whose per-process values add up (sessions active, passive ports
+in use) or whose maximum is the figure (the oldest hook event), so the workers' values
+combine without knowing each other. A worker's ``GatewayMetrics(worker=True)`` runs in
+prometheus-client's multiprocess mode (``keep_values_in(folder)``, called once before
+any metric exists): each counter, histogram and gauge writes its value into the
+worker's mmap files as it changes, and the supervisor's ``/metrics`` reads them at
+scrape time (``service.workermetrics``). Gauges say how they combine
+(``multiprocess_mode``, always a "live" mode so a dead worker's gauges go with it);
+the values read from their owners (passive ports, login queue, hook queue) are
+written into such gauges by the worker's IO loop at start and every
+``PUBLISH_SECONDS`` (``publish_scrape_time``). What every worker would report alike
+(``REPORTED_ONCE``: build info, reloads, bans, the certificate's expiry) is left out
+of a worker: the supervisor reports it once. ``process_*`` series stay out of the
+workers' sum. A single process (and every in-thread test gateway) keeps its values
+in memory, in its own registry.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
+import os
 import platform
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from importlib import metadata
-from typing import Final, TypeVar
+from typing import Final, Literal, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -43,6 +46,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    values,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -189,6 +193,85 @@ TRANSFER_SECONDS_BUCKETS: Final = (
 
 _MAX_LOGGED_LABEL_CHARS: Final = 64
 
+# prometheus-client's folder for a process's mmap files (multiprocess mode).
+MULTIPROCESS_VARIABLE: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+# Families one process reports for the whole gateway (a single server, or the
+# supervisor of workers): every worker would report the same value, and a sum would
+# count it once per worker. A worker's ``GatewayMetrics`` has none of them.
+REPORTED_ONCE: Final = frozenset(
+    {
+        f"{PREFIX}build_info",
+        f"{PREFIX}config_reloads",  # the family of config_reloads_total
+        f"{PREFIX}config_last_reload_success_timestamp_seconds",
+        f"{PREFIX}bans_active",
+        f"{PREFIX}tls_certificate_expiry_timestamp_seconds",
+    }
+)
+
+# Gauges read from their owners at scrape time (``_ScrapeTimeGauges``): name after
+# the prefix -> help text.
+_SCRAPE_TIME_HELP: Final = {
+    "passive_ports_in_use": "Passive data ports listening or connected now.",
+    "passive_ports_free": "Passive data ports free for the next PASV/EPSV.",
+    "bans_active": "Bans in force now.",
+    "login_queue_waiting": "Logins waiting for a password verification now.",
+    "tls_certificate_expiry_timestamp_seconds": (
+        "When the served certificate expires (Unix time)."
+    ),
+    "hook_events_queued": (
+        "Hook events waiting for delivery (spooled or being spooled)."
+    ),
+    "hook_oldest_queued_age_seconds": (
+        "Age of the oldest hook event waiting for delivery (0: none)."
+    ),
+}
+# The ones a worker writes into gauges (``publish_scrape_time``), and how the
+# supervisor combines the workers' values (prometheus-client's ``multiprocess_mode``).
+# Always a "live" mode: ``mark_process_dead`` removes only live gauges' files, so a
+# dead worker's ports, queue and hook backlog go with it (its replacement reports its
+# own). Not "mostrecent": each worker holds a different part of the figure.
+_WORKER_SCRAPE_TIME: Final[dict[str, Literal["livesum", "livemax"]]] = {
+    "passive_ports_in_use": "livesum",  # each worker owns a disjoint share
+    "passive_ports_free": "livesum",  # each worker's free share of the range
+    "login_queue_waiting": "livesum",  # each worker has its own queue
+    "hook_events_queued": "livesum",  # each worker has its own spool
+    "hook_oldest_queued_age_seconds": "livemax",  # the oldest of all workers'
+}
+
+
+def keep_values_in(folder: str | None) -> None:
+    """Choose, for this whole process, where metric values live: ``None`` in memory
+    (one process, the supervisor, tests), else in mmap files in ``folder`` (a worker).
+
+    prometheus-client picks its value class (``values.ValueClass``) once, when
+    ``prometheus_client.values`` is first imported, from ``PROMETHEUS_MULTIPROC_DIR``
+    (0.26; every metric then calls ``values.ValueClass`` when it is created). Left
+    to that, the mode would depend on whether the variable was set before some import,
+    and an operator's stray variable would put a single server into files. So the
+    class is set here, explicitly, before any ``GatewayMetrics`` exists. A worker's
+    variable is set too: ``MmapedValue`` reads its folder from it when it opens a file;
+    in memory it is removed (prometheus-client would warn on label removal, and no
+    child process inherits it by accident).
+    """
+    if folder is None:
+        values.ValueClass = values.MutexValue
+        os.environ.pop(MULTIPROCESS_VARIABLE, None)
+        return
+    os.environ[MULTIPROCESS_VARIABLE] = folder
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def _values_in_files() -> bool:
+    """Whether this process's metrics write into multiprocess files."""
+    return values.ValueClass is not values.MutexValue
+
+
+# How often a worker writes its owner-read gauges (``_WORKER_SCRAPE_TIME``) into its
+# files: they are at most this old at a scrape; each write costs ~15 us on the loop
+# (decision 0012). Every other series is written when it changes.
+PUBLISH_SECONDS: Final = 1.0
+
 _T = TypeVar("_T")
 
 PassivePortsSource = Callable[[], tuple[int, int]]  # (in use, size of the range)
@@ -309,9 +392,9 @@ class GatewayMetrics:
 
     Never the global registry: two gateways in one process (tests) must not share
     counters or clash on registration. All verbs are thread-safe and cheap (a lock and
-    an addition), so the IO loop may call them directly. Construct one even when no
-    endpoint is configured: counting costs next to nothing, and the handler then needs
-    no "metrics off" branch.
+    an addition; in a worker also a write into an mmap), so the IO loop may call them
+    directly. Construct one even when no endpoint is configured: counting costs next
+    to nothing, and the handler then needs no "metrics off" branch.
     """
 
     def __init__(
@@ -321,6 +404,7 @@ class GatewayMetrics:
         max_user_labels: int = MAX_USER_LABELS,
         process_metrics: bool = True,
         node: str = "",
+        worker: bool = False,
     ) -> None:
         """Create and register every metric, with each known label value at zero.
 
@@ -334,7 +418,20 @@ class GatewayMetrics:
             process_metrics: add the standard ``process_*`` series (CPU, memory, fds).
             node: this node's name (``server.node_name``), a label of ``build_info``
                 so dashboards can tell nodes behind a balancer apart.
+            worker: one worker of several, in prometheus-client's multiprocess mode
+                (its values land in the supervisor's files): without the
+                ``REPORTED_ONCE`` series, the supervisor reports those.
+
+        Raises:
+            RuntimeError: the process's value store (``keep_values_in``) does not
+                match ``worker``: a worker's counts would reach no ``/metrics``, or a
+                single server's would land in files nobody reads.
         """
+        if worker != _values_in_files():
+            raise RuntimeError(
+                "metrics: a worker needs keep_values_in(folder), any other process "
+                "keep_values_in(None), before its GatewayMetrics"
+            )
         self.registry = CollectorRegistry()
         self._lock = threading.Lock()
         self._warned: set[str] = set()
@@ -346,6 +443,8 @@ class GatewayMetrics:
             f"{PREFIX}sessions_active",
             "Control sessions open now.",
             registry=registry,
+            # Each worker counts its own sessions; a dead worker's are closed.
+            multiprocess_mode="livesum",
         )
         self._sessions = Counter(
             f"{PREFIX}sessions_total",
@@ -402,24 +501,12 @@ class GatewayMetrics:
             buckets=TRANSFER_SECONDS_BUCKETS,
             registry=registry,
         )
-        self._reloads = Counter(
-            f"{PREFIX}config_reloads_total",
-            "Configuration reloads (SIGHUP), by result.",
-            ["result"],
-            registry=registry,
-        )
         self._hook_deliveries = Counter(
             f"{PREFIX}hook_deliveries_total",
             "Hook delivery attempts and events, by result (see HOOK_RESULTS).",
             ["result"],
             registry=registry,
         )
-        self._last_reload = Gauge(
-            f"{PREFIX}config_last_reload_success_timestamp_seconds",
-            "When the configuration in force was loaded (start or last good reload).",
-            registry=registry,
-        )
-        self._last_reload.set_to_current_time()
         self._loop_stalls = Counter(
             f"{PREFIX}io_loop_stalls_total",
             "Times an IO loop went server.loop_stall_seconds without turning.",
@@ -429,14 +516,33 @@ class GatewayMetrics:
             f"{PREFIX}io_loop_stalled",
             "1 while the IO loop is stalled (summed over workers: how many are).",
             registry=registry,
+            # The sum is how many workers are stalled; a dead one is not.
+            multiprocess_mode="livesum",
         )
-        build = Gauge(
-            f"{PREFIX}build_info",
-            "Always 1; the labels say which build, Python and node runs.",
-            ["version", "python", "node"],
-            registry=registry,
-        )
-        build.labels(build_version(), platform.python_version(), node).set(1)
+        # REPORTED_ONCE: not in a worker (its files would add them up).
+        self._reloads: Counter | None = None
+        self._last_reload: Gauge | None = None
+        if not worker:
+            self._reloads = Counter(
+                f"{PREFIX}config_reloads_total",
+                "Configuration reloads (SIGHUP), by result.",
+                ["result"],
+                registry=registry,
+            )
+            self._last_reload = Gauge(
+                f"{PREFIX}config_last_reload_success_timestamp_seconds",
+                "When the configuration in force was loaded (start or last good "
+                "reload).",
+                registry=registry,
+            )
+            self._last_reload.set_to_current_time()
+            build = Gauge(
+                f"{PREFIX}build_info",
+                "Always 1; the labels say which build, Python and node runs.",
+                ["version", "python", "node"],
+                registry=registry,
+            )
+            build.labels(build_version(), platform.python_version(), node).set(1)
 
         self._cluster_series: ClusterSeries | None = None
         self._user_transfers: Counter | None = None
@@ -458,6 +564,7 @@ class GatewayMetrics:
 
         self._scrape_time = _ScrapeTimeGauges()
         registry.register(self._scrape_time)
+        self._published: dict[str, Gauge] = {}  # publish_scrape_time's, by name
         if process_metrics:
             ProcessCollector(registry=registry)
         self._initialise_series()
@@ -476,7 +583,7 @@ class GatewayMetrics:
                 ("reload", RELOAD_RESULTS),
             )
         }
-        series: list[tuple[Counter | Histogram, tuple[tuple[str, ...], ...]]] = [
+        series: list[tuple[Counter | Histogram | None, tuple[tuple[str, ...], ...]]] = [
             (self._sessions, (with_other["session"],)),
             (self._refusals, (with_other["refusal"],)),
             (self._logins, (with_other["login"],)),
@@ -491,7 +598,8 @@ class GatewayMetrics:
         ]
         for metric, label_values in series:
             for labels in itertools.product(*label_values):
-                metric.labels(*labels)
+                if metric is not None:  # reloads: not in a worker
+                    metric.labels(*labels)
 
     # --- sessions -------------------------------------------------------------------
 
@@ -595,8 +703,13 @@ class GatewayMetrics:
     # --- configuration and scrape-time values -----------------------------------------
 
     def config_reloaded(self, result: str) -> None:
-        """A reload (SIGHUP) finished; ``result`` is one of ``RELOAD_RESULTS``."""
+        """A reload (SIGHUP) finished; ``result`` is one of ``RELOAD_RESULTS``.
+
+        Not counted in a worker: the supervisor validated the file and counts it.
+        """
         label = self._known("reload result", result, _RELOAD_RESULTS)
+        if self._reloads is None or self._last_reload is None:
+            return
         self._reloads.labels(label).inc()
         if label == "ok":
             self._last_reload.set_to_current_time()
@@ -668,6 +781,32 @@ class GatewayMetrics:
             source if callable(source) else (lambda: source)
         )
 
+    def publish_scrape_time(self) -> None:
+        """Write the owner-read values into gauges (a worker, multiprocess mode).
+
+        The worker's IO loop calls this at start (so the first scrape has them) and
+        every ``PUBLISH_SECONDS``. Only the worker's own sources are written
+        (``_WORKER_SCRAPE_TIME``); a source never set makes no series (as in one
+        process); one that fails writes NaN (a file cannot drop a series, and NaN is
+        not a stale figure).
+        """
+        readings = dict(self._scrape_time.readings())
+        for name, mode in _WORKER_SCRAPE_TIME.items():
+            if name not in readings:
+                continue
+            value = readings[name]
+            gauge = self._published.get(name)
+            if gauge is None:
+                gauge = self._published[name] = Gauge(
+                    f"{PREFIX}{name}", _SCRAPE_TIME_HELP[name],
+                    multiprocess_mode=mode, registry=None,
+                )  # fmt: skip
+            gauge.set(math.nan if value is None else value)
+
+    def families(self) -> Iterable[Metric]:
+        """This registry's families as ``render`` shows them (no ``_created``)."""
+        return _WithoutCreated(self.registry).collect()
+
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition of this registry and its content type.
 
@@ -736,73 +875,37 @@ class _ScrapeTimeGauges(Collector):
 
     def collect(self) -> Iterable[Metric]:
         """Yield the gauges whose sources are set and answered."""
-        yield from self._passive_ports()
-        yield from self._single("bans", self.bans, "bans_active", "Bans in force now.")
-        yield from self._single(
-            "login queue", self.login_queue, "login_queue_waiting",
-            "Logins waiting for a password verification now.",
-        )  # fmt: skip
-        yield from self._certificate_expiry()
-        yield from self._hooks()
+        for name, value in self.readings():
+            if value is not None:
+                yield GaugeMetricFamily(
+                    f"{PREFIX}{name}", _SCRAPE_TIME_HELP[name], value=value
+                )
 
-    def _single(
-        self, what: str, source: Callable[[], int] | None, name: str, text: str
-    ) -> Iterable[Metric]:
-        value = self._read(what, source) if source is not None else None
-        if value is not None:
-            yield GaugeMetricFamily(f"{PREFIX}{name}", text, value=value)
-
-    def _passive_ports(self) -> Iterable[Metric]:
-        if self.passive_ports is None:
-            return
-        ports = self._read("passive ports", self.passive_ports)
-        if ports is None:
-            return
-        in_use, total = ports
-        yield GaugeMetricFamily(
-            f"{PREFIX}passive_ports_in_use",
-            "Passive data ports listening or connected now.",
-            value=in_use,
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}passive_ports_free",
-            "Passive data ports free for the next PASV/EPSV.",
+    def readings(self) -> Iterator[tuple[str, float | None]]:
+        """(name after the prefix, value) of each gauge whose source is set; the
+        value is None when the source failed."""
+        if self.passive_ports is not None:
+            ports = self._read("passive ports", self.passive_ports)
+            in_use, total = ports if ports is not None else (None, None)
+            yield "passive_ports_in_use", in_use
             # Not clamped at 0: a worker that borrowed ports of another worker's
-            # share holds more than its own share, and the supervisor's sum over
-            # workers is exact only this way.
-            value=total - in_use,
-        )
-
-    def _certificate_expiry(self) -> Iterable[Metric]:
-        if self.certificate_expiry is None:
-            return
-        expiry = self._read("certificate expiry", self.certificate_expiry)
-        if expiry is None:
-            return
-        seconds = expiry.timestamp() if isinstance(expiry, datetime) else expiry
-        yield GaugeMetricFamily(
-            f"{PREFIX}tls_certificate_expiry_timestamp_seconds",
-            "When the served certificate expires (Unix time).",
-            value=seconds,
-        )
-
-    def _hooks(self) -> Iterable[Metric]:
-        if self.hooks is None:
-            return
-        queue = self._read("hook queue", self.hooks)
-        if queue is None:
-            return
-        depth, age = queue
-        yield GaugeMetricFamily(
-            f"{PREFIX}hook_events_queued",
-            "Hook events waiting for delivery (spooled or being spooled).",
-            value=depth,
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}hook_oldest_queued_age_seconds",
-            "Age of the oldest hook event waiting for delivery (0: none).",
-            value=age,
-        )
+            # share holds more than its own share, and the sum over workers is
+            # exact only this way.
+            free = None if in_use is None or total is None else total - in_use
+            yield "passive_ports_free", free
+        if self.bans is not None:
+            yield "bans_active", self._read("bans", self.bans)
+        if self.login_queue is not None:
+            yield "login_queue_waiting", self._read("login queue", self.login_queue)
+        if self.certificate_expiry is not None:
+            expiry = self._read("certificate expiry", self.certificate_expiry)
+            seconds = expiry.timestamp() if isinstance(expiry, datetime) else expiry
+            yield "tls_certificate_expiry_timestamp_seconds", seconds
+        if self.hooks is not None:
+            queue = self._read("hook queue", self.hooks)
+            depth, age = queue if queue is not None else (None, None)
+            yield "hook_events_queued", depth
+            yield "hook_oldest_queued_age_seconds", age
 
     def _read(self, what: str, source: Callable[[], _T]) -> _T | None:
         try:

@@ -109,11 +109,6 @@ class MessagePort(AsyncChat):
         self._max = max_message_bytes
         super().__init__(sock, ioloop=ioloop)
 
-    @property
-    def queued(self) -> int:
-        """Messages waiting for room in the socket."""
-        return len(self._outbox)
-
     def send_message(self, data: bytes) -> None:
         """Send ``data`` as one message (queued behind earlier ones if any wait)."""
         if self._closed:

@@ -203,8 +203,8 @@ def reload_config(
     building reveals (an unusable certificate); it must then have changed nothing.
 
     Args:
-        metrics: where the outcome is counted; None in the supervisor, whose
-            ``/metrics`` adds up the workers' counts.
+        metrics: where the outcome is counted (with workers: the supervisor's;
+            a worker's ``GatewayMetrics`` leaves it to the supervisor).
         tell_systemd: this process speaks for the service (not a worker).
 
     Returns:

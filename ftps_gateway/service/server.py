@@ -35,7 +35,7 @@ from ftps_gateway.errors import GatewayError, StartupError
 from ftps_gateway.ftp.control import ControlHandler
 from ftps_gateway.ftp.loop import LoopWaker, MessagePort, TimerScheduler
 from ftps_gateway.ftp.passive import worker_ports
-from ftps_gateway.metrics import GatewayMetrics
+from ftps_gateway.metrics import PUBLISH_SECONDS, GatewayMetrics
 from ftps_gateway.policy.netpolicy import (
     AccessList,
     PassiveAddressPolicy,
@@ -76,8 +76,6 @@ logger = logging.getLogger("ftps_gateway")
 
 # How often expired partial uploads are looked for (at most; see _start_sweeper).
 SWEEP_INTERVAL_SECONDS = 600
-
-METRICS_PUSH_SECONDS = 2.0  # a worker's metrics reach the supervisor this often
 
 # How often a drain looks for sessions whose transfer has finished.
 DRAIN_POLL_SECONDS = 0.2
@@ -230,6 +228,7 @@ class GatewayServer:
         metrics = GatewayMetrics(
             per_user_labels=config.metrics.per_user_labels,
             node=config.server.node_name or socket.gethostname(),
+            worker=self.worker is not None,  # into the supervisor's files
         )
         if self.worker is None:  # before binding: a cluster node may not start
             try:
@@ -282,7 +281,8 @@ class GatewayServer:
             (self.implicit_listeners if implicit else self.listeners).append(listener)
 
     def _start_monitoring(self) -> None:
-        """Metrics gauges read at scrape time, and the HTTP endpoint (or the push)."""
+        """Metrics gauges read at scrape time, and the HTTP endpoint (a worker's is
+        the supervisor's, which reads the workers' metrics files; workermetrics)."""
         metrics = self.gateway.metrics
         metrics.track_passive_ports(self._passive_ports)
         metrics.track_bans(self.gateway.state.active_bans)
@@ -291,16 +291,11 @@ class GatewayServer:
         if self.hooks is not None:
             metrics.track_hooks(self.hooks.snapshot)
         if self.worker is not None:
-            # The supervisor serves one /metrics that adds up the workers' pushes.
-            channel = self._channel
-            if channel is None:
-                raise AssertionError("a worker without its channel")
-
-            def push() -> None:
-                channel.push_metrics(metrics.render()[0].decode())
-
-            self.ioloop.call_later(0, push)  # at once: /metrics is whole from the start
-            self.ioloop.call_every(METRICS_PUSH_SECONDS, push)
+            # The owner-read gauges into this worker's metrics files: now, so the
+            # first scrape has every series, then every PUBLISH_SECONDS (the other
+            # series are written as they change; decision 0012).
+            metrics.publish_scrape_time()
+            self.ioloop.call_every(PUBLISH_SECONDS, metrics.publish_scrape_time)
             return
         self.health = lifecycle.health_endpoint(self.config, metrics, self.readiness)
         if self.health is not None:
@@ -464,8 +459,8 @@ class GatewayServer:
         if self._speaks_for_service:
             sdnotify.notify("READY=1", "STATUS=serving")
         # pyftpdlib's loop starts with an unbounded poll and only then asks its
-        # scheduler for the next deadline: timers set before the loop (metrics push,
-        # partial sweep) would wait for the first connection. One wake-up at once
+        # scheduler for the next deadline: timers set before the loop (the partial
+        # sweep) would wait for the first connection. One wake-up at once
         # lets the scheduler set the first timeout.
         self.waker.call_soon_threadsafe(lambda: None)
         self.watchdog.start(threading.get_ident())

@@ -26,9 +26,9 @@ killed with SIGKILL never leaks a partner's slots. Without the supervisor a work
 fails closed (every address banned, every login over the limit) and, through
 ``PR_SET_PDEATHSIG`` or ``ChannelState.lost``, stops so a fresh one can take its place.
 
-Workers also push their rendered metrics here every few seconds; the supervisor sums
-them for its one ``/metrics`` (``supervisor.AggregatedMetrics``), and a worker's loop
-watchdog says when its IO loop stalls and turns again (``/readyz`` lists it).
+A worker's loop watchdog says here when its IO loop stalls and turns again
+(``/readyz`` lists it). Metrics do not travel here: each worker writes them into
+prometheus-client's multiprocess files (``workermetrics``, decision 0012).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ftps_gateway")
 
-MAX_MESSAGE_BYTES = 1 << 20  # a metrics push is the largest message (~30 KiB)
+MAX_MESSAGE_BYTES = 1 << 20  # the largest message is a ban list chunk (~50 KiB)
 # Requests or bans per message: a SOCK_SEQPACKET message must fit the socket's send
 # buffer (~208 KiB by default); ~100 bytes each keeps a message under ~50 KiB.
 MAX_ITEMS_PER_MESSAGE = 500
@@ -130,7 +130,6 @@ class StateService:
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
-        self.metrics: dict[int, str] = {}  # worker index -> its last metrics text
         # worker index -> when (monotonic, here) its IO loop stopped turning
         self.loop_stalls: dict[int, float] = {}
         self._lock = threading.Lock()
@@ -181,9 +180,6 @@ class StateService:
         try:
             while message := peer.conn.recv(MAX_MESSAGE_BYTES):
                 request = json.loads(message)
-                if "metrics" in request:  # a push: no answer
-                    self.metrics[peer.worker] = str(request["metrics"])
-                    continue
                 if "loop" in request:  # the watchdog's push: no answer
                     self._loop_report(peer.worker, float(request["loop"]))
                     continue
@@ -201,7 +197,6 @@ class StateService:
             with self._lock:
                 self._peers.discard(peer)
             peer.close()
-            self.metrics.pop(peer.worker, None)
             self.loop_stalls.pop(peer.worker, None)
             self._release(peer.held)
 
@@ -408,11 +403,6 @@ class Port(Protocol):
         """Send one message now, or queue it until the socket takes it."""
         ...
 
-    @property
-    def queued(self) -> int:
-        """Messages waiting for the socket."""
-        ...
-
     def close(self) -> None:
         """Leave the loop and close the socket."""
         ...
@@ -553,11 +543,6 @@ class ChannelState:
             return
         with contextlib.suppress(OSError):
             self.conn.send(_encode({"loop": stalled}))
-
-    def push_metrics(self, text: str) -> None:
-        """Send this worker's metrics text; skipped while earlier messages wait."""
-        if self._port is not None and not self.broken and not self._port.queued:
-            self._port.send_message(_encode({"metrics": text}))
 
     # --- the wire
 

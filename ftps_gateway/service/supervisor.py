@@ -14,7 +14,8 @@ them. What must be shared is shared explicitly:
   asynchronously, nothing ever waited for on a worker's IO loop; with ``[cluster]``
   "here" is the node's one Redis client (``cluster.RedisState``, one lease per
   node), and ``/readyz`` and ``/metrics`` say its mode;
-- metrics: workers push theirs, ``/metrics`` here adds them up;
+- metrics: each worker writes its values into prometheus-client's multiprocess
+  files, ``/metrics`` here reads them at each scrape (``workermetrics``);
 - signals: SIGTERM drains every worker, SIGHUP reloads (validated here first);
 - the admin socket and the HTTP endpoint live here;
 - hook events: each worker spools and delivers its own (``hooks``); ``hooks
@@ -32,24 +33,21 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from prometheus_client.core import Metric
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector, CollectorRegistry
 
 from ftps_gateway.audit import AuditLog
 from ftps_gateway.errors import StartupError
-from ftps_gateway.metrics import ClusterSeries
+from ftps_gateway.metrics import GatewayMetrics, keep_values_in
 from ftps_gateway.service import lifecycle, sdnotify, sharedstate
 from ftps_gateway.service.admin import AdminServer
 from ftps_gateway.service.hookspool import SpoolAdmin, spool_root
 from ftps_gateway.service.server import GatewayServer, WorkerRole
+from ftps_gateway.service.workermetrics import ENVIRONMENT, WorkerMetrics
 from ftps_gateway.tls.certificates import certificate_not_after
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable
 
     from ftps_gateway.config import GatewayConfig
     from ftps_gateway.session.state import StateAdmin
@@ -60,82 +58,12 @@ EXIT_CONFIG = 3  # a worker that exits 3 found the config unusable: do not resta
 RESTART_DELAY_SECONDS = 1.0
 POLL_SECONDS = 0.2
 
-# Series every worker reports with the same value: the gateway's figure is one of
-# them, not their sum. process_* series are per process and are left out.
-SAME_IN_EVERY_WORKER = frozenset(
-    {
-        "ftps_gateway_build_info",
-        "ftps_gateway_bans_active",
-        "ftps_gateway_tls_certificate_expiry_timestamp_seconds",
-        "ftps_gateway_config_reloads_total",
-        "ftps_gateway_config_last_reload_success_timestamp_seconds",
-        # Not the same in every worker, but a maximum too: the oldest event waiting.
-        "ftps_gateway_hook_oldest_queued_age_seconds",
-    }
-)
-
 
 def worker_count(config: GatewayConfig) -> int:
     """``server.workers``, with "auto" as one per CPU core; never more than ports."""
     wanted = config.server.workers or os.cpu_count() or 1
     ports = config.passive.port_max - config.passive.port_min + 1
     return max(1, min(wanted, ports))
-
-
-class AggregatedMetrics(Collector):
-    """The workers' last pushed metrics, added up (the one ``/metrics``), and the
-    supervisor's own series (a cluster node's Redis client lives here)."""
-
-    def __init__(
-        self, texts: dict[int, str], own: CollectorRegistry | None = None
-    ) -> None:
-        self._texts = texts
-        self._own = own
-        self.registry = CollectorRegistry()
-        self.registry.register(self)
-
-    def render(self, accept: str = "") -> tuple[bytes, str]:
-        """Exposition for ``HealthServer`` (same interface as ``GatewayMetrics``)."""
-        encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
-
-    def collect(self) -> Iterable[Metric]:
-        """The workers' families, then the supervisor's own."""
-        yield from self._summed()
-        if self._own is not None:
-            for family in self._own.collect():
-                created = f"{family.name}_created"
-                family.samples = [s for s in family.samples if s.name != created]
-                yield family
-
-    def _summed(self) -> Iterable[Metric]:
-        """One family per name; samples summed (or the max, see above)."""
-        families: dict[str, Metric] = {}
-        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-        for text in list(self._texts.values()):
-            for family in text_string_to_metric_families(text):
-                if family.name.startswith("process_"):
-                    continue
-                if family.name not in families:
-                    families[family.name] = Metric(
-                        family.name, family.documentation, family.type
-                    )
-                    values[family.name] = {}
-                same = family.name in SAME_IN_EVERY_WORKER or any(
-                    family.name + suffix in SAME_IN_EVERY_WORKER
-                    for suffix in ("_total", "_info")
-                )
-                bucket = values[family.name]
-                for sample in family.samples:
-                    key = (sample.name, tuple(sorted(sample.labels.items())))
-                    if same:
-                        bucket[key] = max(bucket.get(key, sample.value), sample.value)
-                    else:
-                        bucket[key] = bucket.get(key, 0.0) + sample.value
-        for name, family in families.items():
-            for (sample_name, labels), value in values[name].items():
-                family.add_sample(sample_name, dict(labels), value)
-            yield family
 
 
 class Supervisor:
@@ -148,17 +76,17 @@ class Supervisor:
         self.config = config
         self.count = count
         self.audit = AuditLog()
+        # What /metrics says for the whole gateway (build, reloads, bans, the
+        # certificate, a cluster node's Redis series), and its shape (workermetrics).
+        own = GatewayMetrics(
+            per_user_labels=config.metrics.per_user_labels,
+            process_metrics=False,
+            node=config.server.node_name or socket.gethostname(),
+        )
         # With [cluster], the node's one Redis client and lease (whatever the worker
         # count): the workers ask it through StateService like any store. Made
         # before anything is bound: a node without its cluster state may not start.
-        self._cluster_metrics: CollectorRegistry | None = None
-        cluster_series = None
-        if config.cluster is not None:
-            self._cluster_metrics = CollectorRegistry()
-            cluster_series = ClusterSeries(self._cluster_metrics)
-        self._state = lifecycle.new_kept_state(
-            config, audit=self.audit, metrics=cluster_series
-        )
+        self._state = lifecycle.new_kept_state(config, audit=self.audit, metrics=own)
         self.state = sharedstate.StateService(self._state)
         self._not_after = certificate_not_after(config.tls.certificate)
         self.readiness = lifecycle.readiness(
@@ -168,7 +96,13 @@ class Supervisor:
         )
         self.readiness.add_check(self._stalled_workers_problem)
         lifecycle.watch_kept_state(self._state, self.readiness)
-        self.metrics = AggregatedMetrics(self.state.metrics, self._cluster_metrics)
+        own.track_bans(self._state.active_bans)
+        own.track_certificate_expiry(lambda: self._not_after)
+        # The workers' scrape-time series, at zero until a worker has written them.
+        own.track_passive_ports(lambda: (0, 0))
+        own.track_login_queue(lambda: 0)
+        own.track_hooks(lambda: (0, 0.0))
+        self.metrics = WorkerMetrics(own)
         self._lock = threading.Lock()  # reload from the admin thread vs signals
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
         self._stopping = False
@@ -209,12 +143,13 @@ class Supervisor:
     def reload_from_thread(self) -> list[str]:
         """Validate the config, apply what is shared here, then reload each worker."""
         with self._lock:
-            # The workers count it in the metrics: each reloads and reports too.
+            # Counted here, once (the file is validated here; each worker then
+            # reloads, and audits and logs its own outcome).
             return lifecycle.reload_config(
                 self.config,
                 self._take_over,
                 audit=self.audit,
-                metrics=None,
+                metrics=self.metrics.own,
                 tell_systemd=True,
             )
 
@@ -222,8 +157,13 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the workers and watch them until stopped; the exit code."""
-        for index in range(self.count):
-            self._start(index)
+        self.metrics.open()
+        try:
+            for index in range(self.count):
+                self._start(index)
+        except BaseException:
+            self.metrics.close()  # the folder never outlives a failed start
+            raise
         self.admin.start()
         if self.health is not None:
             self.health.start()  # logs where it serves
@@ -251,7 +191,9 @@ class Supervisor:
             "--state-fd", str(worker_end.fileno()),
         ]  # fmt: skip
         process = subprocess.Popen(  # noqa: S603 - our own module, no shell
-            command, pass_fds=[*fds, worker_end.fileno()]
+            command,
+            pass_fds=[*fds, worker_end.fileno()],
+            env={**os.environ, **self.metrics.environment()},
         )
         worker_end.close()
         self._processes[index] = process
@@ -265,6 +207,7 @@ class Supervisor:
                 if code is None:
                     continue
                 del self._processes[index]
+                self.metrics.worker_gone(process.pid)  # its counts stay, gauges go
                 if self._stopping:
                     continue
                 if code == EXIT_CONFIG:
@@ -306,6 +249,7 @@ class Supervisor:
         self.admin.close()
         if self.health is not None:
             self.health.stop()
+        self.metrics.close()
         lifecycle.close_kept_state(self._state)  # the node's lease, given back
         for sock in (*self.explicit, *self.implicit):
             sock.close()
@@ -340,6 +284,10 @@ def build_worker(args: Any, config: GatewayConfig) -> GatewayServer:
         return [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd]
 
     _die_with_parent()
+    folder = os.environ.get(ENVIRONMENT)
+    if not folder or not Path(folder).is_dir():  # its counts would reach no /metrics
+        raise StartupError(f"a worker needs {ENVIRONMENT} from its supervisor")
+    keep_values_in(folder)  # before its GatewayMetrics: values into the files
     role = WorkerRole(
         index=args.index,
         count=args.count,

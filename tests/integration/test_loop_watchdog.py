@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +26,7 @@ from ftps_gateway.service.supervisor import Supervisor
 from support.configs import write_config
 from support.credentials import FAST_PARAMETERS
 from support.gateway import RunningGateway
-from support.metrics import scrape
+from support.metrics import scrape, values_in_files
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -91,6 +91,16 @@ def test_a_stuck_loop_fails_readiness_is_logged_once_and_counted(
     ftp.quit()
 
 
+@pytest.fixture
+def worker_metrics(tmp_path: Path) -> Iterator[None]:
+    """This process's metrics in files while an in-thread worker runs."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    with values_in_files(folder):
+        yield
+
+
+@pytest.mark.usefixtures("worker_metrics")
 def test_a_workers_stall_reaches_the_supervisors_readiness(
     tmp_path: Path, cert_files: tuple[Path, Path, Path]
 ) -> None:
