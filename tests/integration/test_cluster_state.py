@@ -27,7 +27,8 @@ from ftps_gateway.config import ClusterSettings, DefenderSettings, IPNetwork
 from ftps_gateway.errors import StartupError
 from ftps_gateway.policy.defender import Ban
 from ftps_gateway.service import sharedstate
-from ftps_gateway.service.cluster import LOCAL, REFUSING, SHARED, RedisState
+from ftps_gateway.service.cluster import RedisState
+from ftps_gateway.service.clusterlease import LOCAL, REFUSING, SHARED
 from ftps_gateway.service.sharedstate import ChannelState, StateService
 from ftps_gateway.session.state import (
     LIMIT_PER_USER,
@@ -176,7 +177,7 @@ def test_a_login_costs_one_round_trip_and_session_ends_are_batched(
     wait_until(
         lambda: (
             redis_server.cli("PUBSUB", "NUMSUB", "ftps-gateway:bans").endswith("1")
-            and not a._resync.is_set()
+            and not a._bans.resync_asked()
         )
     )
     before = len(metrics.round_trips)
@@ -628,7 +629,7 @@ def _release_both(
 
 
 def _reserved(node: RedisState) -> dict[str, int]:
-    fields = node._script("totals")  # the live nodes' sums, as Redis has them
+    fields = node._redis.call("totals")  # the live nodes' sums, as Redis has them
     pairs = {
         str(fields[i], "utf-8"): int(fields[i + 1]) for i in range(0, len(fields), 2)
     }
