@@ -274,7 +274,7 @@ def _line_handler(path: Path | None, stream: TextIO | None) -> logging.Handler:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ftps_gateway.metrics import keep_values_in  # noqa: PLC0415
+    from ftps_gateway.metrics.valuestore import keep_values_in  # noqa: PLC0415
     from ftps_gateway.service import supervisor as workers  # noqa: PLC0415 - keep other verbs light
 
     prepared: demo.Demo | None = None

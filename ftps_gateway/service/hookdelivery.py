@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import urllib3
 
-from ftps_gateway.metrics import build_version
+from ftps_gateway.metrics.gateway import build_version
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 
     from ftps_gateway.audit import AuditLog
     from ftps_gateway.config import GatewayConfig, HookSettings
-    from ftps_gateway.metrics import GatewayMetrics
+    from ftps_gateway.metrics.gateway import GatewayMetrics
 
 logger = logging.getLogger("ftps_gateway")
 

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from ftps_gateway.audit import AuditLog
     from ftps_gateway.config import GatewayConfig, ListenAddress
-    from ftps_gateway.metrics import GatewayMetrics
+    from ftps_gateway.metrics.gateway import GatewayMetrics
     from ftps_gateway.service.redisclient import ClusterMetrics
     from ftps_gateway.session.runtime import Waker
     from ftps_gateway.session.state import SharedState, StateStore

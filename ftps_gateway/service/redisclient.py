@@ -4,8 +4,9 @@
 client (redis-py; decision 0010): it builds the client from ``[cluster]``
 (``redis_url``, ``rediss://`` with ``ca_file``), loads ``redisscripts`` and runs them
 with the node's name and lease token, times every round trip and counts every error
-for ``metrics.ClusterSeries``. The state itself (``cluster.RedisState``), the lease
-(``clusterlease``) and the ban replica (``clusterbans``) only say which script to run.
+for ``metrics.clusterseries.ClusterSeries``. The state itself
+(``cluster.RedisState``), the lease (``clusterlease``) and the ban replica
+(``clusterbans``) only say which script to run.
 
 Why one place: every call must be bounded by ``cluster.timeout_seconds`` (connect and
 read; redis-py's own retries are off, so the bound is not multiplied: redis-py 6+
@@ -45,7 +46,8 @@ MAX_CONNECTIONS = 8
 
 
 class ClusterMetrics(Protocol):
-    """What the cluster state counts (``metrics.ClusterSeries`` has these verbs)."""
+    """What the cluster state counts (``metrics.clusterseries.ClusterSeries`` has
+    these verbs)."""
 
     def redis_round_trip(self, seconds: float) -> None: ...
     def redis_error(self, kind: str) -> None: ...

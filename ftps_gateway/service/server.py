@@ -35,7 +35,8 @@ from ftps_gateway.errors import GatewayError, StartupError
 from ftps_gateway.ftp.control import ControlHandler
 from ftps_gateway.ftp.loop import LoopWaker, MessagePort, TimerScheduler
 from ftps_gateway.ftp.passive import worker_ports
-from ftps_gateway.metrics import PUBLISH_SECONDS, GatewayMetrics
+from ftps_gateway.metrics.gateway import GatewayMetrics
+from ftps_gateway.metrics.scrapetime import PUBLISH_SECONDS
 from ftps_gateway.policy.netpolicy import (
     AccessList,
     PassiveAddressPolicy,

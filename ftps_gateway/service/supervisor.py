@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 from ftps_gateway.audit import AuditLog
 from ftps_gateway.errors import StartupError
-from ftps_gateway.metrics import GatewayMetrics, keep_values_in
+from ftps_gateway.metrics.gateway import GatewayMetrics
+from ftps_gateway.metrics.valuestore import keep_values_in
 from ftps_gateway.service import lifecycle, sdnotify, sharedstate
 from ftps_gateway.service.admin import AdminServer
 from ftps_gateway.service.hookspool import SpoolAdmin, spool_root

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ftps_gateway.metrics import GatewayMetrics
+    from ftps_gateway.metrics.gateway import GatewayMetrics
     from ftps_gateway.session.runtime import Waker
 
 logger = logging.getLogger("ftps_gateway")

@@ -7,13 +7,13 @@ channel; the supervisor parsed and added up the last texts. A scrape right after
 start had no worker samples, and every value was up to 2 s old. prometheus-client's
 multiprocess mode does the job without a push: each worker's counters, histograms and
 gauges write their value into the worker's own mmap files as they change
-(``metrics.GatewayMetrics(worker=True)``), and a scrape reads the files.
+(``metrics.gateway.GatewayMetrics(worker=True)``), and a scrape reads the files.
 
 - **The folder** (``PROMETHEUS_MULTIPROC_DIR``): one per supervisor run, private
   (mode 0700, ``mkdtemp``), made when it starts (in systemd's ``RUNTIME_DIRECTORY``,
   a tmpfs, when there is one; else the temp dir) and removed when it stops; the
   supervisor hands it to each worker in its environment, and the worker selects
-  the file-backed value class explicitly (``metrics.keep_values_in``).
+  the file-backed value class explicitly (``metrics.valuestore.keep_values_in``).
 - **A dead worker** (``worker_gone``): its gauges go (``mark_process_dead``; every
   worker gauge has a "live" mode), its counters and histograms stay, folded into
   ``counter_gone.db`` and ``histogram_gone.db``: Prometheus counters must never go
@@ -21,9 +21,10 @@ gauges write their value into the worker's own mmap files as they change
   workers restart. Folding and reading hold one lock, so no scrape sees a dead
   worker's counts twice or not at all.
 - **Owner-read gauges** (passive ports, login queue, hook queue): each worker's IO
-  loop writes them at start and every ``metrics.PUBLISH_SECONDS``; nothing about
-  metrics travels over the state channel, and a scrape never waits for a worker.
-- **What the supervisor reports itself** (``metrics.REPORTED_ONCE``: build info,
+  loop writes them at start and every ``metrics.scrapetime.PUBLISH_SECONDS``;
+  nothing about metrics travels over the state channel, and a scrape never waits for
+  a worker.
+- **What the supervisor reports itself** (``metrics.gateway.REPORTED_ONCE``: build info,
   config reloads, bans, the certificate's expiry; a cluster node's Redis series): from
   its own ``GatewayMetrics``, which also gives ``/metrics`` its shape: every worker
   series is there at zero before a worker has written anything.
@@ -46,7 +47,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ftps_gateway.errors import StartupError
-from ftps_gateway.metrics import MULTIPROCESS_VARIABLE
+from ftps_gateway.metrics.valuestore import MULTIPROCESS_VARIABLE
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
     from prometheus_client.core import Metric
     from prometheus_client.samples import Sample
 
-    from ftps_gateway.metrics import GatewayMetrics
+    from ftps_gateway.metrics.gateway import GatewayMetrics
 
 logger = logging.getLogger("ftps_gateway")
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from ftps_gateway.audit import AuditLog
     from ftps_gateway.config import GatewayConfig
-    from ftps_gateway.metrics import GatewayMetrics
+    from ftps_gateway.metrics.gateway import GatewayMetrics
     from ftps_gateway.policy.netpolicy import (
         AccessList,
         PassiveAddressPolicy,

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ftps_gateway.errors import StartupError
-from ftps_gateway.metrics import GatewayMetrics
+from ftps_gateway.metrics.gateway import GatewayMetrics
 from ftps_gateway.service.health import HealthServer, ReadinessState
 
 pytestmark = pytest.mark.integration

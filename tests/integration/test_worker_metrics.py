@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ftps_gateway.metrics import GatewayMetrics
+from ftps_gateway.metrics.gateway import GatewayMetrics
 from ftps_gateway.selftest.client import ReusingFTP_TLS
 from support.configs import write_config
 from support.credentials import PASSWORD

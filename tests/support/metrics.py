@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ftps_gateway.metrics import keep_values_in
+from ftps_gateway.metrics.valuestore import keep_values_in
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ftps_gateway.metrics import GatewayMetrics
+from ftps_gateway.metrics.gateway import GatewayMetrics
 
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana-dashboard.json"
 METRIC = re.compile(r"\bftps_gateway_[a-z_]+")

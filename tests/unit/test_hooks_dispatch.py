@@ -17,7 +17,7 @@ from ftps_gateway import config
 from ftps_gateway.audit import AuditLog
 from ftps_gateway.config import GatewayConfig, HookSettings
 from ftps_gateway.errors import StartupError
-from ftps_gateway.metrics import GatewayMetrics
+from ftps_gateway.metrics.gateway import GatewayMetrics
 from ftps_gateway.service.hooks import (
     DELIVERY_THREADS,
     HookDispatcher,

@@ -16,7 +16,7 @@ from ftps_gateway import config as config_module
 from ftps_gateway.audit import AuditLog
 from ftps_gateway.config import GatewayConfig, ListenAddress
 from ftps_gateway.errors import ConfigError, StartupError
-from ftps_gateway.metrics import GatewayMetrics
+from ftps_gateway.metrics.gateway import GatewayMetrics
 from ftps_gateway.service import lifecycle
 from ftps_gateway.session.state import LIMIT_PER_IP, LoginSlot
 from support.configs import write_config

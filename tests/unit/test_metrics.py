@@ -11,8 +11,8 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ftps_gateway import metrics
-from ftps_gateway.metrics import (
+from ftps_gateway.metrics.gateway import GatewayMetrics, build_version
+from ftps_gateway.metrics.vocabulary import (
     CHANNELS,
     DATA_REFUSALS,
     LOGIN_RESULTS,
@@ -23,7 +23,6 @@ from ftps_gateway.metrics import (
     TLS_FAILURE_REASONS,
     TRANSFER_DIRECTIONS,
     TRANSFER_RESULTS,
-    GatewayMetrics,
     classify_tls_failure,
 )
 
@@ -387,7 +386,7 @@ def test_config_reload_timestamp(m: GatewayMetrics) -> None:
 def test_build_info_names_the_installed_version(m: GatewayMetrics) -> None:
     """build_info carries the distribution's version, from package metadata."""
     version = metadata.version("ftps-gateway")
-    assert metrics.build_version() == version
+    assert build_version() == version
     families = {
         f.name: f for f in text_string_to_metric_families(m.render()[0].decode())
     }

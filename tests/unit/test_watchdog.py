@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from ftps_gateway.metrics import GatewayMetrics
+from ftps_gateway.metrics.gateway import GatewayMetrics
 from ftps_gateway.service.watchdog import LoopWatchdog
 
 

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from ftps_gateway.metrics import REPORTED_ONCE, GatewayMetrics
+from ftps_gateway.metrics.gateway import REPORTED_ONCE, GatewayMetrics
 from ftps_gateway.service.workermetrics import ENVIRONMENT, WorkerMetrics
 
 P = "ftps_gateway_"
@@ -28,7 +28,8 @@ WORKER = """
 import os
 import sys
 import prometheus_client  # first, without the variable: memory values chosen
-from ftps_gateway.metrics import GatewayMetrics, keep_values_in
+from ftps_gateway.metrics.gateway import GatewayMetrics
+from ftps_gateway.metrics.valuestore import keep_values_in
 
 keep_values_in(sys.argv[1])
 m = GatewayMetrics(worker=True, process_metrics=False)
@@ -147,7 +148,8 @@ def test_a_single_process_reports_what_workers_leave_out() -> None:
 STRAY = """
 import sys
 import prometheus_client  # the variable is set: prometheus picks file values
-from ftps_gateway.metrics import GatewayMetrics, keep_values_in
+from ftps_gateway.metrics.gateway import GatewayMetrics
+from ftps_gateway.metrics.valuestore import keep_values_in
 
 try:
     GatewayMetrics(process_metrics=False)
