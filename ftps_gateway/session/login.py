@@ -124,6 +124,7 @@ class LoginGate:
             verify=verify,
             cached=cached,
             done=decided,
+            same_as=token,
         )
 
     def _outcome(self, verdict: Verdict, refused: str) -> LoginOutcome:

@@ -12,7 +12,11 @@ in milliseconds, and 25 addresses pushed every partner's login past the login ti
   Further attempts from the same key *wait in the key's line* rather than being
   refused: parallel connections of one partner (rclone, lftp mirror, a NAT'd office)
   log in together, and once the first attempt succeeds the others are answered from
-  the recent-login cache without a verification of their own.
+  the recent-login cache without a verification of their own. An attempt with the
+  *same credentials* as one already in the key's line (``same_as``: the recent-login
+  token, an HMAC under a process key) follows it instead of queueing: it gets that
+  attempt's verdict, costs no verification and no failure charge of its own (16
+  parallel cold logins of one partner used to hear 421 past the failure budget).
 - **Known partners, then clean addresses, then failing ones.** A key that logged in
   successfully in the last ``KNOWN_SECONDS`` (and failed no verification since) is
   served before anyone else. Next come *clean* keys, with no failed verification in
@@ -47,6 +51,7 @@ ban keeper's and hold everywhere).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -132,7 +137,9 @@ class Verdict:
 class _Attempt:
     """One submitted attempt (the caller holds it as a ticket for ``withdraw``)."""
 
-    __slots__ = ("cached", "done", "line", "scored", "verify")
+    __slots__ = (
+        "cached", "done", "followers", "leader", "line", "same_as", "scored", "verify"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -142,12 +149,16 @@ class _Attempt:
         done: Callable[[Verdict], None],
         *,
         scored: bool,
+        same_as: bytes | None = None,
     ) -> None:
         self.line = line
         self.verify = verify
         self.cached = cached
         self.done = done
         self.scored = scored  # a failure counts toward a ban (else: safe, or off)
+        self.same_as = same_as  # the credentials' token (None: nothing to share)
+        self.followers: list[_Attempt] = []  # same credentials: share this verdict
+        self.leader: _Attempt | None = None  # set while this attempt follows one
 
 
 Ticket = _Attempt
@@ -308,6 +319,7 @@ class LoginQueue:
         verify: Callable[[], bool],
         cached: Callable[[], bool],
         done: Callable[[Verdict], None],
+        same_as: bytes | None = None,
     ) -> Ticket:
         """Queue one attempt of ``key``; ``done`` gets its verdict on the IO loop.
 
@@ -317,14 +329,30 @@ class LoginQueue:
                 the answer now (asked when the attempt reaches a thread's turn).
             done: called exactly once, unless the attempt is withdrawn first; it
                 may run before ``submit`` returns (a refusal).
+            same_as: a token of the credentials (equal for the same user and
+                password): an attempt of the same key with the same token already
+                in line decides this one too.
 
         Returns:
             A ticket for ``withdraw``.
         """
         line = self._lines.get(key) or _Line(key)
         attempt = _Attempt(
-            line, verify, cached, done, scored=budget.max_failures is not None
+            line,
+            verify,
+            cached,
+            done,
+            scored=budget.max_failures is not None,
+            same_as=same_as,
         )
+        leader = self._same_credentials(line, same_as)
+        if leader is not None:
+            if len(leader.followers) >= self._max_per_key:
+                done(Verdict(accepted=False, verified=False, reason=ADDRESS_FULL))
+                return attempt
+            attempt.leader = leader
+            leader.followers.append(attempt)
+            return attempt
         refusal = self._make_room(line, budget)
         if refusal is not None:
             done(Verdict(accepted=False, verified=False, reason=refusal))
@@ -339,8 +367,20 @@ class LoginQueue:
     def withdraw(self, ticket: Ticket) -> None:
         """The session is gone: drop its attempt if it still waits (``done`` is
         never called then). A running verification ends and is scored anyway."""
+        if ticket.leader is not None:  # a follower: only its place behind the leader
+            ticket.leader.followers.remove(ticket)
+            ticket.leader = None
+            return
         line = ticket.line
         if ticket in line.waiting:
+            if ticket.followers:  # the first follower takes its place in line
+                heir, *rest = ticket.followers
+                heir.leader, heir.followers = None, rest
+                for follower in rest:
+                    follower.leader = heir
+                line.waiting[line.waiting.index(ticket)] = heir
+                ticket.followers = []
+                return
             line.waiting.remove(ticket)
             self._waiting -= 1
             self._forget_if_idle(line)
@@ -351,6 +391,18 @@ class LoginQueue:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # --- admission to a line
+
+    @staticmethod
+    def _same_credentials(line: _Line, same_as: bytes | None) -> _Attempt | None:
+        """The attempt in ``line`` (running or waiting) with credentials ``same_as``."""
+        if same_as is None:
+            return None
+        if line.running is not None and line.running.same_as == same_as:
+            return line.running
+        for attempt in line.waiting:
+            if attempt.same_as == same_as:
+                return attempt
+        return None
 
     def _make_room(self, line: _Line, budget: FailureBudget) -> str | None:
         """Why ``line`` may not take one more attempt, or None: room was made (by
@@ -514,11 +566,18 @@ class LoginQueue:
 
 
 def _tell(attempt: _Attempt, verdict: Verdict) -> None:
-    """Hand ``verdict`` to its session; a session's bug must not stop the queue."""
-    try:
-        attempt.done(verdict)
-    except Exception:
-        logger.exception("a login verdict's callback failed")
+    """Hand ``verdict`` to its session, and to the sessions that followed it with the
+    same credentials (accepted as if from the cache; a failure is charged once, so
+    the ban it earned is the leader's to report); a session's bug must not stop the
+    queue."""
+    followers, attempt.followers = attempt.followers, []
+    shared = dataclasses.replace(verdict, cached=verdict.accepted, ban=None)
+    for session, heard in ((attempt, verdict), *((f, shared) for f in followers)):
+        session.leader = None
+        try:
+            session.done(heard)
+        except Exception:
+            logger.exception("a login verdict's callback failed")
 
 
 def _accepted(ended: Future[bool]) -> bool:

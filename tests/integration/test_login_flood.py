@@ -11,6 +11,8 @@ is shared): the issue's figure to beat is 2 s on a 2-core machine.
 
 from __future__ import annotations
 
+import ftplib
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from ftps_gateway.policy.passwords import hash_password
+from ftps_gateway.selftest.client import ReusingFTP_TLS
 from ftps_gateway.service import server as server_module
 from ftps_gateway.storage.uploads import sweep_partials
 from support import loginflood
@@ -39,7 +42,9 @@ STRANGER = "127.0.1.1"  # a partner address the server never saw
 MAX_FAILURES = 3
 
 
-def _production_config(directory: Path, cert_files: tuple[Path, Path, Path]) -> Path:
+def _production_config(
+    directory: Path, cert_files: tuple[Path, Path, Path], extra: str = ""
+) -> Path:
     """One worker, production argon2id, no login cache, room for every connection."""
     users = f'[[users]]\nname = "acme"\npassword = "{hash_password(PASSWORD)}"\n'
     return write_config(
@@ -52,7 +57,7 @@ def _production_config(directory: Path, cert_files: tuple[Path, Path, Path]) -> 
             # Room for every flood connection before login too: this test counts the
             # login queue's refusals, which an eviction from a full pre-login pool
             # (test_admission covers it) would replace by its own 421.
-            "max_unauthenticated = 4096\nmax_unauthenticated_per_ip = 4096"
+            "max_unauthenticated = 4096\nmax_unauthenticated_per_ip = 4096\n" + extra
         ),
         sections=(
             f"[defender]\nmax_failures = {MAX_FAILURES}\nwindow_seconds = 600\n"
@@ -187,3 +192,45 @@ def test_partial_sweep_never_runs_on_the_password_threads(
     while any(t.name.startswith("file-work") for t in threading.enumerate()):
         assert time.monotonic() < deadline, "file-work threads outlived the server"
         time.sleep(0.05)
+
+
+@pytest.mark.timeout(120)
+def test_parallel_cold_logins_of_one_partner_all_get_in(
+    tmp_path: Path, cert_files: tuple[Path, Path, Path]
+) -> None:
+    """16 connections of one partner log in at once with nothing cached (a mirror
+    tool's start, or the cache expired): more than the address's failure budget, yet
+    all get 230, since attempts with the same credentials share one verification."""
+    config = _production_config(tmp_path, cert_files, "max_sessions_per_user = 32")
+    server = GatewayProcess(config, cert_files[2], workers=1)
+    barrier = threading.Barrier(16)
+    replies: list[str] = []
+
+    def log_in() -> None:
+        context = ssl.create_default_context(cafile=str(cert_files[2]))
+        ftp = ReusingFTP_TLS(context=context, timeout=60)
+        try:
+            ftp.connect("127.0.0.1", server.port)
+            ftp.auth()
+            ftp.sendcmd("USER acme")
+            barrier.wait(timeout=30)
+            try:
+                replies.append(ftp.sendcmd(f"PASS {PASSWORD}")[:3])
+            except ftplib.Error as err:
+                replies.append(str(err)[:3])
+        finally:
+            ftp.close()
+
+    try:
+        threads = [threading.Thread(target=log_in) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90)
+        logins = server.wait_for("login_ok", 16)
+    finally:
+        server.stop()
+    assert replies == ["230"] * 16, replies
+    assert len(logins) == 16
+    assert not server.events("login_failed")
+    assert not server.tracebacks()

@@ -366,3 +366,76 @@ def test_a_key_that_failed_still_gets_a_share_of_turns(
         passwords.release(loop, name)
     assert passwords.started == ["partner.1", "k0.1", "k5.1", "partner.2"]
     assert passwords.verdicts["partner.2"].accepted
+
+
+def _same(
+    passwords: Passwords,
+    login_queue: LoginQueue,
+    name: str,
+    token: bytes,
+    *,
+    accept: bool = False,
+) -> object:
+    """Queue attempt ``name`` with credentials ``token`` (the recent-login token)."""
+    key = name.split(".", maxsplit=1)[0]
+
+    def verify() -> bool:
+        passwords.started.append(name)
+        return accept
+
+    def done(verdict: Verdict) -> None:
+        passwords.verdicts[name] = verdict
+
+    return login_queue.submit(
+        key, BUDGET, verify=verify, cached=lambda: False, done=done, same_as=token
+    )
+
+
+def test_parallel_cold_logins_with_the_same_credentials_share_one_verification(
+    loop: Loop, passwords: Passwords, make_queue: Callable[..., LoginQueue]
+) -> None:
+    """16 connections of one partner logging in at once with the right password, more
+    than the failure budget of 3: one verification, sixteen logins, no 421."""
+    login_queue = make_queue()
+    names = [f"p.{n}" for n in range(16)]
+    for name in names:
+        _same(passwords, login_queue, name, b"right", accept=True)
+    loop.run_until(lambda: len(passwords.verdicts) == len(names))
+    assert passwords.started == ["p.0"]
+    assert all(passwords.verdicts[name].accepted for name in names)
+    assert login_queue.waiting == 0
+
+
+def test_the_same_wrong_password_is_one_failure_and_other_guesses_are_charged(
+    loop: Loop, passwords: Passwords, bans: Bans, make_queue: Callable[..., LoginQueue]
+) -> None:
+    """Five connections with one wrong password count once against the budget;
+    different guesses still each take a place in line and a charge."""
+    login_queue = make_queue()
+    for n in range(5):
+        _same(passwords, login_queue, f"a.{n}", b"wrong")
+    for n in range(5, 9):
+        _same(passwords, login_queue, f"a.{n}", bytes([n]))
+    loop.run_until(lambda: len(passwords.verdicts) == 9)
+    assert passwords.started == ["a.0", "a.5", "a.6"]
+    assert [passwords.verdicts[f"a.{n}"].verified for n in range(5)] == [True] * 5
+    assert passwords.verdicts["a.7"].reason == ADDRESS_FULL
+    assert passwords.verdicts["a.8"].reason == ADDRESS_FULL
+    assert bans.reported == ["a", "a", "a"]
+
+
+def test_a_withdrawn_leader_hands_its_place_to_a_follower(
+    loop: Loop, passwords: Passwords, make_queue: Callable[..., LoginQueue]
+) -> None:
+    """The session whose attempt led goes away while waiting: the next session with
+    the same credentials takes its place in line and is verified."""
+    login_queue = make_queue()
+    passwords.submit(login_queue, "x.1", accept=True)  # holds the only thread
+    leader = _same(passwords, login_queue, "p.1", b"right", accept=True)
+    _same(passwords, login_queue, "p.2", b"right", accept=True)
+    login_queue.withdraw(leader)  # type: ignore[arg-type]
+    passwords.release(loop, "x.1")
+    loop.run_until(lambda: "p.2" in passwords.verdicts)
+    assert passwords.started == ["x.1", "p.2"]
+    assert passwords.verdicts["p.2"].accepted
+    assert "p.1" not in passwords.verdicts
