@@ -15,8 +15,9 @@ in milliseconds, and 25 addresses pushed every partner's login past the login ti
   the recent-login cache without a verification of their own. An attempt with the
   *same credentials* as one already in the key's line (``same_as``: the recent-login
   token, an HMAC under a process key) follows it instead of queueing: it gets that
-  attempt's verdict, costs no verification and no failure charge of its own (16
-  parallel cold logins of one partner used to hear 421 past the failure budget).
+  attempt's verdict and costs no verification and no place in line (16 parallel cold
+  logins of one partner used to hear 421 past the failure budget). A failed verdict
+  still counts one failure per session toward the ban.
 - **Known partners, then clean addresses, then failing ones.** A key that logged in
   successfully in the last ``KNOWN_SECONDS`` (and failed no verification since) is
   served before anyone else. Next come *clean* keys, with no failed verification in
@@ -529,9 +530,15 @@ class LoginQueue:
             _tell(attempt, Verdict(accepted=True, verified=True))
             self._answer_from_cache(line)
         elif attempt.scored:
+            # Each session that followed failed too, and each failure counts toward
+            # the ban as if verified on its own: sharing a verification saves argon2
+            # time, it does not buy a guesser (or a misconfigured client) failures.
             self._failed(line.key)
-            self._failures.add(line.key)
-            self._score(line.key, attempt)
+            followers, attempt.followers = attempt.followers, []
+            for session in (attempt, *followers):
+                session.leader = None
+                self._failures.add(line.key)
+                self._score(line.key, session)
         else:  # a safe network, or the defender is off: nothing to score
             self._failed(line.key)
             _tell(attempt, Verdict(accepted=False, verified=True))
@@ -567,9 +574,9 @@ class LoginQueue:
 
 def _tell(attempt: _Attempt, verdict: Verdict) -> None:
     """Hand ``verdict`` to its session, and to the sessions that followed it with the
-    same credentials (accepted as if from the cache; a failure is charged once, so
-    the ban it earned is the leader's to report); a session's bug must not stop the
-    queue."""
+    same credentials (accepted as if from the cache; a scored failure never comes
+    here with followers: ``_verified`` scores each); a session's bug must not stop
+    the queue."""
     followers, attempt.followers = attempt.followers, []
     shared = dataclasses.replace(verdict, cached=verdict.accepted, ban=None)
     for session, heard in ((attempt, verdict), *((f, shared) for f in followers)):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import ssl
 import sys
 import time
@@ -150,8 +151,9 @@ async def _attacker(
     plan: Plan, source: str, heard: Counter[str], banned: set[str], stop: asyncio.Event
 ) -> None:
     while not stop.is_set() and source not in banned:
+        guess = f"{plan.wrong_password}-{secrets.token_hex(4)}"  # a new one each time
         try:
-            reply = await attempt(plan, source, plan.wrong_password)
+            reply = await attempt(plan, source, guess)
         except _DroppedError:
             banned.add(source)
             heard["dropped"] += 1
