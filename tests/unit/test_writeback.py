@@ -140,3 +140,32 @@ def test_close_during_a_call_leaves_the_descriptor_to_the_caller(
     with pytest.raises(OSError, match="Bad file descriptor"):
         os.fstat(seen[0])
     assert not policy.active
+
+
+def cached(path: Path, offset: int) -> bool:
+    """True if the page at ``offset`` is in the page cache (a read that must not
+    wait for the disk succeeds)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(4096)], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return False
+    except OSError as err:  # no RWF_NOWAIT for buffered reads here
+        pytest.skip(f"preadv(RWF_NOWAIT): {err}")
+    finally:
+        os.close(fd)
+    return True
+
+
+@needs_sync_file_range
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no RWF_NOWAIT")
+def test_pages_written_back_are_dropped_behind_the_upload(tmp_path: Path) -> None:
+    """A big upload does not keep its whole size in the page cache: pages two steps
+    behind are waited for and dropped, the newest stay."""
+    data = os.urandom(40 << 20)
+    upload = run_upload(tmp_path, data)
+    assert upload.sha256 == hashlib.sha256(data).hexdigest()
+    final = tmp_path / "big.bin"
+    assert not cached(final, 0)
+    assert cached(final, len(data) - 4096)
+    assert final.read_bytes() == data
