@@ -6,7 +6,10 @@ so that fsync found almost the whole file dirty and took 0.35-0.41 s between the
 last byte and the 226 (bench/RESULTS.md, issue 17). ``sync_file_range(2)`` with
 ``SYNC_FILE_RANGE_WRITE`` starts the write-back of a range and returns without
 waiting for it: called every ``STEP_BYTES`` during the upload, the final fsync
-only waits for the last few MiB (decision 0007, "Write-back during the upload").
+only waits for the last few MiB (decision 0007, addendum for issue 17). The pages
+two steps behind are then waited for and dropped from the page cache
+(``drop_behind``): an upload recycles a few MiB of cache instead of taking its
+whole size in fresh memory, which measured as the IO loop's largest cost.
 
 Where it runs: on the hash lane's thread (``storage.hashlane``), after it hashed a
 slice, never on the IO loop (the call can block when the device's queue is full).
@@ -19,9 +22,10 @@ file system refuses it (EINVAL, ENOSYS, ESPIPE...), nothing is done: the commit'
 fsync still makes the file durable, only later.
 
 The range is written through a descriptor of its own (a second open of the
-temporary, read-only): the upload's descriptor carries the flock that marks it as
-being uploaded and is closed on the IO loop, so a thread still using its number
-could hit a reused one. This descriptor is closed by whichever side finishes last.
+temporary, read-only, made by the lane at the first step): the upload's descriptor
+carries the flock that marks it as being uploaded and is closed on the IO loop, so
+a thread still using its number could hit a reused one. This descriptor is closed
+by whichever side finishes last.
 """
 
 from __future__ import annotations
@@ -106,26 +110,23 @@ class WriteBack:
     from whichever thread ends the upload."""
 
     def __init__(self, path: Path, start: int = 0, step: int = STEP_BYTES) -> None:
-        """Open ``path`` (the upload's temporary, just created and locked) read-only;
-        ``start``: the offset the upload continues from (bytes already there)."""
+        """``path``: the upload's temporary (created and locked by it); ``start``:
+        the offset the upload continues from (bytes already there). Nothing is
+        opened until the first step: a small upload costs no system call here."""
+        self._path = path
         self._step = step
         self._started = start  # write-back was started up to here
         self._dropped = start  # pages before this were written and dropped
         self._lock = threading.Lock()
-        self._busy = False  # a thread is in sync_range with the descriptor
-        self._closed = False
+        self._busy = False  # a thread is in advance() with the descriptor
+        self._closed = not available()  # ended, failed, or nothing to call
         self.calls = 0  # sync_range calls made (tests, the decision's figures)
         self._fd = -1
-        if available():
-            try:
-                self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                self._fd = -1  # no write-back: the commit's fsync does it all
 
     @property
     def active(self) -> bool:
         """False once write-back is off for this upload (unavailable, failed, ended)."""
-        return self._fd >= 0 and not self._closed
+        return not self._closed
 
     def advance(self, end: int) -> None:
         """The file holds ``end`` bytes: start the write-back of what is new, once
@@ -133,11 +134,18 @@ class WriteBack:
         if end - self._started < self._step:
             return
         with self._lock:
-            if self._closed or self._fd < 0:
+            if self._closed:
                 return
             self._busy = True
             fd = self._fd
         try:
+            if fd < 0:
+                # Opened here, at the first step, by path: the upload holds the
+                # name (its flock) until it ends, and an upload that ended
+                # meanwhile is seen below before anything is written back.
+                fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                if not self._adopt(fd):
+                    return  # the upload ended meanwhile: the finally closes it
             sync_range(fd, self._started, end - self._started)
             self.calls += 1
             self._started = end
@@ -153,6 +161,12 @@ class WriteBack:
         finally:
             if self._release():
                 self._close_fd()
+
+    def _adopt(self, fd: int) -> bool:
+        """Keep the descriptor just opened; False if the upload ended meanwhile."""
+        with self._lock:
+            self._fd = fd
+            return not self._closed
 
     def _release(self) -> bool:
         """The call returned; True if the descriptor is to be closed now."""
