@@ -99,7 +99,7 @@ class HashLane:
                 if self._closed and not self._ready:
                     return
                 digest = self._ready.popleft()
-            digest.hash_one()
+            digest.hash_one(on_lane=True)
 
     def close(self) -> None:
         """Stop after the slices already announced; wait a moment for the thread."""
@@ -125,6 +125,7 @@ class UploadDigest:
         wake: Callable[[Callable[[], None]], None] | None = None,
         *,
         digest: bool = True,
+        writeback: Callable[[int], None] | None = None,
     ) -> None:
         """Args:
         lane: where full buffers are hashed; None hashes them in the caller.
@@ -132,8 +133,13 @@ class UploadDigest:
             to resume a paused reader.
         digest: False keeps the buffers (the receive path is the same) but
             computes nothing.
+        writeback: called on the lane's thread after each slice it hashed, with
+            the file offset the slice ended at (``storage.writeback``: start the
+            write-back of the pages received so far). Never on the loop, never
+            when the lane is closed or ``finish`` hashes the slice.
         """
         self._lane = lane
+        self._writeback = writeback
         self._wake = wake
         self._hash = hashlib.sha256() if digest else None
         self._ring: list[bytearray | None] = [None] * RING_BUFFERS
@@ -142,7 +148,10 @@ class UploadDigest:
         # Guarded by _lock: slices handed over and not hashed yet, in order; is a
         # thread hashing one now; a paused reader to wake when a slot frees.
         self._lock = threading.Condition()
-        self._pending: collections.deque[tuple[int, memoryview]] = collections.deque()
+        # (ring slot, slice, file offset at its end or -1)
+        self._pending: collections.deque[tuple[int, memoryview, int]] = (
+            collections.deque()
+        )
         self._busy = False
         self._busy_slots: set[int] = set()
         self._waiter: Callable[[], None] | None = None
@@ -198,9 +207,10 @@ class UploadDigest:
         view[: len(data)] = data
         return self.received(len(data))
 
-    def hand_off_if_full(self) -> None:
+    def hand_off_if_full(self, end: int = -1) -> None:
         """Once what ``received`` returned is stored: a full buffer goes to the lane
-        (or, without a digest, is reused at once)."""
+        (or, without a digest, is reused at once). ``end``: the file's size with
+        these bytes (for ``writeback``)."""
         if self._fill < HAND_OFF_BYTES:
             return
         if self._hash is None:
@@ -213,18 +223,19 @@ class UploadDigest:
         assert buffer is not None  # noqa: S101
         with self._lock:
             self._busy_slots.add(slot)
-            self._pending.append((slot, memoryview(buffer)[:count]))
+            self._pending.append((slot, memoryview(buffer)[:count], end))
         if self._lane is None or not self._lane.announce(self):
             self.hash_one()
 
     # --- lane side, or whoever finishes
 
-    def hash_one(self) -> None:
-        """Hash the oldest slice handed over (the lane calls this per announce)."""
+    def hash_one(self, *, on_lane: bool = False) -> None:
+        """Hash the oldest slice handed over (the lane calls this per announce,
+        ``on_lane``: then the write-back of the slice's pages is started too)."""
         with self._lock:
             if self._busy or not self._pending:
                 return  # finish() took it, or is hashing the one before it
-            slot, data = self._pending.popleft()
+            slot, data, end = self._pending.popleft()
             self._busy = True
         try:
             if self._hash is not None and not self._cancelled:
@@ -241,6 +252,9 @@ class UploadDigest:
             self._give_back()
         elif waiter is not None and self._wake is not None and not self._cancelled:
             self._wake(waiter)
+        # After the reader was woken: the write-back may wait for the disk's queue.
+        if on_lane and end >= 0 and self._writeback is not None and not self._done:
+            self._writeback(end)
 
     def finish(self) -> str | None:
         """Wait for the slices handed over, hash the rest; the hex digest.
@@ -273,7 +287,7 @@ class UploadDigest:
             self._cancelled = True
             self._waiter = None
             while self._pending:
-                slot, data = self._pending.popleft()
+                slot, data, _end = self._pending.popleft()
                 data.release()
                 self._busy_slots.discard(slot)
         self._end()

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from ftps_gateway.storage import vfs
 from ftps_gateway.storage.hashlane import UploadDigest
+from ftps_gateway.storage.writeback import WriteBack
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -191,7 +192,10 @@ class AtomicUpload:
         self.sha256: str | None = None  # hex sha256 of the whole file, once committed
         self._committed = False
         self._ended = False
-        self._digest = UploadDigest(lane, wake, digest=digest)
+        self._writeback: WriteBack | None = None
+        self._digest = UploadDigest(
+            lane, wake, digest=digest, writeback=self._advance_writeback
+        )
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         self._fd = os.open(self.temp, flags, 0o640)
         try:
@@ -211,6 +215,9 @@ class AtomicUpload:
             self.size = self._position(restart, append)
             if self._digest.computing and self.size > self._hashed:
                 self._hash_existing(self.size)
+            if self._digest.computing and lane is not None:
+                # Only the lane starts write-back (after hashing a slice).
+                self._writeback = WriteBack(self.temp, start=self.size)
         except BaseException:
             # A partial stays as found; a copy of the final file made for this
             # resume (REST past its end) goes: nothing reserved it, and kept it
@@ -322,7 +329,7 @@ class AtomicUpload:
         self._check_quota(self.size + count)
         self._write_all(self._digest.received(count))
         self.size += count
-        self._digest.hand_off_if_full()
+        self._digest.hand_off_if_full(self.size)
 
     def write(self, data: bytes) -> int:
         """Store ``data`` (at most the room ``buffer()`` offers; TYPE A uploads,
@@ -334,7 +341,7 @@ class AtomicUpload:
         self._check_quota(self.size + len(data))
         self._write_all(self._digest.copy_in(data))
         self.size += len(data)
-        self._digest.hand_off_if_full()
+        self._digest.hand_off_if_full(self.size)
         return len(data)
 
     # --- the end (commit off the loop; discard on it)
@@ -436,7 +443,15 @@ class AtomicUpload:
         """pyftpdlib closes file objects on every exit path: discard by default."""
         self.discard()
 
+    def _advance_writeback(self, end: int) -> None:
+        """On the hash lane: the file holds ``end`` bytes (``storage.writeback``)."""
+        writeback = self._writeback
+        if writeback is not None:
+            writeback.advance(end)
+
     def _close_fd(self) -> None:
+        if self._writeback is not None:
+            self._writeback.close()
         if self._fd >= 0:
             os.close(self._fd)  # releases the flock
             self._fd = -1
