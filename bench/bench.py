@@ -936,7 +936,10 @@ def measure_uploads(server: Server, profile: Profile, _pool: object) -> Sample:
 # ---------------------------------------------------------------- NOOPs during slow file work
 
 NOOP_PACE_SECONDS = 0.005  # one NOOP every 5 ms (plus its round trip) per prober
-PROBE_SESSIONS = 16  # sessions a prober tries to find one on the uploader's worker
+# Sessions a prober tries to find one on the uploader's worker, a short pause between
+# tries: a busy worker loses the accept race on the shared socket to an idle one.
+PROBE_SESSIONS = 64
+PROBE_PAUSE_SECONDS = 0.05
 
 
 def _worker_of(ftp: ReusingFTP_TLS) -> str | None:
@@ -965,6 +968,7 @@ def noop_prober(endpoint: Endpoint, worker: str | None, channel: Connection) -> 
                 chosen = ftp
                 break
             spare.append(ftp)
+            time.sleep(PROBE_PAUSE_SECONDS)
     except (OSError, EOFError, ftplib.Error) as err:
         channel.send(f"prober login failed: {err!r}")
         return
