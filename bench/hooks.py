@@ -50,7 +50,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ftps_gateway.selftest.client import ReusingFTP_TLS  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import BenchFTP  # noqa: E402  (the same client as bench.py's rows)
 
 SMALL_BYTES = 4096
 USER = "bench"
@@ -119,26 +120,6 @@ class SlowReceiver:
         """Stop serving."""
         self.server.shutdown()
         self.server.server_close()
-
-
-class BenchFTP(ReusingFTP_TLS):
-    """``ReusingFTP_TLS`` with TCP_NODELAY (see bench/bench.py: without it Nagle and
-    the delayed ACK, not the server, set the pace of small uploads)."""
-
-    def connect(self, *args: object, **kwargs: object) -> str:
-        """Control connection without Nagle."""
-        welcome = super().connect(*args, **kwargs)  # type: ignore[arg-type]
-        if self.sock is not None:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return welcome
-
-    def ntransfercmd(
-        self, cmd: str, rest: int | str | None = None
-    ) -> tuple[socket.socket, int | None]:
-        """Data connection (resuming TLS) without Nagle."""
-        conn, size = super().ntransfercmd(cmd, rest)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn, size
 
 
 def _run(*args: str, stdin: str | None = None) -> str:
