@@ -61,6 +61,8 @@ import argparse
 import contextlib
 import ftplib
 import functools
+import hashlib
+import io
 import multiprocessing
 import os
 import platform
@@ -565,9 +567,25 @@ def _wait_ready(url: str) -> None:
     raise BenchError(f"{url} never answered 200")
 
 
-def start_reference(space: Workspace, *, wrapper: tuple[str, ...] = ()) -> Server:
-    """Stock pyftpdlib ``TLS_FTPHandler`` (pyOpenSSL) in its own process."""
-    directory = space.root / "reference"
+DURABLE_NAME = "pyftpdlib+durable"
+# The rows where the durable reference tells something: the ones that store files.
+DURABLE_ROWS = frozenset({"uploads", "upload"})
+
+
+def start_reference(
+    space: Workspace, *, wrapper: tuple[str, ...] = (), durable: bool = False
+) -> Server:
+    """Stock pyftpdlib ``TLS_FTPHandler`` (pyOpenSSL) in its own process.
+
+    ``durable``: the same server, but each received file is hashed (sha256) as it
+    arrives and flushed to the disk (``fsync`` of the file, then of its folder)
+    before the 226, all synchronously on its loop: the least any server must add to
+    keep the gateway's promises (226 = durable, the sha256 of every upload), with no
+    thread hand-off and no atomic rename. Its ratio to stock is the ceiling any such
+    server reaches on this machine (``--durable``).
+    """
+    name = DURABLE_NAME if durable else "pyftpdlib"
+    directory = space.root / ("reference-durable" if durable else "reference")
     home = directory / "home"
     _link_data(space, home)
     secret = directory / "password"
@@ -575,7 +593,7 @@ def start_reference(space: Workspace, *, wrapper: tuple[str, ...] = ()) -> Serve
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
-        "--reference-server",
+        "--durable-reference-server" if durable else "--reference-server",
         str(space.cert),
         str(space.key),
         str(home),
@@ -590,23 +608,60 @@ def start_reference(space: Workspace, *, wrapper: tuple[str, ...] = ()) -> Serve
     )
     host, port = _port_of(ready[0])
     return Server(
-        Endpoint("pyftpdlib", host, port, USER, space.password, str(space.cert)),
+        Endpoint(name, host, port, USER, space.password, str(space.cert)),
         process.pid,
         process,
         tail,
         home=home,
+        rows=DURABLE_ROWS if durable else None,
     )
 
 
-def serve_reference(cert: str, key: str, home: str, password_file: str) -> None:
+def serve_reference(
+    cert: str, key: str, home: str, password_file: str, *, durable: bool = False
+) -> None:
     """Run stock pyftpdlib over TLS until killed (the ``--reference-server`` mode).
 
     Nothing is tuned: the class attributes set are the TLS requirements and the
-    connection caps, raised only so 1,000 idle sessions are admitted.
+    connection caps, raised only so 1,000 idle sessions are admitted. ``durable``
+    (``--durable-reference-server``): files opened for writing are hashed as written
+    and fsynced, and their folder too, when pyftpdlib closes them, which it does
+    before the 226.
     """
     from pyftpdlib.authorizers import DummyAuthorizer  # noqa: PLC0415
+    from pyftpdlib.filesystems import AbstractedFS  # noqa: PLC0415
     from pyftpdlib.handlers import TLS_FTPHandler  # noqa: PLC0415
     from pyftpdlib.servers import FTPServer  # noqa: PLC0415
+
+    class DurableFile(io.BufferedWriter):
+        """A written file that is hashed, and on the disk, name included, once closed."""
+
+        def __init__(self, raw: io.FileIO) -> None:
+            super().__init__(raw)
+            self.digest = hashlib.sha256()
+
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            self.digest.update(data)
+            return super().write(data)
+
+        def close(self) -> None:
+            if not self.closed:
+                self.digest.hexdigest()
+                self.flush()
+                os.fsync(self.fileno())
+                folder = os.open(Path(self.name).parent, os.O_RDONLY)
+                try:
+                    os.fsync(folder)
+                finally:
+                    os.close(folder)
+            super().close()
+
+    class DurableFS(AbstractedFS):  # type: ignore[misc]
+        def open(self, filename: str, mode: str) -> object:
+            if "r" in mode:
+                return super().open(filename, mode)
+            raw = io.FileIO(filename, mode.replace("b", ""))
+            return DurableFile(raw)
 
     authorizer = DummyAuthorizer()
     password = Path(password_file).read_text().strip()
@@ -619,6 +674,8 @@ def serve_reference(cert: str, key: str, home: str, password_file: str) -> None:
         tls_control_required = tls_data_required = True
 
     ReferenceHandler.authorizer = authorizer
+    if durable:
+        ReferenceHandler.abstracted_fs = DurableFS
     server = FTPServer(("127.0.0.1", 0), ReferenceHandler)
     server.max_cons, server.max_cons_per_ip = 20000, 0
     host, port = server.address
@@ -1396,6 +1453,29 @@ def report(results: dict[str, dict[str, list[Sample]]], names: list[str]) -> Non
                 print(f"  {key:9} {name:10} {_details(key, name, samples)}")
 
 
+def report_durable(
+    results: dict[str, dict[str, list[Sample]]], subject: str, reference: str
+) -> None:
+    """Stock pyftpdlib with and without the durability promise, and the gateway
+    against both: how much of a gap to stock is the disk's flush alone."""
+    print(
+        f"\n| durability floor, same run | {DURABLE_NAME} median (min-max) "
+        f"| ratio {DURABLE_NAME}/{reference} | ratio {subject}/{DURABLE_NAME} |"
+    )
+    print("|---|---|---|---|")
+    for key, per_server in results.items():
+        durable = [s.value for s in per_server.get(DURABLE_NAME, [])]
+        if not durable:
+            continue
+        stock = _median([s.value for s in per_server.get(reference, [])])
+        ours = _median([s.value for s in per_server.get(subject, [])])
+        floor = _median(durable)
+        print(
+            f"| {ROWS[key].label} | {_stats(durable)} | {_ratio(floor, stock)} "
+            f"| {_ratio(ours, floor)} |"
+        )
+
+
 def report_cluster(
     results: dict[str, dict[str, list[Sample]]], plain: str, node: Server
 ) -> None:
@@ -1567,7 +1647,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also measure sessions/s and p99 of a gateway node with [cluster] "
         "(a local redis-server), interleaved with the plain one",
     )
+    parser.add_argument(
+        "--durable",
+        action="store_true",
+        help=f"also measure {DURABLE_NAME} in the upload rows: stock pyftpdlib "
+        "hashing each file and flushing it and its folder before the 226 (the "
+        "floor of the gateway's upload promises)",
+    )
     parser.add_argument("--reference-server", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--durable-reference-server", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -1606,6 +1694,23 @@ def _target_server(args: argparse.Namespace, space: Workspace) -> Server:
     return Server(endpoint, args.target_pid)
 
 
+def _start_servers(
+    args: argparse.Namespace, space: Workspace, servers: list[Server]
+) -> None:
+    """Subject first, stock pyftpdlib last, optional comparisons between (appended
+    one by one, so the caller stops whatever started if a later one fails)."""
+    servers.append(
+        _target_server(args, space)
+        if args.target
+        else start_gateway(space, args.profile_gateway)
+    )
+    if args.cluster and not args.target:
+        servers.append(start_cluster_node(space))
+    if args.durable:
+        servers.append(start_reference(space, durable=True))
+    servers.append(start_reference(space))
+
+
 def run(args: argparse.Namespace) -> int:
     """Start the servers, measure the rows interleaved, print the report."""
     profile = _profile(args)
@@ -1622,14 +1727,7 @@ def run(args: argparse.Namespace) -> int:
         FLOOD_ACCOUNTS.extend(name for name, _ in space.flood_users)
         BENCH_STATE["big_file"] = space.big
         BENCH_STATE["data"] = space.big.parent
-        servers.append(
-            _target_server(args, space)
-            if args.target
-            else start_gateway(space, args.profile_gateway)
-        )
-        if args.cluster and not args.target:
-            servers.append(start_cluster_node(space))
-        servers.append(start_reference(space))
+        _start_servers(args, space, servers)
         for server in servers:
             print(
                 f"{server.endpoint.name}: {server.endpoint.host}:{server.endpoint.port}"
@@ -1638,8 +1736,11 @@ def run(args: argparse.Namespace) -> int:
         results, failures = measure_all(args.rows, servers, profile)
         names = [s.endpoint.name for s in servers]
         report(results, [names[0], names[-1]])
-        if len(servers) > 2:  # gateway, gateway+redis, reference
-            report_cluster(results, names[0], servers[1])
+        for extra in servers[1:-1]:
+            if extra.endpoint.name == DURABLE_NAME:
+                report_durable(results, names[0], names[-1])
+            else:  # gateway, gateway+redis, reference
+                report_cluster(results, names[0], extra)
         _report_features(servers[0])
     except BenchError as err:
         print(f"benchmark failed: {err}", file=sys.stderr)
@@ -1750,6 +1851,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.reference_server:
         serve_reference(*args.reference_server)
+        return 0
+    if args.durable_reference_server:
+        serve_reference(*args.durable_reference_server, durable=True)
         return 0
     if shutil.which("curl") is None:
         print("curl is needed (apt-get install curl)", file=sys.stderr)

@@ -98,3 +98,28 @@ def test_cluster_run_compares_one_node_without_and_with_redis() -> None:
         assert len(rows) == 2, output  # the main table and the cluster table
         assert rows[1].split("|")[4].strip() != "n/a", rows[1]
     assert "Redis round trips for" in output
+
+
+def test_durable_run_prints_the_durability_floor() -> None:
+    """``--durable`` adds stock pyftpdlib hashing and flushing each file, measured in the upload
+    rows only, and a table of its ratio to stock and the gateway's ratio to it."""
+    done = subprocess.run(
+        [sys.executable, str(DRIVER), "--smoke", "--durable", "--rows", "uploads"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    output = done.stdout
+    assert done.returncode == 0, output + done.stderr
+    assert "pyftpdlib+durable: 127.0.0.1:" in output
+    assert "uploads pyftpdlib+durable round 1:" in output
+    floor = [
+        line
+        for line in output.splitlines()
+        if line.startswith("| 4 KiB uploads/s") and "(" in line.split("|")[2]
+    ]
+    assert len(floor) == 2, output  # the main table and the durability table
+    cells = [cell.strip() for cell in floor[1].split("|")]
+    assert float(cells[3]) > 0, floor[1]
+    assert float(cells[4]) > 0, floor[1]
