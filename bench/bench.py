@@ -876,6 +876,31 @@ def measure_sessions(
     return sample
 
 
+def _pool_member(seconds: float) -> int:
+    """Occupy one client process for a moment; its PID says which one ran."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def warm_pool(pool: ProcessPoolExecutor, clients: int, timeout: float = 120) -> None:
+    """Start every client process before the first measured round.
+
+    A spawn-context pool starts its processes on demand, and each imports Python,
+    ``ssl`` and this module: with 64 clients that took longer than the 1 s head
+    start of ``measure_sessions`` on 2 cores, so the first round measured mostly
+    the clients starting (the gateway, measured first, got 2.5-11 sessions/s
+    against ~260 in the next round). Tasks that hold a process for a moment are
+    sent until every process has answered.
+    """
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < clients:
+        if time.monotonic() > deadline:
+            raise BenchError(f"only {len(seen)} of {clients} client processes started")
+        futures = [pool.submit(_pool_member, 0.2) for _ in range(clients)]
+        seen.update(future.result() for future in futures)
+
+
 def _percentile(ordered: list[float], fraction: float) -> float:
     """Nearest-rank percentile: with few samples p99 is (close to) the maximum."""
     rank = max(0, min(len(ordered) - 1, round(fraction * len(ordered) + 0.5) - 1))
@@ -1785,6 +1810,7 @@ def measure_all(
     for server in servers:
         LOGIN_CPU[server.endpoint.name] = login_cpu_seconds(server)
     with ProcessPoolExecutor(max_workers=profile.clients, mp_context=ctx) as pool:
+        warm_pool(pool, profile.clients)
         for key in rows:
             row = ROWS[key]
             results[key] = {}
