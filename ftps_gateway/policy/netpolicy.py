@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import logging
 import re
-import socket
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ftps_gateway.errors import GatewayError
+from ftps_gateway.policy.passivenames import PassiveNames, UnresolvedNameError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Iterable
 
     from ftps_gateway.config import (
         IPNetwork,
@@ -29,7 +27,6 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "DEFAULT_DNS_TTL_SECONDS",
     "AccessList",
     "DataChannelPolicy",
     "IPAddress",
@@ -38,14 +35,9 @@ __all__ = [
     "TLSPolicyTable",
     "parse_ip",
     "parse_networks",
-    "resolve_ipv4",
 ]
 
-_log = logging.getLogger(__name__)
-
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-DEFAULT_DNS_TTL_SECONDS = 30.0
 
 # ::ffff:0:0/96 (RFC 4291 section 2.5.5.2): how a dual-stack socket shows IPv4 peers.
 _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
@@ -219,30 +211,12 @@ class AccessList:
         return _contains(self._networks, address) is not None
 
 
-def resolve_ipv4(name: str) -> str:
-    """Resolve ``name`` to its first IPv4 address with ``getaddrinfo``.
-
-    Raises:
-        OSError: (``socket.gaierror``) the name does not resolve to an IPv4 address.
-    """
-    infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
-    if not infos:
-        raise socket.gaierror(socket.EAI_NONAME, "no IPv4 address")
-    return str(infos[0][4][0])
-
-
 @dataclass(frozen=True)
 class _Target:
     """Where one rule sends clients: a literal IPv4 address, a DNS name, or local."""
 
     literal: str | None = None  # dotted IPv4
     name: str | None = None  # DNS name, resolved through the cache
-
-
-@dataclass
-class _CacheEntry:
-    address: str
-    expires_at: float
 
 
 def _target(address: str) -> _Target:
@@ -278,28 +252,20 @@ class PassiveAddressPolicy:
     own ``masquerade_address_map`` is keyed by the server's local address, not the
     client's network, so it cannot express this.)
 
-    DNS names are resolved through a cache with a TTL, because the resolution runs on
-    the PASV path: without a cache every PASV would wait for DNS. A failed lookup
-    reuses the last good address (for another TTL) rather than fail the transfer.
-    A cache miss still blocks the caller for the duration of one lookup. Concurrent
-    callers may both resolve a name; the cache stays consistent either way.
+    DNS names are resolved by ``PassiveNames`` in threads of their own, started
+    here for every name of the settings: the PASV path only reads the last answer
+    and never waits for DNS (``policy.passivenames``).
     """
 
     def __init__(
-        self,
-        settings: PassiveSettings,
-        *,
-        resolver: Callable[[str], str] = resolve_ipv4,
-        clock: Callable[[], float] = time.monotonic,
-        dns_ttl_seconds: float = DEFAULT_DNS_TTL_SECONDS,
+        self, settings: PassiveSettings, *, names: PassiveNames | None = None
     ) -> None:
-        """Parse the settings once.
+        """Parse the settings once; start looking up the DNS names among them.
 
         Args:
             settings: ``[passive]`` from the configuration.
-            resolver: name -> dotted IPv4 address; raises OSError on failure.
-            clock: monotonic seconds, for the DNS cache.
-            dns_ttl_seconds: how long a resolved address is reused.
+            names: the server's cache of passive DNS names (kept across reloads);
+                None: one of this policy's own.
 
         Raises:
             ValueError: an address is IPv6 or neither an IP address nor a DNS name.
@@ -312,10 +278,9 @@ class PassiveAddressPolicy:
             )
             for override in settings.overrides
         )
-        self._resolver = resolver
-        self._clock = clock
-        self._ttl = dns_ttl_seconds
-        self._cache: dict[str, _CacheEntry] = {}
+        self._names = names if names is not None else PassiveNames()
+        targets = [self._default, *(target for _, target in self._overrides)]
+        self._names.prefetch(t.name for t in targets if t.name is not None)
 
     def address_for(self, client_ip: str, local_ip: str) -> str:
         """Return the dotted IPv4 address to put in the 227 reply for this client.
@@ -363,33 +328,10 @@ class PassiveAddressPolicy:
         return "default", self._default
 
     def _resolve(self, name: str) -> str:
-        now = self._clock()
-        entry = self._cache.get(name)
-        if entry is not None and now < entry.expires_at:
-            return entry.address
         try:
-            address = self._checked_lookup(name)
-        except (OSError, UnicodeError, ValueError) as exc:
-            if entry is None:
-                raise PassiveAddressError(
-                    f"passive address {name!r} does not resolve: {exc}"
-                ) from exc
-            _log.warning(
-                "passive address %r does not resolve (%s); reusing %s",
-                name,
-                exc,
-                entry.address,
-            )
-            entry.expires_at = now + self._ttl
-            return entry.address
-        self._cache[name] = _CacheEntry(address, now + self._ttl)
-        return address
-
-    def _checked_lookup(self, name: str) -> str:
-        address = parse_ip(self._resolver(name))
-        if not isinstance(address, ipaddress.IPv4Address):
-            raise ValueError("resolver did not return an IPv4 address")  # noqa: TRY004
-        return str(address)
+            return self._names.address(name)
+        except UnresolvedNameError as err:
+            raise PassiveAddressError(f"passive address {name!r} {err}") from err
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from ftps_gateway.policy.netpolicy import (
     PassiveAddressPolicy,
     TLSPolicyTable,
 )
+from ftps_gateway.policy.passivenames import PassiveNames
 from ftps_gateway.policy.passwords import PasswordVerifier, RecentLogins
 from ftps_gateway.service import lifecycle, sdnotify
 from ftps_gateway.service.admin import RELOAD_TIMEOUT_SECONDS, AdminServer
@@ -118,7 +119,7 @@ def build_gateway(config: GatewayConfig, own: Mapping[str, Any]) -> Gateway:
         config=config,
         tls=tls_factory,
         tls_policies=TLSPolicyTable(config.tls),
-        passive_policy=PassiveAddressPolicy(config.passive),
+        passive_policy=PassiveAddressPolicy(config.passive, names=own["passive_names"]),
         access=AccessList(config.access.allow),
         proxy_sources=(
             AccessList(config.server.proxy_protocol_from)
@@ -251,6 +252,7 @@ class GatewayServer:
             "passive_ports": PortsInUse(),
             "tickets": TicketRefresher(),
             "file_work": file_work,
+            "passive_names": PassiveNames(),
         }
         self.hooks: HookDispatcher | None = None
         try:

@@ -13,6 +13,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from ftps_gateway.policy.passivenames import PassiveNames
 from ftps_gateway.session.admission import UnauthenticatedPool
 from ftps_gateway.session.events import NO_HOOKS
 from ftps_gateway.session.quota import QuotaWalks
@@ -125,6 +126,8 @@ class Gateway:
     hooks: HookSink = NO_HOOKS  # [[hooks]] events: spooled, delivered (service.hooks)
     # Recent quota walks of this process, reused by its uploads (session.quota).
     quota_walks: QuotaWalks = field(default_factory=QuotaWalks)
+    # Addresses of passive DNS names, looked up off the loop (policy.passivenames).
+    passive_names: PassiveNames = field(default_factory=PassiveNames)
 
     @property
     def node_name(self) -> str:
@@ -136,6 +139,7 @@ class Gateway:
 SHARED_PARTS = (
     "verifier", "login_queue", "waker", "audit", "state", "metrics",
     "passive_ports", "tickets", "file_work", "hooks", "quota_walks",
+    "passive_names",
 )  # fmt: skip
 
 

@@ -275,6 +275,32 @@ def test_pasv_address_is_chosen_by_client_network(start_gateway: StartGateway) -
         ftp.quit()
 
 
+def test_pasv_address_may_be_a_dns_name(start_gateway: StartGateway) -> None:
+    """A passive address given as a name is advertised as its IPv4 address (looked
+    up off the IO loop when the gateway starts, policy.passivenames), and a
+    transfer of a client that trusts the 227 address works through it."""
+    gw = start_gateway(extra='address = "localhost"\n')
+    ftp = gw.client()
+    deadline = time.monotonic() + 10
+    while True:  # the lookup runs in its own thread: the first PASV may precede it
+        try:
+            reply = ftp.sendcmd("PASV")
+            break
+        except ftplib.error_temp:
+            assert time.monotonic() < deadline, "localhost never resolved"
+            time.sleep(0.05)
+    host, _port = ftplib.parse227(reply)
+    assert host == "127.0.0.1"
+    ftp.quit()
+    ftp = gw.client()
+    ftp.trust_server_pasv_ipv4_address = True  # connect where the 227 says
+    data = bytearray()
+    ftp.storbinary("STOR named.bin", io.BytesIO(b"x" * 1000))
+    ftp.retrbinary("RETR named.bin", data.extend)
+    assert bytes(data) == b"x" * 1000
+    ftp.quit()
+
+
 def test_epsv_and_pasv_ports_stay_in_range_and_exhaustion_gives_425(
     start_gateway: StartGateway,
 ) -> None:

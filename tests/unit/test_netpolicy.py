@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -17,8 +18,11 @@ from ftps_gateway.policy.netpolicy import (
     address_key,
     parse_ip,
     parse_networks,
-    resolve_ipv4,
 )
+from ftps_gateway.policy.passivenames import PassiveNames, resolve_ipv4
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # --- parse_networks ----------------------------------------------------------------
 
@@ -204,16 +208,25 @@ NAT = settings(
 RESOLVER_ANSWERS = {"nat.example.test": "198.51.100.7", "ftp.example.test": "192.0.2.9"}
 
 
+def run_now(job: Callable[[], None]) -> None:
+    """Run a lookup at once, in the caller: these tests follow the cache's rules
+    step by step (tests/unit/test_passivenames.py has the threads)."""
+    job()
+
+
 def make_policy(
     passive: PassiveSettings,
     resolver: FakeResolver | None = None,
     clock: FakeClock | None = None,
+    ttl: float = 30.0,
 ) -> PassiveAddressPolicy:
-    return PassiveAddressPolicy(
-        passive,
+    names = PassiveNames(
         resolver=resolver or FakeResolver(RESOLVER_ANSWERS),
         clock=clock or FakeClock(),
+        ttl_seconds=ttl,
+        run=run_now,
     )
+    return PassiveAddressPolicy(passive, names=names)
 
 
 @pytest.mark.parametrize(
@@ -318,7 +331,7 @@ def test_passive_address_error_is_gateway_error() -> None:
 
 
 def test_dns_cache_hit() -> None:
-    """Within the TTL a DNS name is resolved once."""
+    """Within the TTL a DNS name is resolved once (when the policy is built)."""
     resolver, clock = FakeResolver(RESOLVER_ANSWERS), FakeClock()
     policy = make_policy(settings("ftp.example.test"), resolver, clock)
     assert policy.address_for("8.8.8.8", "127.0.0.1") == "192.0.2.9"
@@ -341,9 +354,7 @@ def test_dns_cache_expiry_picks_up_new_address() -> None:
 def test_dns_ttl_is_injectable() -> None:
     """dns_ttl_seconds sets the cache lifetime."""
     resolver, clock = FakeResolver(RESOLVER_ANSWERS), FakeClock()
-    policy = PassiveAddressPolicy(
-        settings("ftp.example.test"), resolver=resolver, clock=clock, dns_ttl_seconds=5
-    )
+    policy = make_policy(settings("ftp.example.test"), resolver, clock, ttl=5)
     policy.address_for("8.8.8.8", "127.0.0.1")
     clock.now += 5
     policy.address_for("8.8.8.8", "127.0.0.1")
@@ -374,11 +385,12 @@ def test_dns_failure_without_last_good_raises() -> None:
     """A name that never resolved raises PassiveAddressError (the handler says 425)."""
     resolver = FakeResolver({})
     policy = make_policy(settings("ftp.example.test"), resolver)
+    assert len(resolver.calls) == 1  # looked up when the policy was built
     with pytest.raises(PassiveAddressError, match="does not resolve"):
         policy.address_for("8.8.8.8", "127.0.0.1")
     with pytest.raises(PassiveAddressError):
         policy.address_for("8.8.8.8", "127.0.0.1")
-    assert len(resolver.calls) == 2  # failures are not cached: next PASV retries
+    assert len(resolver.calls) == 3  # failures are not cached: each PASV retries
 
 
 @pytest.mark.parametrize("answer", ["2001:db8::1", "not-an-address", ""])
@@ -399,16 +411,17 @@ def test_override_name_is_cached_separately() -> None:
     assert policy.address_for("10.0.0.1", "127.0.0.1") == "198.51.100.7"
     assert policy.address_for("8.8.8.8", "127.0.0.1") == "192.0.2.9"
     assert policy.address_for("10.0.0.2", "127.0.0.1") == "198.51.100.7"
-    assert resolver.calls == ["nat.example.test", "ftp.example.test"]
+    assert sorted(resolver.calls) == ["ftp.example.test", "nat.example.test"]
 
 
 def test_literal_addresses_never_resolve() -> None:
-    """IP literals and "" never reach the resolver."""
+    """IP literals and "" never reach the resolver (NAT's one name, of override
+    #3, is looked up once, when the policy is built)."""
     resolver = FakeResolver({})
     policy = make_policy(NAT, resolver)
     for client in ("10.0.0.1", "192.168.0.1", "8.8.8.8"):
         policy.address_for(client, "127.0.0.1")
-    assert resolver.calls == []
+    assert resolver.calls == ["nat.example.test"]
 
 
 def test_default_resolver_returns_ipv4() -> None:
