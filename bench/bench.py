@@ -1499,6 +1499,10 @@ def report_durable(
             f"| {ROWS[key].label} | {_stats(durable)} | {_ratio(floor, stock)} "
             f"| {_ratio(ours, floor)} |"
         )
+    for key, per_server in results.items():
+        samples = per_server.get(DURABLE_NAME, [])
+        if samples:
+            print(f"  {key:9} {DURABLE_NAME} {_details(key, DURABLE_NAME, samples)}")
 
 
 def report_cluster(
