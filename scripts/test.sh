@@ -25,7 +25,7 @@ fi
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test,dev]'
 
-.venv/bin/ruff check ftps_gateway tests
+.venv/bin/ruff check ftps_gateway tests bench
 .venv/bin/ruff format --check ftps_gateway tests bench
 .venv/bin/mypy ftps_gateway
 .venv/bin/python -m pytest "$@"
