@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from ftps_gateway import __version__, config
-from ftps_gateway.audit import AUDIT_LOGGER_NAME, XFERLOG_LOGGER_NAME
+from ftps_gateway.audit import (
+    AUDIT_LOGGER_NAME,
+    XFERLOG_LOGGER_NAME,
+    LineFileHandler,
+    LineStreamHandler,
+)
 from ftps_gateway.config import tree as mounts
 from ftps_gateway.errors import ConfigError, GatewayError, StartupError
 from ftps_gateway.policy import passwords
@@ -229,8 +234,8 @@ def configure_logging(
 ) -> None:
     """Diagnostics to stderr; the audit trail as bare JSON lines to stdout or a file.
 
-    Files are opened with ``WatchedFileHandler``: when logrotate moves one, the next
-    line goes to a new file under the configured name.
+    Files are opened with ``WatchedFileHandler`` (``audit.LineFileHandler``): when
+    logrotate moves one, the next line goes to a new file under the configured name.
     """
     root = logging.getLogger()
     if not root.handlers:
@@ -261,11 +266,11 @@ def configure_logging(
 def _line_handler(path: Path | None, stream: TextIO | None) -> logging.Handler:
     """One message per line, to ``path`` (created 0640 with its directory) or stream."""
     if path is None:
-        handler: logging.Handler = logging.StreamHandler(stream)
+        handler: logging.Handler = LineStreamHandler(stream)
     else:
         try:
             path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-            handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+            handler = LineFileHandler(path, encoding="utf-8")
             path.chmod(0o640)
         except OSError as err:
             raise StartupError(f"cannot write log file {path}: {err.strerror}") from err

@@ -60,12 +60,18 @@ def home_source(cfg: GatewayConfig, name: str) -> Path:
 
 
 def plan_tree(
-    cfg: GatewayConfig, user: UserSettings, *, user_key: str | None = None
+    cfg: GatewayConfig,
+    user: UserSettings,
+    *,
+    user_key: str | None = None,
+    warnings: bool = True,
 ) -> TreePlan:
     """Collect ``user``'s mounts: the home, each group's, the user's own.
 
     Args:
         user_key: the user's key path for messages ("users[3]"); found if omitted.
+        warnings: look for what ``check-config`` and ``explain`` warn about (a
+            login, which only builds the table, skips it: a third of its cost).
     """
     if user_key is None:
         index = next((i for i, u in enumerate(cfg.users) if u.name == user.name), 0)
@@ -92,7 +98,8 @@ def plan_tree(
         planned = _planned(cfg, plan, user.name, settings, "user")
         if planned is not None:
             _claim(plan, planned, settings.key)
-    _warn(cfg, plan, user)
+    if warnings:
+        _warn(cfg, plan, user)
     return plan
 
 

@@ -189,8 +189,14 @@ class TLSChannelMixin:
         # Commands that arrived together (a pipelining client, a multi-line reply)
         # get their replies in one SSL_write and one send, not one each: nothing the
         # client waits for is held beyond the handling of what it already sent.
-        with self.replies_held():
+        # ``replies_held`` spelled out: this runs for every command (decision 0014).
+        self._write_batch += 1
+        try:
             self._handle_tls_read()
+        finally:
+            self._write_batch -= 1
+        if not self._write_batch and not self._closed and self.producer_fifo:
+            self.initiate_send()
 
     @contextlib.contextmanager
     def replies_held(self) -> Iterator[None]:

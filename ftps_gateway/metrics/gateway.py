@@ -29,7 +29,7 @@ import itertools
 import platform
 import threading
 from importlib import metadata
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -291,6 +291,8 @@ class GatewayMetrics:
         registry.register(self._scrape_time)
         if process_metrics:
             ProcessCollector(registry=registry)
+        # The labelled children of every series that exists from the start.
+        self._children: dict[tuple[object, ...], Any] = {}
         self._initialise_series()
 
     def _initialise_series(self) -> None:
@@ -323,7 +325,13 @@ class GatewayMetrics:
         for metric, label_values in series:
             for labels in itertools.product(*label_values):
                 if metric is not None:  # reloads: not in a worker
-                    metric.labels(*labels)
+                    self._children[(metric, *labels)] = metric.labels(*labels)
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept: every session asks for the same few
+        children (``labels`` takes a lock and checks its arguments; decision 0014)."""
+        child = self._children.get((metric, *labels))
+        return metric.labels(*labels) if child is None else child
 
     # --- sessions -------------------------------------------------------------------
 
@@ -337,20 +345,22 @@ class GatewayMetrics:
     def session_closed(self, result: str) -> None:
         """An opened session ended; ``result`` is one of ``SESSION_RESULTS``."""
         self._sessions_active.dec()
-        self._sessions.labels(
-            self._labels.known("session result", result, _SESSION_RESULTS)
+        self._child(
+            self._sessions,
+            self._labels.known("session result", result, _SESSION_RESULTS),
         ).inc()
 
     def session_refused(self, reason: str) -> None:
         """A connection or login was refused by policy (``SESSION_REFUSALS``)."""
-        self._refusals.labels(
-            self._labels.known("session refusal", reason, _SESSION_REFUSALS)
+        self._child(
+            self._refusals,
+            self._labels.known("session refusal", reason, _SESSION_REFUSALS),
         ).inc()
 
     def login(self, result: str) -> None:
         """A login attempt was decided; ``result`` is one of ``LOGIN_RESULTS``."""
-        self._logins.labels(
-            self._labels.known("login result", result, _LOGIN_RESULTS)
+        self._child(
+            self._logins, self._labels.known("login result", result, _LOGIN_RESULTS)
         ).inc()
 
     # --- TLS and data connections -----------------------------------------------------
@@ -363,7 +373,8 @@ class GatewayMetrics:
             version: ``SSLSocket.version()`` as returned (``"TLSv1.3"``).
             resumed: the session was resumed (always False on the control channel).
         """
-        self._handshakes.labels(
+        self._child(
+            self._handshakes,
             self._labels.known("TLS channel", channel, _CHANNELS),
             self._labels.known("TLS version", version or "", _TLS_VERSIONS),
             "true" if resumed else "false",
@@ -371,7 +382,8 @@ class GatewayMetrics:
 
     def tls_failure(self, channel: str, reason: str) -> None:
         """A TLS handshake failed; ``reason`` is a cause or a raw OpenSSL reason."""
-        self._tls_failures.labels(
+        self._child(
+            self._tls_failures,
             self._labels.known("TLS channel", channel, _CHANNELS),
             classify_tls_failure(reason),
         ).inc()
@@ -379,7 +391,7 @@ class GatewayMetrics:
     def data_connection_refused(self, reason: str) -> None:
         """A data connection was refused or failed (``DATA_REFUSALS``)."""
         label = self._labels.known("data refusal", reason, _DATA_REFUSALS)
-        self._data_refusals.labels(label).inc()
+        self._child(self._data_refusals, label).inc()
 
     # --- transfers ------------------------------------------------------------------
 
@@ -405,10 +417,10 @@ class GatewayMetrics:
         )
         result = self._labels.known("transfer result", result, _TRANSFER_RESULTS)
         nbytes = max(nbytes, 0)
-        self._transfers.labels(direction, result).inc()
-        self._transfer_bytes.labels(direction).inc(nbytes)
+        self._child(self._transfers, direction, result).inc()
+        self._child(self._transfer_bytes, direction).inc(nbytes)
         if result == "ok":
-            self._durations.labels(direction).observe(max(seconds, 0.0))
+            self._child(self._durations, direction).observe(max(seconds, 0.0))
         if user and self._user_transfers is not None and self._user_bytes is not None:
             who = self._labels.user(user)
             self._user_transfers.labels(who, direction, result).inc()

@@ -143,6 +143,7 @@ def parse_ip(value: str) -> IPAddress | None:
     return unmapped(address)
 
 
+@functools.lru_cache(maxsize=PARSED_ADDRESSES_KEPT)
 def address_key(ip: str, ipv6_prefix: int = 64) -> str:
     """The key bans, limits and queues count ``ip`` under.
 
@@ -150,6 +151,7 @@ def address_key(ip: str, ipv6_prefix: int = 64) -> str:
     counts as its ``/ipv6_prefix`` network: one subscriber gets a whole /64 (RFC 6177),
     so keying by the full address would let one attacker appear as 2**64 clients.
     A string that is no address keys as itself (callers deny it anyway).
+    Kept like ``parse_ip``: six keys per session, each a ``str`` of an address.
     """
     address = parse_ip(ip)
     if address is None:

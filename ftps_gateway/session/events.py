@@ -282,13 +282,15 @@ class SessionEvents:
         self._metrics.transfer_finished(
             direction, result, nbytes, seconds, user=session.username or None
         )
-        session.gateway.audit.xferlog(
-            Transfer(
-                end=time.time(), seconds=seconds, client_ip=session.client_ip,
-                nbytes=nbytes, path=path, upload=upload, user=session.username,
-                completed=completed, binary=binary,
-            )
-        )  # fmt: skip
+        audit = session.gateway.audit
+        if audit.writes_xferlog:  # else no Transfer to build (off by default)
+            audit.xferlog(
+                Transfer(
+                    end=time.time(), seconds=seconds, client_ip=session.client_ip,
+                    nbytes=nbytes, path=path, upload=upload, user=session.username,
+                    completed=completed, binary=binary,
+                )
+            )  # fmt: skip
         if completed:
             size = nbytes if file_size is None else file_size
             self._hook(

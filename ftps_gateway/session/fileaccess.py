@@ -129,8 +129,10 @@ class FileAccess:
         user = config.user(username)
         if user is None:
             raise LookupError(username)
-        table = plan_tree(config, user).table(user)
+        table = plan_tree(config, user, warnings=False).table(user)
         for mount in table.mounts:
+            if mount.source.is_dir():
+                continue  # one stat, not mkdir's EEXIST and its exception
             try:
                 mount.source.mkdir(mode=0o750, parents=True, exist_ok=True)
             except OSError as err:  # an operational fault, not a bug: no traceback

@@ -164,6 +164,60 @@ def test_audit_and_xferlog_files(tmp_path: Path) -> None:
     assert oct(audit_file.stat().st_mode & 0o777) == "0o640"
 
 
+@pytest.mark.usefixtures("restored_loggers")
+def test_audit_file_follows_logrotate(tmp_path: Path) -> None:
+    """A line after logrotate moved the file goes to a new file of the same name."""
+    from ftps_gateway.audit import AuditLog
+
+    audit_file = tmp_path / "audit.jsonl"
+    logging.getLogger("ftps_gateway.audit").handlers.clear()
+    cli.configure_logging("info", False, audit_file)
+    log = AuditLog()
+    log.event("connect", session="s1")
+    audit_file.rename(tmp_path / "audit.jsonl.1")
+    log.event("login_ok", session="s1")
+    moved = (tmp_path / "audit.jsonl.1").read_text(encoding="utf-8").splitlines()
+    fresh = audit_file.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["event"] for line in moved] == ["connect"]
+    assert [json.loads(line)["event"] for line in fresh] == ["login_ok"]
+
+
+@pytest.mark.usefixtures("restored_loggers")
+def test_audit_lines_on_stdout_are_bare_json(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without an audit file, each event is one JSON line on stdout, nothing else."""
+    from ftps_gateway.audit import AuditLog
+
+    logging.getLogger("ftps_gateway.audit").handlers.clear()
+    cli.configure_logging("info", False)
+    log = AuditLog()
+    log.event("connect", session="s1", password="never written")
+    log.event("quit", session="s1")
+    lines = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["event"] for r in records] == ["connect", "quit"]
+    assert all("password" not in r for r in records)
+
+
+@pytest.mark.usefixtures("restored_loggers")
+def test_audit_file_write_errors_go_where_logging_sends_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failing write is reported like any logging handler error, not raised."""
+    from ftps_gateway.audit import AuditLog
+
+    audit_file = tmp_path / "audit.jsonl"
+    logger = logging.getLogger("ftps_gateway.audit")
+    logger.handlers.clear()
+    cli.configure_logging("info", False, audit_file)
+    (handler,) = logger.handlers
+    handler.stream.close()  # type: ignore[attr-defined]  # writes now raise ValueError
+    AuditLog().event("connect", session="s1")
+    handler.stream = None  # type: ignore[attr-defined]  # nothing left to flush
+    assert "--- Logging error ---" in capsys.readouterr().err
+
+
 def test_audit_timestamps_follow_the_clock_across_seconds(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
