@@ -32,6 +32,43 @@ _SECRET_FIELDS = frozenset({"password", "password_hash", "hash", "secret"})
 _ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))
 
 
+def _c_encoder() -> Any:
+    """The C encoder ``_ENCODER.encode`` builds anew for every call, built once.
+
+    The same arguments ``JSONEncoder.iterencode`` passes, except the circular-
+    reference memo (``None``): an audit record is a flat dict the gateway builds,
+    whatever it holds becomes its ``str()``. None where the C accelerator is
+    missing or takes other arguments: ``_ENCODER.encode`` then.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    try:
+        # markers, default, encoder, indent, separators, sort_keys, skipkeys,
+        # allow_nan: positional only, as iterencode passes them.
+        sort_keys = skipkeys = False
+        allow_nan = True
+        encoder = make(None, str, json.encoder.encode_basestring_ascii, None, ":",
+                       ",", sort_keys, skipkeys, allow_nan)  # fmt: skip
+        if "".join(encoder({"a": [1.5, None, "\u00e9"]}, 0)) != _ENCODER.encode(
+            {"a": [1.5, None, "\u00e9"]}
+        ):
+            return None
+    except TypeError:
+        return None
+    return encoder
+
+
+_C_ENCODER = _c_encoder()
+
+
+def encode_line(record: dict[str, Any]) -> str:
+    """``record`` as one compact JSON line (``_ENCODER.encode``, cheaper)."""
+    if _C_ENCODER is None:
+        return _ENCODER.encode(record)
+    return "".join(_C_ENCODER(record, 0))
+
+
 # One digest interval: per address and refusal, at most one whole line and one
 # ``_repeated`` line in this many seconds.
 REFUSAL_DIGEST_SECONDS: Final = 60
@@ -141,10 +178,13 @@ class AuditLog:
             "ts": f"{text}.{int(now * 1000) % 1000:03d}Z",
             "event": name,
         }
-        record.update(
-            {key: value for key, value in fields.items() if key not in _SECRET_FIELDS}
-        )
-        line = _ENCODER.encode(record)
+        if _SECRET_FIELDS.isdisjoint(fields):
+            record.update(fields)
+        else:
+            record.update(
+                {k: value for k, value in fields.items() if k not in _SECRET_FIELDS}
+            )
+        line = encode_line(record)
         handlers = logger.handlers
         if (
             len(handlers) == 1

@@ -182,6 +182,7 @@ class ControlHandler(
         self._login_timer: Any = None
         self._line_too_long = False  # discarding an over-long line up to its CRLF
         self._rename_source: str | None = None
+        self._client_ip: tuple[object, str] = (None, "")  # (remote_ip, client_ip)
         limit_kernel_send_buffer(conn)
         super().__init__(conn, server, ioloop)
         self._extra_feats = ["AUTH TLS", "PBSZ", "PROT"]
@@ -212,8 +213,17 @@ class ControlHandler(
 
     @property
     def client_ip(self) -> str:
-        """The partner's address (IPv4-mapped IPv6 unwrapped)."""
-        return strip_mapped(str(self.remote_ip))
+        """The partner's address (IPv4-mapped IPv6 unwrapped).
+
+        Kept per ``remote_ip`` (a PROXY header replaces it): every audit line
+        asks (decision 0014).
+        """
+        remote, client = self._client_ip
+        if remote is not self.remote_ip:
+            remote = self.remote_ip
+            client = strip_mapped(str(remote))
+            self._client_ip = (remote, client)
+        return client
 
     # --- session life
 
@@ -438,11 +448,12 @@ class ControlHandler(
             self._in_buffer_len = 0
             self.respond_w_warning(replies.COMMAND_TOO_LONG)
             return
-        if any(b"\r" in part or b"\n" in part for part in self._in_buffer):
-            self._in_buffer = []
-            self._in_buffer_len = 0
-            self.respond(replies.CONTROL_CHARACTERS)
-            return
+        for part in self._in_buffer:  # a loop, not any(): once per command
+            if b"\r" in part or b"\n" in part:
+                self._in_buffer = []
+                self._in_buffer_len = 0
+                self.respond(replies.CONTROL_CHARACTERS)
+                return
         super().found_terminator()
 
     # --- the command gate

@@ -19,7 +19,6 @@ Protocol-neutral: no pyftpdlib, no replies. Imports the storage and config floor
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import os
@@ -31,9 +30,11 @@ from ftps_gateway.storage import vfs
 from ftps_gateway.storage.uploads import partial_size
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    import contextlib
 
     from ftps_gateway.config import GatewayConfig
+    from ftps_gateway.config.model import UserSettings
+    from ftps_gateway.config.tree import TreePlan
 
 logger = logging.getLogger("ftps_gateway")
 
@@ -129,7 +130,7 @@ class FileAccess:
         user = config.user(username)
         if user is None:
             raise LookupError(username)
-        table = plan_tree(config, user, warnings=False).table(user)
+        table = _plan(config, user).table(user)
         for mount in table.mounts:
             if mount.source.is_dir():
                 continue  # one stat, not mkdir's EEXIST and its exception
@@ -170,8 +171,7 @@ class FileAccess:
             location = cache[virtual] = self.table.locate("/", virtual)
         return location
 
-    @contextlib.contextmanager
-    def remembering(self) -> Iterator[None]:
+    def remembering(self) -> contextlib.AbstractContextManager[None]:
         """Within this block (in this thread), each path is located once.
 
         For one moment of one thread: a command's checks and its use on the loop,
@@ -180,14 +180,7 @@ class FileAccess:
         change anyway; every disk touch still goes through the location it was
         checked with. Nested blocks share the outer one's memory.
         """
-        if getattr(self._remembered, "locations", None) is not None:
-            yield
-            return
-        self._remembered.locations = {}
-        try:
-            yield
-        finally:
-            self._remembered.locations = None
+        return _Remembering(self._remembered)
 
     # --- decisions
 
@@ -277,3 +270,42 @@ def _missing_permission(action: Action, location: vfs.Location) -> str | None:
         return None if granted & HASH_PERMISSIONS else "needs-download-or-hash"
     needed = REQUIRED[action]
     return None if needed in granted else f"needs-{needed.value}"
+
+
+# The last configuration's tree plans, per user: a plan depends on the (immutable)
+# configuration only, and every login planned it again (a third of a login's
+# Python time, decision 0014). One configuration at a time: a reload starts over;
+# at most one plan per user of that configuration.
+_plans: tuple[GatewayConfig | None, dict[str, TreePlan]] = (None, {})
+
+
+def _plan(config: GatewayConfig, user: UserSettings) -> TreePlan:
+    global _plans  # noqa: PLW0603 - one tuple, swapped whole
+    planned_for, plans = _plans
+    if planned_for is not config:
+        plans = {}
+        _plans = (config, plans)
+    plan = plans.get(user.name)
+    if plan is None:
+        plan = plans[user.name] = plan_tree(config, user, warnings=False)
+    return plan
+
+
+class _Remembering:
+    """The ``remembering`` block; a class, not a generator: it runs once per
+    command, and a generator context manager costs six calls (decision 0014)."""
+
+    __slots__ = ("_local", "_outermost")
+
+    def __init__(self, local: threading.local) -> None:
+        self._local = local
+        self._outermost = False
+
+    def __enter__(self) -> None:
+        if getattr(self._local, "locations", None) is None:
+            self._local.locations = {}
+            self._outermost = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._outermost:
+            self._local.locations = None
