@@ -87,8 +87,13 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
+# One encoder: ``json.dumps`` with options builds a new one per message (two per
+# session: its open+login and logout+close batches; decision 0014).
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode()
+    return _ENCODER.encode(message).encode()
 
 
 def _ban_fields(ban: Ban) -> list[Any]:

@@ -14,6 +14,7 @@ virtual path and never the physical one. Each mount confines its paths with a
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import os
 import re
@@ -153,8 +154,23 @@ def _check_component(name: str) -> None:
         raise PathRefused(_INVALID)
 
 
+# Normalizing is a pure function of two strings, and a session asks for the same
+# few again and again (eight per download session: the gate, pyftpdlib's ftp2fs and
+# validpath, each mount table lookup; decision 0014). Short pairs are kept; a refusal
+# is never kept (it raises each time). Memory: at most this many pairs of up to
+# _KEPT_PATH_CHARS characters.
+_KEPT_PATHS = 512
+_KEPT_PATH_CHARS = 256
+
+
 def normalize_virtual(cwd: str, path: str) -> str:
     """Join ``path`` to the virtual ``cwd`` and collapse it; see HomeTree.normalize."""
+    if len(cwd) + len(path) <= _KEPT_PATH_CHARS:
+        return _normalize_kept(cwd, path)
+    return _normalize(cwd, path)
+
+
+def _normalize(cwd: str, path: str) -> str:
     if _CONTROL.search(cwd) or _CONTROL.search(path):
         raise PathRefused(_INVALID)
     if len(path) > MAX_PATH_CHARS:
@@ -176,6 +192,9 @@ def normalize_virtual(cwd: str, path: str) -> str:
     if len(virtual) > MAX_PATH_CHARS:
         raise PathRefused("path too long")
     return virtual
+
+
+_normalize_kept = functools.lru_cache(maxsize=_KEPT_PATHS)(_normalize)
 
 
 class HomeTree:

@@ -131,6 +131,16 @@ def test_normalize_refuses_bad_cwd(tree: HomeTree) -> None:
         tree.normalize("/in\n", "x")
 
 
+def test_normalize_answers_the_same_when_asked_again(tree: HomeTree) -> None:
+    """Kept answers depend on both cwd and path; a refusal is refused every time."""
+    for _ in range(2):
+        assert tree.normalize("/in", "x.bin") == "/in/x.bin"
+        assert tree.normalize("/out", "x.bin") == "/out/x.bin"
+        assert tree.normalize("/out", "../x.bin") == "/x.bin"
+        with pytest.raises(PathRefused, match="invalid path"):
+            tree.normalize("/", f"/in/{UPLOAD_TEMP_PREFIX}x")
+
+
 def test_path_refused_is_gateway_error() -> None:
     """PathRefused is one of ours."""
     assert issubclass(PathRefused, GatewayError)
