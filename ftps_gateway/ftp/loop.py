@@ -106,7 +106,10 @@ class MessagePort(AsyncChat):
         self._outbox: collections.deque[bytes] = collections.deque()
         self._on_message = on_message
         self._on_closed = on_closed
-        self._max = max_message_bytes
+        # One buffer for every message (up to ``max_message_bytes``): a recv of that
+        # size allocated and shrank a MiB per message (decision 0014).
+        self._buffer = bytearray(max_message_bytes)
+        self._view = memoryview(self._buffer)
         super().__init__(sock, ioloop=ioloop)
 
     def send_message(self, data: bytes) -> None:
@@ -130,16 +133,16 @@ class MessagePort(AsyncChat):
         """Every message waiting, one by one."""
         while not self._closed:
             try:
-                data = self.socket.recv(self._max)
+                size = self.socket.recv_into(self._buffer)
             except BlockingIOError:
                 return
             except OSError:
                 self.handle_close()
                 return
-            if not data:
+            if not size:
                 self.handle_close()
                 return
-            self._on_message(data)
+            self._on_message(bytes(self._view[:size]))
 
     def writable(self) -> bool:
         """Only while messages wait."""
