@@ -36,11 +36,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ftps_gateway")
 
-# Upload reads are looped up to this many bytes per readiness event: one SSL_read
-# returns one record (16 KiB at most), and returning to the poller for each one
-# would cost a system call per record.
-UPLOAD_READ_BUDGET = 1 << 20
-
 
 class DataHandler(TLSChannelMixin, DTPHandler):
     """A data connection: TLS first, then the transfer pyftpdlib queued for it."""
@@ -133,6 +128,18 @@ class DataHandler(TLSChannelMixin, DTPHandler):
         sent = self.tls_send(data)
         self.tot_bytes_sent += sent
         return sent
+
+    def enable_receiving(self, type: str, cmd: str) -> None:  # noqa: A002 - pyftpdlib's name
+        """Start an upload; data that came with the handshake is read now.
+
+        TLS reads ahead (``tlschannel``): records a client sent right behind its
+        Finished, before this transfer started, are in memory and the socket will
+        not report them (a client that sent a small file whole and waits for our
+        close_notify would wait for ever).
+        """
+        super().enable_receiving(type, cmd)
+        if self.tls_state is TLSState.ESTABLISHED and self.socket.pending():
+            self.call_later(0, self._resume_receiving)
 
     def handle_read(self) -> None:
         """Receive upload data: many records per readiness event, one file write."""
@@ -261,7 +268,7 @@ class DataHandler(TLSChannelMixin, DTPHandler):
             return
         try:
             self._set_io_events(READ)
-            if self.socket.pending():  # records OpenSSL decrypted already
+            if self.socket.pending():  # records read into memory already
                 self.handle_read_event()
         except Exception:  # noqa: BLE001 - as pyftpdlib's loop: the channel's handler
             self.handle_error()

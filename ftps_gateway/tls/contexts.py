@@ -353,7 +353,8 @@ class SessionContext:
     def wrap_bio(
         self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, *, data: bool
     ) -> ssl.SSLObject:
-        """The same over memory BIOs (the start-up proof)."""
+        """The same over memory BIOs (the channels, ``ftp.tlschannel``; the
+        start-up proof)."""
         connection = self.context.wrap_bio(incoming, outgoing, server_side=True)
         self._configure(connection, data=data)
         return connection
@@ -440,9 +441,14 @@ class SessionContext:
         access = self._access
         if not self.shared or access is None:
             return
-        if not isinstance(connection, ssl.SSLSocket | ssl.SSLObject):
+        # Any connection object with CPython's ``_ssl`` object inside: an SSLSocket,
+        # an SSLObject, or the channels' socket with its SSLObject (ftp.tlschannel).
+        if getattr(connection, "_sslobj", None) is None:
             return
-        pointer = access.connection_pointer(connection, self._context_pointer)
+        pointer = access.connection_pointer(
+            connection,  # type: ignore[arg-type]
+            self._context_pointer,
+        )
         if pointer is None or access.session_reused(pointer):
             return
         session = access.get_session(pointer)
