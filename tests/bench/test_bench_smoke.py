@@ -21,19 +21,24 @@ pytestmark = [
 ]
 
 
+def run_driver(*args: str, timeout: float = 110) -> str:
+    """Run bench.py with ``args``; its output, once it exited 0."""
+    done = subprocess.run(
+        [sys.executable, str(DRIVER), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 @pytest.mark.timeout(180)
 def test_smoke_run_prints_every_row_with_a_ratio() -> None:
     """``--smoke`` measures all rows against the reference and prints ratios (the
     login flood rows measure the gateway only)."""
-    done = subprocess.run(
-        [sys.executable, str(DRIVER), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=170,
-        check=False,
-    )
-    output = done.stdout
-    assert done.returncode == 0, output + done.stderr
+    output = run_driver("--smoke", timeout=170)
     assert "| ratio gateway/pyftpdlib |" in output
     labels = [
         "| download |",
@@ -82,15 +87,7 @@ def test_unknown_row_is_a_usage_error() -> None:
 )
 def test_cluster_run_compares_one_node_without_and_with_redis() -> None:
     """``--cluster`` adds a node with [cluster] and a table of the two, same run."""
-    done = subprocess.run(
-        [sys.executable, str(DRIVER), "--smoke", "--cluster", "--rows", "sessions"],
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    output = done.stdout
-    assert done.returncode == 0, output + done.stderr
+    output = run_driver("--smoke", "--cluster", "--rows", "sessions")
     assert "| ratio gateway+redis/gateway |" in output
     table = [line for line in output.splitlines() if line.startswith("| ")]
     for label in ("| sessions/s, 16 clients |", "| p99 session latency"):
@@ -101,17 +98,10 @@ def test_cluster_run_compares_one_node_without_and_with_redis() -> None:
 
 
 def test_durable_run_prints_the_durability_floor() -> None:
-    """``--durable`` adds stock pyftpdlib hashing and flushing each file, measured in the upload
-    rows only, and a table of its ratio to stock and the gateway's ratio to it."""
-    done = subprocess.run(
-        [sys.executable, str(DRIVER), "--smoke", "--durable", "--rows", "uploads"],
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    output = done.stdout
-    assert done.returncode == 0, output + done.stderr
+    """``--durable`` adds stock pyftpdlib hashing and flushing each file, measured
+    in the upload rows only, and a table of its ratio to stock and the gateway's
+    ratio to it."""
+    output = run_driver("--smoke", "--durable", "--rows", "uploads")
     assert "pyftpdlib+durable: 127.0.0.1:" in output
     assert "uploads pyftpdlib+durable round 1:" in output
     floor = [
