@@ -284,6 +284,11 @@ class PassiveAddressPolicy:
         targets = [self._default, *(target for _, target in self._overrides)]
         self._names.prefetch(t.name for t in targets if t.name is not None)
 
+    @property
+    def names(self) -> PassiveNames:
+        """The cache its DNS names are looked up through."""
+        return self._names
+
     def address_for(self, client_ip: str, local_ip: str) -> str:
         """Return the dotted IPv4 address to put in the 227 reply for this client.
 

@@ -107,6 +107,11 @@ class PassiveNames:
         for name in names:
             self._refresh_if_due(name)
 
+    def known(self, name: str) -> bool:
+        """Has a lookup of ``name`` succeeded (its address may be getting old)?"""
+        with self._lock:
+            return name in self._entries
+
     def address(self, name: str) -> str:
         """The address of ``name`` now, without waiting for DNS.
 

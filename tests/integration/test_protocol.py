@@ -25,6 +25,7 @@ from ftps_gateway.ftp import replies
 from ftps_gateway.ftp.filesystem import GatewayFS
 from ftps_gateway.policy.passwords import PasswordVerifier
 from ftps_gateway.session.fileaccess import Action
+from ftps_gateway.session.runtime import SHARED_PARTS
 from support.control import (
     exactly,
     plain_control,
@@ -298,6 +299,29 @@ def test_pasv_address_may_be_a_dns_name(start_gateway: StartGateway) -> None:
     ftp.storbinary("STOR named.bin", io.BytesIO(b"x" * 1000))
     ftp.retrbinary("RETR named.bin", data.extend)
     assert bytes(data) == b"x" * 1000
+    ftp.quit()
+
+
+def test_reload_keeps_the_servers_own_parts_and_the_passive_name(
+    start_gateway: StartGateway,
+) -> None:
+    """A reload builds a new Gateway around the same server parts (SHARED_PARTS),
+    so a passive DNS name already looked up is answered at once after it."""
+    gw = start_gateway(extra='address = "localhost"\n')
+    before = gw.server.holder.current
+    deadline = time.monotonic() + 10
+    while not before.passive_names.known("localhost"):
+        assert time.monotonic() < deadline, "localhost never resolved"
+        time.sleep(0.05)
+    assert gw.server.reload_from_thread() == []
+    after = gw.server.holder.current
+    assert after is not before
+    for name in SHARED_PARTS:
+        assert getattr(after, name) is getattr(before, name), name
+    assert after.passive_policy.names is before.passive_names
+    ftp = gw.client()
+    host, _port = ftplib.parse227(ftp.sendcmd("PASV"))  # no retry: known already
+    assert host == "127.0.0.1"
     ftp.quit()
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from ftps_gateway.config import PassiveSettings
 from ftps_gateway.policy.netpolicy import PassiveAddressError, PassiveAddressPolicy
-from ftps_gateway.policy.passivenames import PassiveNames, UnresolvedNameError
+from ftps_gateway.policy.passivenames import PassiveNames
 
 NAME = "ftp.example.test"
 WAIT = 10.0  # generous: a slow CI machine must not fail these on timing
@@ -96,7 +96,7 @@ def test_expired_address_is_served_while_one_lookup_refreshes_it() -> None:
     resolver.release.set()
     names = PassiveNames(resolver=resolver, clock=clock, ttl_seconds=30)
     names.prefetch([NAME])
-    wait_until(lambda: _known(names), "first lookup")
+    wait_until(lambda: names.known(NAME), "first lookup")
     resolver.release.clear()
     resolver.answer = "192.0.2.77"
     clock.now += 31
@@ -109,21 +109,13 @@ def test_expired_address_is_served_while_one_lookup_refreshes_it() -> None:
     assert resolver.calls == 2
 
 
-def _known(names: PassiveNames) -> bool:
-    try:
-        names.address(NAME)
-    except UnresolvedNameError:
-        return False
-    return True
-
-
 def test_failed_refresh_keeps_the_last_good_address() -> None:
     """A refresh that fails keeps answering the last good address for another TTL."""
     resolver, clock = HeldResolver(), Clock()
     resolver.release.set()
     names = PassiveNames(resolver=resolver, clock=clock, ttl_seconds=30)
     names.prefetch([NAME])
-    wait_until(lambda: _known(names), "first lookup")
+    wait_until(lambda: names.known(NAME), "first lookup")
     resolver.failing = True
     clock.now += 31
     assert names.address(NAME) == "192.0.2.9"
